@@ -1,0 +1,15 @@
+"""Datasets, data-root resolution and client partitioning."""
+
+from cahfp.data.datasets import DATASETS, ImageData, load_dataset
+from cahfp.data.partition import label_histograms, partition, skew
+from cahfp.data.paths import resolve_data_dir
+
+__all__ = [
+    "DATASETS",
+    "ImageData",
+    "label_histograms",
+    "load_dataset",
+    "partition",
+    "resolve_data_dir",
+    "skew",
+]

@@ -1,0 +1,107 @@
+"""Local SGD training and evaluation, deterministic under a seed on CPU."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from cahfp.data.datasets import ImageData
+
+
+class Recipe(BaseModel):
+    """How a client trains in one round. Exactly one of ``epochs`` and ``steps`` is used:
+    ``steps`` wins when both are set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: float | None = Field(1.0, gt=0)
+    steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+
+    @model_validator(mode="after")
+    def _one_length(self) -> Recipe:
+        if self.epochs is None and self.steps is None:
+            raise ValueError("a recipe needs epochs or steps")
+        return self
+
+    def num_steps(self, num_samples: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * num_samples / self.batch_size))
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    samples: int
+    loss: float
+    seconds: float
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    samples: int
+
+
+def train(model: nn.Module, data: ImageData, recipe: Recipe, seed: int = 0) -> TrainResult:
+    """Run local SGD on ``model`` in place. Batches are drawn by a generator seeded with
+    ``seed``; the data is reshuffled every epoch and the last partial batch is kept."""
+    if len(data) == 0:
+        raise ValueError("cannot train on an empty dataset")
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+    )
+    total_steps = recipe.num_steps(len(data))
+    model.train()
+    steps = samples = 0
+    loss_sum = 0.0
+    start = time.perf_counter()
+    while steps < total_steps:
+        for x, y in data.batches(recipe.batch_size, shuffle=True, generator=gen):
+            if len(y) < 2 and _has_batchnorm(model):
+                continue  # BatchNorm cannot normalise a single sample
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training loss became {loss.item()} at step {steps}; lower the learning rate"
+                )
+            loss.backward()
+            opt.step()
+            steps += 1
+            samples += len(y)
+            loss_sum += loss.item() * len(y)
+            if steps >= total_steps:
+                break
+    return TrainResult(steps, samples, loss_sum / max(samples, 1), time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageData, batch_size: int = 500) -> EvalResult:
+    """Mean cross-entropy and top-1 accuracy in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss = correct = 0.0
+    for x, y in data.batches(batch_size, augment=False):
+        out = model(x)
+        loss += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+    model.train(was_training)
+    n = max(len(data), 1)
+    return EvalResult(loss / n, correct / n, len(data))
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

@@ -1,0 +1,58 @@
+"""Shared fixtures. Tests that need the real Fashion-MNIST look in $CAHFP_DATA_DIR, then in
+../shared/data beside the checkout; with CAHFP_REQUIRE_DATA=1 (CI) a missing copy fails the
+test instead of skipping it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fmnist_root() -> Path | None:
+    candidates = [os.environ.get("CAHFP_DATA_DIR"), REPO.parent / "shared" / "data"]
+    for c in candidates:
+        if c and (Path(c) / "fashion-mnist" / "train-images-idx3-ubyte.gz").is_file():
+            return Path(c)
+        if c and (Path(c) / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+            return Path(c)
+    return None
+
+
+@pytest.fixture(scope="session")
+def fmnist_root() -> Path:
+    root = _fmnist_root()
+    if root is None:
+        msg = "real Fashion-MNIST not found (set CAHFP_DATA_DIR or provide ../shared/data)"
+        if os.environ.get("CAHFP_REQUIRE_DATA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fmnist_train(fmnist_root):
+    from cahfp.data import load_dataset
+
+    return load_dataset("fmnist", "train", fmnist_root)
+
+
+@pytest.fixture(scope="session")
+def fmnist_test(fmnist_root):
+    from cahfp.data import load_dataset
+
+    return load_dataset("fmnist", "test", fmnist_root)
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """A private user cache and no CAHFP_DATA_DIR, so data tests see only what they write."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("CAHFP_DATA_DIR", raising=False)
+    from cahfp.data import datasets
+
+    monkeypatch.setattr(datasets, "_CACHE", {})
+    return tmp_path / "cache" / "cahfp" / "data"

@@ -1,0 +1,47 @@
+import pytest
+import torch
+from pydantic import ValidationError
+
+from cahfp.models import build_model
+from cahfp.training import Recipe, evaluate, train
+
+
+@pytest.fixture(scope="module")
+def small_fmnist(fmnist_train, fmnist_test):
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(fmnist_train), generator=gen)[:2000]
+    return fmnist_train.subset(idx), fmnist_test.subset(range(2000))
+
+
+def test_one_epoch_beats_chance_clearly(small_fmnist):
+    train_set, test_set = small_fmnist
+    model = build_model("vgg11", 10, 1, 0.25, seed=0)
+    before = evaluate(model, test_set)
+    result = train(model, train_set, Recipe(epochs=1, batch_size=32, lr=0.05), seed=0)
+    after = evaluate(model, test_set)
+    assert result.steps == 63 and result.samples == 2000
+    assert after.accuracy > 0.55 > before.accuracy
+    assert after.loss < before.loss
+
+
+def test_training_is_deterministic_under_a_seed(small_fmnist):
+    train_set, _ = small_fmnist
+    data = train_set.subset(range(300))
+    states = []
+    for seed in (5, 5, 6):
+        model = build_model("resnet20", 10, 1, 0.25, seed=0)
+        train(model, data, Recipe(steps=4, batch_size=16), seed=seed)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert any(not torch.equal(states[0][k], states[2][k]) for k in states[0])
+
+
+def test_recipe_validation_and_steps():
+    assert Recipe(epochs=2, batch_size=10).num_steps(95) == 19
+    assert Recipe(steps=7).num_steps(10_000) == 7
+    with pytest.raises(ValidationError, match="lr"):
+        Recipe(lr=-1)
+    with pytest.raises(ValidationError, match="epochs or steps"):
+        Recipe(epochs=None, steps=None)
+    with pytest.raises(ValidationError, match="extra"):
+        Recipe(learning_rate=0.1)
