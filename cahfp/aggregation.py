@@ -1,0 +1,129 @@
+"""Streaming aggregation of updates that cover different parts of the global model.
+
+For every coordinate, the new value is the average of the clients that covered it, weighted by
+their sample counts; coordinates nobody covered keep the previous global value. BatchNorm
+running statistics are treated the same way; integer buffers (``num_batches_tracked``) take the
+largest covering value. Updates are folded in one at a time: memory is a constant number of
+model-sized tensors, whatever the number of clients.
+
+``uncovered_weight`` (lambda, default 0) lets a client's *uncovered* coordinates count as votes
+for the current global value with lambda times its weight: 0 is the coverage-weighted mean used
+by HeteroFL-style methods, 1 is FedAvg over reconstructed dense models. It is an ablation knob.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from cahfp.errors import InvalidUpdate
+from cahfp.pruning.extract import IndexMap, slice_tensor
+from cahfp.pruning.reconstruct import Update, check_compact, scatter_
+
+
+class Aggregator:
+    """Keeps, per coordinate, the running weighted mean of the covering clients and their total
+    weight (float32, updated in place: a coordinate covered by one client gets exactly its
+    value)."""
+
+    def __init__(self, global_state: Mapping[str, torch.Tensor], uncovered_weight: float = 0.0):
+        if not 0 <= uncovered_weight <= 1:
+            raise ValueError(f"uncovered_weight must be in [0, 1], got {uncovered_weight}")
+        self.base = {k: v.detach().clone() for k, v in global_state.items()}
+        self.lam = uncovered_weight
+        self.mean: dict[str, torch.Tensor] = {}
+        self.weight: dict[str, torch.Tensor] = {}
+        self.int_max: dict[str, torch.Tensor] = {}
+        for k, v in self.base.items():
+            if v.is_floating_point():
+                self.mean[k] = torch.zeros(v.shape, dtype=torch.float32)
+                self.weight[k] = torch.zeros(v.shape, dtype=torch.float32)
+        self.count = 0
+        self.total_weight = 0.0
+
+    def _check_weight(self, weight: float) -> float:
+        w = float(weight)
+        if not math.isfinite(w) or w <= 0:
+            raise InvalidUpdate(f"update weight must be a positive number, got {weight}")
+        return w
+
+    def add(self, update: Update, weight: float) -> None:
+        """Fold in a reconstructed (global-shaped, masked) update. Validated first."""
+        w = self._check_weight(weight)
+        for k, ref in self.base.items():
+            if k not in update.state or k not in update.mask:
+                raise InvalidUpdate(f"update lacks tensor {k}")
+            t, m = update.state[k], update.mask[k]
+            if t.shape != ref.shape or m.shape != ref.shape or m.dtype != torch.bool:
+                raise InvalidUpdate(f"{k}: update or mask shape differs from {tuple(ref.shape)}")
+            if t.is_floating_point() and not bool(torch.isfinite(t[m]).all()):
+                raise InvalidUpdate(f"{k}: contains NaN or infinite values")
+        for k, ref in self.base.items():
+            t, m = update.state[k], update.mask[k]
+            if k in self.mean:
+                wc = m.to(torch.float32) * w
+                if self.lam:
+                    wc = torch.where(m, wc, torch.tensor(self.lam * w))
+                    t = torch.where(m, t, ref)
+                _fold(self.mean[k], self.weight[k], t.to(torch.float32), wc)
+            elif bool(m.any()):
+                self._int(k, t[m].max())
+        self.count += 1
+        self.total_weight += w
+
+    def add_compact(
+        self, compact: Mapping[str, torch.Tensor], imap: IndexMap, weight: float
+    ) -> None:
+        """Fold in compact tensors with their index map, working on one tensor's kept slice at
+        a time. Validated before anything is touched."""
+        w = self._check_weight(weight)
+        check_compact(compact, imap, self.base)
+        for k, ref in self.base.items():
+            dims = imap.get(k, {})
+            t = compact[k].detach()
+            if k not in self.mean:
+                if t.numel():
+                    self._int(k, t.max())
+                continue
+            if self.lam:  # dense: uncovered coordinates vote for the global value
+                value = ref.to(torch.float32).clone()
+                wc = torch.full(ref.shape, self.lam * w)
+                scatter_(value, t.to(torch.float32), dims)
+                scatter_(wc, torch.full(t.shape, w), dims)
+                _fold(self.mean[k], self.weight[k], value, wc)
+                continue
+            mean, wt = slice_tensor(self.mean[k], dims), slice_tensor(self.weight[k], dims)
+            _fold(mean, wt, t.to(torch.float32), torch.full(t.shape, w))
+            scatter_(self.mean[k], mean, dims)
+            scatter_(self.weight[k], wt, dims)
+        self.count += 1
+        self.total_weight += w
+
+    def _int(self, k: str, value: torch.Tensor) -> None:
+        cur = self.int_max.get(k)
+        self.int_max[k] = value.clone() if cur is None else torch.maximum(cur, value)
+
+    def coverage(self) -> dict[str, torch.Tensor]:
+        """Total weight that covered each coordinate so far."""
+        return {k: v.clone() for k, v in self.weight.items()}
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The new global state (previous values where nobody covered a coordinate)."""
+        out = {}
+        for k, ref in self.base.items():
+            if k in self.mean:
+                covered = self.weight[k] > 0
+                out[k] = torch.where(covered, self.mean[k], ref.to(torch.float32)).to(ref.dtype)
+            elif k in self.int_max:
+                out[k] = self.int_max[k].reshape(ref.shape).to(ref.dtype)
+            else:
+                out[k] = ref.clone()
+        return out
+
+
+def _fold(mean: torch.Tensor, total: torch.Tensor, value: torch.Tensor, w: torch.Tensor):
+    """In place: ``mean`` becomes the weighted mean including ``value`` with weights ``w``."""
+    total.add_(w)
+    mean.add_((value - mean) * (w / total.clamp_min(1e-30)))

@@ -1,0 +1,83 @@
+"""Building the physically smaller submodel of a plan, and the index map that ties it to the
+global model: for every sliced tensor, the kept global indices along each sliced dimension."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cahfp.pruning.groups import GroupSet, param_dims, resize_module
+from cahfp.pruning.plan import Plan
+
+IndexMap = dict[str, dict[int, torch.Tensor]]
+
+
+@dataclass
+class Submodel:
+    module: nn.Module
+    index_map: IndexMap
+    plan: Plan | None = None
+
+
+def index_map_for(model_or_state, groups: GroupSet, keep: dict[int, torch.Tensor]) -> IndexMap:
+    """Index map of keeping ``keep[gid]`` channels of each group. ``model_or_state`` is the
+    global model (or any model of the same structure)."""
+    modules = dict(model_or_state.named_modules())
+    pruned: dict[tuple[str, str], set[int]] = {}
+    for g in groups:
+        drop = torch.ones(g.size, dtype=torch.bool)
+        drop[keep[g.gid]] = False
+        for mem in g.members:
+            sel = mem.idxs[drop[mem.root]]
+            if len(sel):
+                pruned.setdefault((mem.module, mem.role), set()).update(sel.tolist())
+    drops: dict[str, dict[int, set[int]]] = {}
+    sizes: dict[str, torch.Size] = {}
+    for (module_name, role), drop_idx in pruned.items():
+        module = modules[module_name]
+        for pname, dim in param_dims(module, role):
+            key = f"{module_name}.{pname}" if module_name else pname
+            sizes[key] = getattr(module, pname).shape
+            drops.setdefault(key, {}).setdefault(dim, set()).update(drop_idx)
+    imap: IndexMap = {}
+    for key, dims in drops.items():
+        imap[key] = {
+            dim: torch.tensor(sorted(set(range(sizes[key][dim])) - dropped), dtype=torch.long)
+            for dim, dropped in sorted(dims.items())
+        }
+    return imap
+
+
+def slice_tensor(t: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
+    for dim, idx in sorted(dims.items()):
+        t = t.index_select(dim, idx)
+    return t
+
+
+def extract(model: nn.Module, plan: Plan) -> Submodel:
+    """A new, smaller module keeping the plan's channels; ``model`` is not modified."""
+    imap = index_map_for(model, plan.groups, plan.keep)
+    return Submodel(build_compact(model, imap), imap, plan)
+
+
+def build_compact(model: nn.Module, imap: IndexMap) -> nn.Module:
+    """Copy ``model`` with every tensor in ``imap`` sliced to its kept indices."""
+    sub = copy.deepcopy(model)
+    modules = dict(sub.named_modules())
+    touched = set()
+    for key, dims in imap.items():
+        module_name, _, attr = key.rpartition(".")
+        module = modules[module_name]
+        old = getattr(module, attr)
+        new = slice_tensor(old.detach(), dims).clone()
+        if isinstance(old, nn.Parameter):
+            setattr(module, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            module.register_buffer(attr, new)
+        touched.add(module_name)
+    for name in touched:
+        resize_module(modules[name])
+    return sub
