@@ -65,6 +65,105 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_set(items: list[str]) -> dict:
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise CAHFPError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import logging
+
+    from cahfp.config import load_config
+    from coordinator.simulation import simulate
+
+    overrides = {
+        "federation.strategy": args.strategy,
+        "federation.rounds": args.rounds,
+        "federation.seed": args.seed,
+        "federation.clients": args.clients,
+        "data.data_dir": args.data_dir,
+        "data.download": True if args.download else None,
+        **_parse_set(args.set),
+    }
+    cfg = load_config(args.config, overrides)
+    if args.quiet:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    summary = simulate(cfg, args.out, quiet=args.quiet)
+    print(
+        f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f})"
+        f", mean client FLOPs {summary['mean_client_flops_vs_dense'] or 1:.2f} of dense, "
+        f"uplink {summary['mean_uplink_mb']:.2f} MB per client-round"
+        + (f"; results in {args.out}" if args.out else "")
+    )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from cahfp.config import load_config
+    from coordinator.plots import plot_compare
+    from coordinator.records import load_metrics
+
+    table = Table(title="runs")
+    cols = [
+        "run",
+        "strategy",
+        "rounds",
+        "final acc",
+        "best acc",
+        "FLOPs vs dense",
+        "up MB/client-round",
+        "down MB/client-round",
+        "wall s",
+    ]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("run", "strategy") else "right")
+    runs = {}
+    for run in args.runs:
+        path = Path(run)
+        runs[path.name] = load_metrics(path)
+        summary_file = path / "summary.json"
+        if not summary_file.is_file():
+            raise CAHFPError(f"{path} has no summary.json (run not finished?)")
+        import json
+
+        s = json.loads(summary_file.read_text())
+        load_config(path / "config.toml")  # the run's config must still be valid
+
+        def f(v, fmt):
+            return "-" if v is None else format(v, fmt)
+
+        table.add_row(
+            path.name,
+            s["strategy"],
+            str(s["rounds"]),
+            f(s["final_accuracy"], ".4f"),
+            f(s["best_accuracy"], ".4f"),
+            f(s["mean_client_flops_vs_dense"], ".2f"),
+            f(s["mean_uplink_mb"], ".3f"),
+            f(s["mean_downlink_mb"], ".3f"),
+            f(s["wall_seconds"], ".0f"),
+        )
+    Console().print(table)
+    out = plot_compare(runs, Path(args.out))
+    print(f"plot written to {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cahfp.local_demo import run_local_demo
 
@@ -85,6 +184,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-client", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("simulate", help="run a federation in-process (no broker)")
+    p.add_argument("--config", help="TOML config (see examples/); defaults apply without one")
+    p.add_argument(
+        "--strategy",
+        help="fedavg, fedavg-fit, heterofl, fedrolex, magnitude, random, taylor, cahfp",
+    )
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--clients", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="run directory for metrics, checkpoints, model and plots")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set pruning.refresh_period=3",
+    )
+    p.add_argument("--quiet", action="store_true", help="log lines instead of a live view")
+    _add_data_dir(p)
+    p.set_defaults(handler=cmd_simulate)
+
+    p = sub.add_parser("compare", help="compare finished runs: one table and a combined plot")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", default="compare.png", help="plot file (default %(default)s)")
+    p.set_defaults(handler=cmd_compare)
 
     p = sub.add_parser("models", help="list the registered models with sizes and FLOPs")
     p.add_argument("--width", type=float, default=1.0)

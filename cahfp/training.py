@@ -89,7 +89,7 @@ def train(model: nn.Module, data: ImageData, recipe: Recipe, seed: int = 0) -> T
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageData, batch_size: int = 500) -> EvalResult:
+def evaluate(model: nn.Module, data: ImageData, batch_size: int = 256) -> EvalResult:
     """Mean cross-entropy and top-1 accuracy in eval mode."""
     was_training = model.training
     model.eval()

@@ -19,7 +19,8 @@ def test_hook_fisher_block_equals_per_sample_weight_gradients():
     x, y = batch(6)
     x = x.double()
     groups = find_groups(model, x)
-    s1, s2, n = directional_terms(model, groups, [(x, y)], 1)
+    terms = directional_terms(model, groups, [(x, y)], 1, collect=True)
+    s1, s2, n = terms.s1, terms.s2, terms.n
     assert n == 6
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
@@ -123,5 +124,51 @@ def test_taylor_is_the_absolute_first_order_term():
     data = [batch()]
     taylor = score_groups(model, data, "taylor")
     groups = taylor.groups
-    s1, _, n = directional_terms(model.eval(), groups, data, 1)
-    torch.testing.assert_close(taylor.flat(), torch.cat([(s1[g.gid] / n).abs() for g in groups]))
+    t = directional_terms(model.eval(), groups, data, 1)
+    torch.testing.assert_close(
+        taylor.flat(), torch.cat([(t.s1[g.gid] / t.n).abs() for g in groups])
+    )
+
+
+def test_joint_objective_costs_match_the_second_order_set_formula():
+    from cahfp.pruning.plan import JointObjective
+
+    model = randomize_bn(build_model("vgg11", 10, 1, 0.25, seed=0), 2)
+    scores = score_groups(model, [batch(16, 1), batch(16, 2)], "curvature")
+    a = scores.directional.double()
+    assert a.shape == (32, scores.groups.num_channels)
+
+    def f(removed: torch.Tensor) -> float:  # -g.1_S + 1/2 1_S' F 1_S, computed directly
+        s = a[:, removed].sum(1)
+        return float(-a.mean(0)[removed].sum() + 0.5 * (s @ s) / a.shape[0])
+
+    obj = JointObjective(scores.groups, scores)
+    removed = torch.zeros(a.shape[1], dtype=torch.bool)
+    for g in list(scores.groups)[:4]:
+        block, cost = obj.drop(g, 3)
+        cols = block + obj.offset[g.gid]
+        before = f(removed)
+        removed[cols] = True
+        assert cost == pytest.approx(f(removed) - before, rel=1e-9, abs=1e-12)
+        obj.remove(g, block)
+    g = next(iter(scores.groups))
+    block, gain = obj.restore(g, 2)
+    cols = block + obj.offset[g.gid]
+    assert removed[cols].all()
+    after = removed.clone()
+    after[cols] = False
+    assert gain == pytest.approx(f(removed) - f(after), rel=1e-9, abs=1e-12)
+    obj.add(g, block)
+    torch.testing.assert_close(obj.u, a.T @ a[:, after].sum(1) / a.shape[0])
+
+
+def test_joint_planning_can_be_switched_off():
+    model = build_model("vgg11", 10, 1, 0.5, seed=0)
+    scores = score_groups(model, [batch()], "curvature")
+    joint = make_plan(model, scores, 0.5)
+    ranked = make_plan(model, scores, 0.5, interactions=False)
+    assert joint.objective == "joint" and ranked.objective == "ranked"
+    for g in ranked.groups:  # ranked keeps each layer's top-scored channels
+        k = len(ranked.keep[g.gid])
+        top = torch.argsort(scores.values[g.gid], descending=True, stable=True)[:k]
+        assert sorted(top.tolist()) == ranked.keep[g.gid].tolist()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,18 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from cahfp.pruning.groups import GroupSet
+
+
+@dataclass
+class Terms:
+    """Per group channel: ``s1`` = sum over samples of the first-order term ``g_x.w``, ``s2`` =
+    sum of the curvature term, ``n`` samples; ``per_sample`` is ``[n, channels]`` (all groups'
+    channels in group order) when collected."""
+
+    s1: dict[int, torch.Tensor]
+    s2: dict[int, torch.Tensor]
+    n: int
+    per_sample: torch.Tensor | None = None
 
 
 class _Capture:
@@ -78,14 +91,20 @@ def _to_groups(per_module: dict[str, torch.Tensor], groups: GroupSet, batch: int
 
 
 def directional_terms(
-    model: nn.Module, groups: GroupSet, batches: Iterable, max_batches: int
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], int]:
-    """Per group channel: sum over samples of ``g_x.w`` and of ``(g_x.w)^2``, and the sample
-    count. One forward and one backward pass per batch."""
+    model: nn.Module,
+    groups: GroupSet,
+    batches: Iterable,
+    max_batches: int,
+    collect: bool = False,
+) -> Terms:
+    """Per group channel: sums over samples of ``g_x.w`` and of ``(g_x.w)^2`` (the Fisher
+    block); with ``collect`` also every sample's ``g_x.w``. One forward and one backward pass per
+    batch."""
     producers = sorted({p.module for g in groups for p in g.producers})
     s1 = {g.gid: torch.zeros(g.size, dtype=torch.float64) for g in groups}
     s2 = {g.gid: torch.zeros(g.size, dtype=torch.float64) for g in groups}
     n = 0
+    rows: list[torch.Tensor] = []
     cap = _Capture(model, producers)
     try:
         for b, (x, y) in enumerate(batches):
@@ -102,13 +121,16 @@ def directional_terms(
                     per_module[name] = per_module[name] + a if name in per_module else a
             for name in producers:  # a producer not reached by the loss contributes zero
                 per_module.setdefault(name, torch.zeros(len(y), _width(cap.modules[name])))
-            for gid, a in _to_groups(per_module, groups, len(y)).items():
+            per_group = _to_groups(per_module, groups, len(y))
+            for gid, a in per_group.items():
                 s1[gid] += a.sum(0)
                 s2[gid] += (a * a).sum(0)
+            if collect:
+                rows.append(torch.cat([per_group[g.gid] for g in groups], 1).float())
             n += len(y)
     finally:
         cap.close()
-    return s1, s2, n
+    return Terms(s1, s2, n, torch.cat(rows) if rows else None)
 
 
 def _width(module: nn.Module) -> int:
@@ -148,7 +170,7 @@ def _reduce_to_channels(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 def diagonal_fisher_terms(
     model: nn.Module, groups: GroupSet, batches: Iterable, max_batches: int
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], int]:
+) -> Terms:
     """Like ``directional_terms`` but the curvature term is the diagonal empirical Fisher,
     ``sum_i E_x[g_{x,i}^2] w_i^2``, from per-sample parameter gradients (more expensive)."""
     producers = sorted({p.module for g in groups for p in g.producers})
@@ -193,7 +215,7 @@ def diagonal_fisher_terms(
             n += len(y)
     finally:
         cap.close()
-    return s1, s2, n
+    return Terms(s1, s2, n)
 
 
 def hutchinson_terms(
@@ -203,7 +225,7 @@ def hutchinson_terms(
     max_batches: int,
     probes: int = 4,
     seed: int = 0,
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], int]:
+) -> Terms:
     """First-order term as above; curvature ``sum_i H_ii w_i^2`` with the Hessian diagonal of
     the mean batch loss estimated by Hutchinson's method (``E_v[v * Hv]``, Rademacher ``v``,
     ``probes`` Hessian-vector products per batch). Sums are scaled per sample like the others."""
@@ -249,4 +271,4 @@ def hutchinson_terms(
                 if prod.module == name:
                     s1[g.gid].index_add_(0, prod.root, first[prod.idxs])
                     s2[g.gid].index_add_(0, prod.root, curv[prod.idxs])
-    return s1, s2, n
+    return Terms(s1, s2, n)

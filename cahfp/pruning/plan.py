@@ -4,15 +4,27 @@ The FLOPs of every Conv/Linear are measured once on the dense model with FlopCou
 layer's FLOPs scale with the fraction of its input and output channels kept (one factor for a
 depthwise layer), which is exact for what the counter measures.
 
-* ``global`` allocation: start dense and repeatedly remove the block of channels with the lowest
-  score per FLOP saved, across all layers, until the budget is met; then add back the best
-  blocks that still fit. Blocks are 8 channels wide where a layer has 16 or more (onnxruntime
-  keeps its speed-up on multiples of 8), single channels otherwise. Every layer keeps at least
-  ``floor`` of its channels.
-* ``uniform`` allocation: the same channel fraction in every layer up to rounding: the same
-  greedy removal, always taking the block from the layer that keeps the largest fraction.
+Channels are removed in *blocks*: 8 channels where a layer has 32 or more (onnxruntime keeps
+its speed-up on multiples of 8), single channels in narrower layers; every layer keeps at least
+``floor`` of its channels. Starting dense, the planner repeatedly removes one block until the
+budget is met, then adds back the best blocks that still fit. On the last removal it chooses
+among the removals that meet the budget and land within ``slack`` (0.03) of it (else the one
+that overshoots least) the one that costs least.
 
-Within a layer the highest-scored channels are kept.
+*Which layer* gives up the next block is the allocation:
+
+* ``global``: the block whose removal costs the least score per FLOP saved, across all layers;
+* ``uniform``: the layer that keeps the largest fraction of its channels (the same fraction in
+  every layer up to rounding).
+
+*Which channels* form the block, and what removing them costs, is the objective:
+
+* ranked (any scores): the lowest-scored remaining channels; cost = the sum of their scores;
+* joint (curvature scores that carry their per-sample terms, see ``Scores.directional``): the
+  second-order loss increase of removing the whole set S, ``-g.1_S + 1/2 1_S' F 1_S`` with the
+  empirical Fisher F over *all* channels, so cross terms between channels removed together
+  (within and across layers) are counted. The block is the channels of the layer with the
+  smallest marginal increase given what is already removed.
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ import torch
 from torch import nn
 
 from cahfp.errors import BudgetInfeasible, UnknownName
-from cahfp.pruning.groups import IN, OUT, GroupSet, find_groups
+from cahfp.pruning.groups import IN, OUT, ChannelGroup, GroupSet, find_groups
 from cahfp.pruning.scores import Scores
 
 ALLOCATIONS = ("global", "uniform")
@@ -39,6 +51,7 @@ class Plan:
     target: float
     flops_fraction: float
     allocation: str
+    objective: str = "ranked"
 
     def counts(self) -> dict[int, int]:
         return {gid: len(idx) for gid, idx in self.keep.items()}
@@ -98,9 +111,12 @@ def make_plan(
     allocation: str = "global",
     floor: float = 0.1,
     multiple: int = 8,
+    interactions: bool = True,
+    slack: float = 0.03,
 ) -> Plan:
     """Keep the channels ``scores`` rank highest so that training FLOPs are at most ``keep`` of
-    the dense model's (and, after rounding, not far below)."""
+    the dense model's (and, after rounding, not far below). With ``interactions`` and curvature
+    scores that carry per-sample terms, channels are chosen jointly (see module docstring)."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     if allocation not in ALLOCATIONS:
@@ -109,12 +125,11 @@ def make_plan(
     if example_input is not None:
         groups = find_groups(model, example_input, scores.groups.ignored)
     for g in groups:
-        v = scores.values[g.gid]
-        if v.shape != (g.size,) or not torch.isfinite(v).all():
+        v = scores.values.get(g.gid)
+        if v is None or v.shape != (g.size,) or not torch.isfinite(v).all():
             raise ValueError(f"scores for group {g.name} are missing, mis-sized or not finite")
     fm = FlopModel(groups)
     budget = keep * fm.dense
-    order = {g.gid: _ranking(scores.values[g.gid]) for g in groups}
     minimum = {g.gid: _floor(g.size, floor, multiple) for g in groups}
     if fm.total(minimum) > budget * (1 + 1e-9):
         raise BudgetInfeasible(
@@ -122,103 +137,195 @@ def make_plan(
             f"({fm.total(minimum) / fm.dense:.3f} of dense training FLOPs with every layer at "
             f"its floor of {floor:.0%} of its channels)"
         )
-    if allocation == "global":
-
-        def drop_key(g, k, new, saved, finishing):
-            lost = float(scores.values[g.gid][order[g.gid][new:k]].sum())
-            return lost if finishing else lost / saved  # last step: least score lost
-
-        def add_key(g, k, new, cost):  # score regained per FLOP spent
-            return float(scores.values[g.gid][order[g.gid][k:new]].sum()) / max(cost, 1e-12)
-    else:
-
-        def drop_key(g, k, new, saved, finishing):
-            # from the layer left with the largest fraction; last step: least overshoot
-            return (saved,) if finishing else (-new / g.size, -saved)
-
-        def add_key(g, k, new, cost):  # to the layer with the smallest fraction
-            return (-k / g.size, -cost)
-
+    joint = interactions and scores.directional is not None
+    objective = JointObjective(groups, scores) if joint else RankedObjective(groups, scores)
     counts = {g.gid: g.size for g in groups}
-    counts = _greedy(groups, fm, minimum, counts, budget, multiple, drop_key)
-    counts = _fill(groups, fm, counts, budget, multiple, add_key)
-    kept = {g.gid: torch.sort(order[g.gid][: counts[g.gid]]).values for g in groups}
-    return Plan(groups, kept, keep, fm.total(counts) / fm.dense, allocation)
-
-
-def _ranking(values: torch.Tensor) -> torch.Tensor:
-    """Channel indices from most to least important (ties: lower index first)."""
-    idx = torch.arange(len(values))
-    order = sorted(range(len(values)), key=lambda i: (-float(values[i]), i))
-    return idx[order]
-
-
-def _floor(size: int, floor: float, multiple: int) -> int:
-    n = max(1, math.ceil(floor * size))
-    if size >= 2 * multiple:
-        n = min(size, math.ceil(n / multiple) * multiple)
-    return n
-
-
-def _step_down(size: int, k: int, multiple: int) -> int:
-    """Next smaller allowed channel count below ``k``."""
-    if size < 2 * multiple or multiple <= 1:
-        return k - 1
-    return (k - 1) // multiple * multiple
-
-
-def _step_up(size: int, k: int, multiple: int) -> int:
-    if size < 2 * multiple or multiple <= 1:
-        return k + 1
-    return min(size, (k // multiple + 1) * multiple)
-
-
-def _greedy(groups, fm, minimum, counts, budget, multiple, key) -> dict[int, int]:
-    """Remove the block with the smallest ``key`` until the FLOPs fit the budget. Once some
-    removal would meet the budget, choose only among those (``key(..., finishing=True)``)."""
-    counts = dict(counts)
     total = fm.total(counts)
+    # Remove blocks until the budget is met.
     while total > budget * (1 + 1e-9):
         steps = []
         for g in groups:
             k = counts[g.gid]
             new = max(_step_down(g.size, k, multiple), minimum[g.gid])
-            if new >= k:
-                continue
-            saved = fm.delta(g.gid, counts, new)
+            saved = fm.delta(g.gid, counts, new) if new < k else 0.0
             if saved > 0:
-                steps.append((g, k, new, saved))
+                block, cost = objective.drop(g, k - new)
+                steps.append((g, new, saved, block, cost))
         if not steps:
             break
-        finishing = [st for st in steps if total - st[3] <= budget * (1 + 1e-9)]
-        pool = finishing or steps
-        _, gid, new, saved = min(
-            (key(g, k, new, saved, bool(finishing)), g.gid, new, saved) for g, k, new, saved in pool
-        )
-        counts[gid] = new
+        finishing = [st for st in steps if total - st[2] <= budget * (1 + 1e-9)]
+        # A last step that lands far below the budget wastes it: prefer those that land
+        # within ``slack`` of it, else the one that overshoots least.
+        close = [st for st in finishing if total - st[2] >= budget - slack * fm.dense]
+        if finishing and not close:
+            finishing = [max(finishing, key=lambda st: total - st[2])]
+        elif close:
+            finishing = close
+
+        def key(st, finishing=bool(finishing)):
+            g, new, saved, _, cost = st
+            if finishing:  # last step: least loss (global) or least overshoot (uniform)
+                return (cost if allocation == "global" else saved, g.gid)
+            if allocation == "global":
+                return (cost / saved, g.gid)
+            return (-new / g.size, -saved, g.gid)
+
+        g, new, saved, block, _ = min(finishing or steps, key=key)
+        objective.remove(g, block)
+        counts[g.gid] = new
         total -= saved
-    return counts
-
-
-def _fill(groups, fm, counts, budget, multiple, key) -> dict[int, int]:
-    """Add back the removed blocks with the largest ``key`` that still fit the budget."""
-    counts = dict(counts)
-    total = fm.total(counts)
+    # Add back what still fits.
     while True:
-        best = None
+        adds = []
         for g in groups:
             k = counts[g.gid]
             if k >= g.size:
                 continue
             new = _step_up(g.size, k, multiple)
             cost = -fm.delta(g.gid, counts, new)
-            if total + cost > budget * (1 + 1e-9):
-                continue
-            cand = (key(g, k, new, cost), -g.gid, new, cost)
-            if best is None or cand[:2] > best[:2]:
-                best = cand
-        if best is None:
-            return counts
-        _, neg_gid, new, cost = best
-        counts[-neg_gid] = new
+            if total + cost <= budget * (1 + 1e-9):
+                block, gain = objective.restore(g, new - k)
+                adds.append((g, new, cost, block, gain))
+        if not adds:
+            break
+        if allocation == "global":
+            g, new, cost, block, _ = max(adds, key=lambda a: (a[4] / max(a[2], 1e-12), -a[0].gid))
+        else:
+            g, new, cost, block, _ = max(
+                adds, key=lambda a: (-counts[a[0].gid] / a[0].size, -a[2], -a[0].gid)
+            )
+        objective.add(g, block)
+        counts[g.gid] = new
         total += cost
+    kept = {g.gid: objective.kept(g) for g in groups}
+    assert all(len(kept[g.gid]) == counts[g.gid] for g in groups)
+    return Plan(
+        groups, kept, keep, fm.total(counts) / fm.dense, allocation, "joint" if joint else "ranked"
+    )
+
+
+class RankedObjective:
+    """Channels leave in ascending score order and come back in descending order; a block costs
+    the sum of its channels' scores."""
+
+    def __init__(self, groups: GroupSet, scores: Scores):
+        self.values = scores.values
+        self.order = {g.gid: _ranking(scores.values[g.gid]) for g in groups}
+        self.count = {g.gid: g.size for g in groups}
+
+    def drop(self, g: ChannelGroup, n: int) -> tuple[torch.Tensor, float]:
+        k = self.count[g.gid]
+        block = self.order[g.gid][k - n : k]
+        return block, float(self.values[g.gid][block].sum())
+
+    def remove(self, g: ChannelGroup, block: torch.Tensor) -> None:
+        self.count[g.gid] -= len(block)
+
+    def restore(self, g: ChannelGroup, n: int) -> tuple[torch.Tensor, float]:
+        k = self.count[g.gid]
+        block = self.order[g.gid][k : k + n]
+        return block, float(self.values[g.gid][block].sum())
+
+    def add(self, g: ChannelGroup, block: torch.Tensor) -> None:
+        self.count[g.gid] += len(block)
+
+    def kept(self, g: ChannelGroup) -> torch.Tensor:
+        return torch.sort(self.order[g.gid][: self.count[g.gid]]).values
+
+
+class JointObjective:
+    """Second-order loss of removing a set S of channels, ``f(S) = -g.1_S + 1/2 1_S' F 1_S``,
+    with ``F = A'A/n`` from the per-sample terms ``A`` (``[n, channels]``, never formed as a
+    matrix: ``F v = A'(A v)/n``). Keeps ``u = F 1_S`` up to date as S changes."""
+
+    def __init__(self, groups: GroupSet, scores: Scores):
+        a = scores.directional.to(torch.float64)
+        self.a, self.n = a, a.shape[0]
+        first_order = scores.info.get("first_order", True)
+        self.gbar = a.mean(0) if first_order else torch.zeros(a.shape[1], dtype=torch.float64)
+        self.fdiag = (a * a).sum(0) / self.n
+        self.u = torch.zeros(a.shape[1], dtype=torch.float64)
+        self.removed = torch.zeros(a.shape[1], dtype=torch.bool)
+        self.offset, pos = {}, 0
+        for g in groups:
+            self.offset[g.gid] = pos
+            pos += g.size
+        if pos != a.shape[1]:
+            raise ValueError(f"per-sample terms have {a.shape[1]} channels, groups have {pos}")
+
+    def _span(self, g: ChannelGroup) -> slice:
+        return slice(self.offset[g.gid], self.offset[g.gid] + g.size)
+
+    def _cost(self, cols: torch.Tensor) -> float:
+        """f(S + block) - f(S) for a block disjoint from S (global column indices)."""
+        s = self.a[:, cols].sum(1)
+        return float(-self.gbar[cols].sum() + 0.5 * (s @ s) / self.n + self.u[cols].sum())
+
+    def drop(self, g: ChannelGroup, n: int) -> tuple[torch.Tensor, float]:
+        span = self._span(g)
+        marginal = -self.gbar[span] + 0.5 * self.fdiag[span] + self.u[span]
+        marginal[self.removed[span]] = math.inf
+        block = torch.sort(_smallest(marginal, n)).values
+        return block, self._cost(block + span.start)
+
+    def remove(self, g: ChannelGroup, block: torch.Tensor) -> None:
+        cols = block + self.offset[g.gid]
+        self.removed[cols] = True
+        self.u += self.a.T @ self.a[:, cols].sum(1) / self.n
+
+    def restore(self, g: ChannelGroup, n: int) -> tuple[torch.Tensor, float]:
+        span = self._span(g)
+        # gain of bringing back c: f(S) - f(S - c) = -g_c + u_c - 1/2 F_cc
+        marginal = -self.gbar[span] + self.u[span] - 0.5 * self.fdiag[span]
+        marginal[~self.removed[span]] = -math.inf
+        block = torch.sort(_largest(marginal, n)).values
+        cols = block + span.start
+        self.u -= self.a.T @ self.a[:, cols].sum(1) / self.n  # tentatively take it out of S
+        self.removed[cols] = False
+        gain = self._cost(cols)
+        self.removed[cols] = True
+        self.u += self.a.T @ self.a[:, cols].sum(1) / self.n
+        return block, gain
+
+    def add(self, g: ChannelGroup, block: torch.Tensor) -> None:
+        cols = block + self.offset[g.gid]
+        self.removed[cols] = False
+        self.u -= self.a.T @ self.a[:, cols].sum(1) / self.n
+
+    def kept(self, g: ChannelGroup) -> torch.Tensor:
+        return torch.nonzero(~self.removed[self._span(g)]).flatten()
+
+
+def _smallest(values: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the ``n`` smallest values (ties: lower index first)."""
+    return torch.tensor(sorted(range(len(values)), key=lambda i: (float(values[i]), i))[:n])
+
+
+def _largest(values: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.tensor(sorted(range(len(values)), key=lambda i: (-float(values[i]), i))[:n])
+
+
+def _ranking(values: torch.Tensor) -> torch.Tensor:
+    """Channel indices from most to least important (ties: lower index first)."""
+    return _largest(values, len(values))
+
+
+def _blocked(size: int, multiple: int) -> bool:
+    """Layers of at least four blocks move in whole blocks; narrower ones channel by channel."""
+    return multiple > 1 and size >= 4 * multiple
+
+
+def _floor(size: int, floor: float, multiple: int) -> int:
+    n = max(1, math.ceil(floor * size))
+    if _blocked(size, multiple):
+        n = min(size, math.ceil(n / multiple) * multiple)
+    return n
+
+
+def _step_down(size: int, k: int, multiple: int) -> int:
+    """Next smaller allowed channel count below ``k``."""
+    return (k - 1) // multiple * multiple if _blocked(size, multiple) else k - 1
+
+
+def _step_up(size: int, k: int, multiple: int) -> int:
+    return min(size, (k // multiple + 1) * multiple) if _blocked(size, multiple) else k + 1

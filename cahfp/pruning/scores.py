@@ -30,12 +30,16 @@ LOSS_BASED = ("curvature", "taylor")  # scores in loss units: comparable across 
 
 @dataclass
 class Scores:
-    """One score per channel of each group: ``values[gid]`` is a float64 tensor ``[size]``."""
+    """One score per channel of each group: ``values[gid]`` is a float64 tensor ``[size]``.
+    Curvature scores also keep ``directional``, every scoring sample's ``g_x.w`` for every
+    channel (``[samples, channels]``, groups in order), from which the planner evaluates the
+    second-order loss of removing channels together."""
 
     groups: GroupSet
     values: dict[int, torch.Tensor]
     method: str
     info: dict = field(default_factory=dict)
+    directional: torch.Tensor | None = None
 
     def flat(self) -> torch.Tensor:
         return torch.cat([self.values[g.gid] for g in self.groups])
@@ -70,10 +74,11 @@ def score_groups(
     data = [first, *islice(batches, num_batches - 1)] if first is not None else []
     start = time.perf_counter()
     info: dict = {"method": method}
+    directional = None
     if method in LOSS_BASED:
         if not data:
             raise ValueError(f"{method} scores need local data batches")
-        values, info2 = _loss_based(
+        values, info2, directional = _loss_based(
             model, groups, data, method, curvature_kind, first_order, probes, seed
         )
         info.update(info2)
@@ -90,7 +95,7 @@ def score_groups(
             offset = (torch.arange(g.size) - round_idx) % g.size
             values[g.gid] = (g.size - offset).to(torch.float64)
     info["seconds"] = time.perf_counter() - start
-    return Scores(groups, values, method, info)
+    return Scores(groups, values, method, info, directional)
 
 
 def _loss_based(model, groups, data, method, kind, first_order, probes, seed):
@@ -101,15 +106,17 @@ def _loss_based(model, groups, data, method, kind, first_order, probes, seed):
     model.eval()
     try:
         if method == "taylor" or kind == "fisher-block":
-            s1, s2, n = curvature.directional_terms(model, groups, data, len(data))
+            collect = method == "curvature"
+            terms = curvature.directional_terms(model, groups, data, len(data), collect)
         elif kind == "diag-fisher":
-            s1, s2, n = curvature.diagonal_fisher_terms(model, groups, data, len(data))
+            terms = curvature.diagonal_fisher_terms(model, groups, data, len(data))
         else:
-            s1, s2, n = curvature.hutchinson_terms(model, groups, data, len(data), probes, seed)
+            terms = curvature.hutchinson_terms(model, groups, data, len(data), probes, seed)
     finally:
         model.train(was_training)
         for name, p in model.named_parameters():
             p.grad = grads[name]
+    s1, s2, n = terms.s1, terms.s2, terms.n
     values = {}
     for g in groups:
         gw = s1[g.gid] / n  # g.w: mean directional derivative
@@ -124,7 +131,7 @@ def _loss_based(model, groups, data, method, kind, first_order, probes, seed):
         "curvature": kind if method == "curvature" else None,
         "first_order": first_order,
     }
-    return values, info
+    return values, info, terms.per_sample
 
 
 def _magnitude(model: nn.Module, groups: GroupSet) -> dict[int, torch.Tensor]:

@@ -1,0 +1,2 @@
+"""Measured comparisons. Each module is runnable (``python -m benchmarks.NAME --help``) and
+writes its tables to ``benchmarks/results/``."""

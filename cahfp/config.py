@@ -1,0 +1,168 @@
+"""Federation configuration: a TOML file validated with pydantic, plus command-line overrides.
+
+Errors name the offending key and value, e.g.
+``config error: pruning.tiers.0 = 1.5: Input should be less than or equal to 1``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cahfp.errors import CAHFPError
+from cahfp.training import Recipe
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (Jetson images)
+    import tomli as tomllib
+
+
+class ConfigError(CAHFPError):
+    """A configuration file or override is invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FederationConfig(_Strict):
+    name: str = "federation"
+    rounds: int = Field(20, ge=1)
+    clients: int = Field(10, ge=1)
+    participation: float = Field(1.0, gt=0, le=1, description="fraction of clients per round")
+    seed: int = 0
+    strategy: str = "cahfp"
+    eval_every: int = Field(1, ge=1)
+    deadline_s: float = Field(600.0, gt=0)
+    min_updates: int = Field(1, ge=1)
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        from cahfp.strategies import STRATEGIES
+
+        if v not in STRATEGIES:
+            raise ValueError(f"unknown strategy; known: {', '.join(STRATEGIES)}")
+        return v
+
+
+class ModelConfig(_Strict):
+    name: str = "vgg11"
+    width: float = Field(0.25, gt=0, le=4)
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from cahfp.models import model_names
+
+        if v not in model_names():
+            raise ValueError(f"unknown model; known: {', '.join(model_names())}")
+        return v
+
+
+class DataConfig(_Strict):
+    dataset: str = "fmnist"
+    partition: str = "dirichlet:0.5"
+    train_samples: int | None = Field(
+        None, ge=1, description="use a seeded subset of the training set before partitioning"
+    )
+    min_samples: int = Field(10, ge=1)
+    eval_samples: int | None = Field(2000, ge=1)
+    data_dir: str | None = None
+    download: bool = False
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v in ("fmnist", "cifar10", "cifar100") or v.startswith("imagefolder:"):
+            return v
+        raise ValueError("unknown dataset; known: fmnist, cifar10, cifar100, imagefolder:PATH")
+
+    @field_validator("partition")
+    @classmethod
+    def _known_partition(cls, v: str) -> str:
+        from cahfp.data.partition import partition
+
+        partition([0, 1, 0, 1], 2, v, seed=0, min_samples=1)  # raises on a bad spec
+        return v
+
+
+class PruningConfig(_Strict):
+    tiers: list[float] = Field(default_factory=lambda: [1.0, 0.6, 0.4, 0.2], min_length=1)
+    refresh_period: int = Field(5, ge=1)
+    score_batches: int = Field(4, ge=1)
+    allocation: Literal["auto", "global", "uniform"] = "auto"
+    floor: float = Field(0.1, gt=0, le=1)
+    multiple: int = Field(8, ge=1)
+    uncovered_weight: float = Field(0.0, ge=0, le=1)
+    interactions: bool = True
+
+    @field_validator("tiers")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        for t in v:
+            if not 0 < t <= 1:
+                raise ValueError(f"every tier is a keep fraction in (0, 1], got {t}")
+        return v
+
+
+class Config(_Strict):
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: Recipe = Field(default_factory=Recipe)
+    pruning: PruningConfig = Field(default_factory=PruningConfig)
+
+    def keep_of(self, client_index: int) -> float:
+        """The keep fraction of a client's device tier (tiers cycle over clients)."""
+        return self.pruning.tiers[client_index % len(self.pruning.tiers)]
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        lines.append(f"{loc}{shown}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def set_path(data: dict, dotted: str, value: Any) -> None:
+    """``set_path(d, "federation.rounds", 5)``."""
+    *parents, leaf = dotted.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted}: {p} is not a table")
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a TOML file (or start from defaults), apply dotted-key overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p} is not valid TOML: {exc}") from None
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            set_path(data, key, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"config error{where}: {_describe(exc)}") from None

@@ -1,0 +1,92 @@
+"""Control messages between coordinator and clients (small JSON, validated with pydantic).
+
+Tensors never travel inside these: a task or update refers to its payload (safetensors bytes,
+``cahfp.wire``) which the transport carries alongside. The same classes are used in-process
+(simulation) and over MQTT. ``PROTOCOL`` is bumped on incompatible changes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cahfp.training import Recipe
+
+PROTOCOL = 1
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    v: Literal[1] = PROTOCOL
+
+
+class ModelSpec(BaseModel):
+    """The global architecture, so a client can build (or slice) it from the task alone."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    width: float = Field(gt=0)
+    num_classes: int = Field(ge=2)
+    in_channels: int = Field(ge=1)
+    image_size: int = Field(ge=8)
+
+
+class PlanSettings(BaseModel):
+    """How a client chooses its submodel when the plan is made on the client."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    scorer: str
+    allocation: str
+    score_batches: int = Field(4, ge=1)
+    floor: float = Field(0.1, gt=0, le=1)
+    multiple: int = Field(8, ge=1)
+    interactions: bool = True
+
+
+class TaskMessage(_Message):
+    """One client's work for one round. ``payload`` says what the attached bytes hold: the
+    dense global model (``state``) or the slice of it the client's plan keeps (``slice``)."""
+
+    kind: Literal["task"] = "task"
+    task_id: str
+    round: int = Field(ge=0)
+    client_id: str
+    model: ModelSpec
+    recipe: Recipe
+    keep: float | None = Field(None, gt=0, le=1, description="None: the client decides")
+    payload: Literal["state", "slice"]
+    plan: PlanSettings | None = Field(None, description="set when the client plans itself")
+    seed: int = 0
+    deadline_s: float = Field(gt=0)
+
+
+class Metrics(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    samples: int = Field(ge=0, description="local dataset size (the aggregation weight)")
+    samples_trained: int = Field(0, ge=0, description="samples processed in training")
+    steps: int = Field(0, ge=0)
+    train_loss: float | None = None
+    keep_target: float | None = None
+    keep_achieved: float = Field(1.0, ge=0, le=1.5, description="training-FLOPs fraction")
+    train_flops: float = Field(0.0, ge=0)
+    score_flops: float = Field(0.0, ge=0)
+    train_seconds: float = Field(0.0, ge=0)
+    score_seconds: float = Field(0.0, ge=0)
+    total_seconds: float = Field(0.0, ge=0)
+    bytes_down: int = Field(0, ge=0)
+    refreshed: bool = False
+    reason: str = ""
+
+
+class UpdateMessage(_Message):
+    """A client's answer to a task: ``ok`` with an update payload, ``declined`` (it cannot fit
+    the deadline or memory even at the smallest keep; no payload) or ``failed``."""
+
+    kind: Literal["update"] = "update"
+    task_id: str
+    round: int = Field(ge=0)
+    client_id: str
+    status: Literal["ok", "declined", "failed"]
+    metrics: Metrics
+    reason: str = ""

@@ -1,0 +1,319 @@
+"""Transport-agnostic round logic: select participants, send each a task, gather and validate
+updates until the deadline, aggregate them (streaming), evaluate, record, checkpoint."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from cahfp.aggregation import Aggregator
+from cahfp.config import Config
+from cahfp.costs import training_flops
+from cahfp.errors import CAHFPError, InvalidUpdate
+from cahfp.messages import ModelSpec, PlanSettings, TaskMessage, UpdateMessage
+from cahfp.models import build_model
+from cahfp.pruning import index_map_for, make_plan, score_groups
+from cahfp.pruning.extract import IndexMap, slice_tensor
+from cahfp.strategies import get_strategy
+from cahfp.training import EvalResult
+from cahfp.wire import decode_update, encode_state, encode_update
+from coordinator.transport import Transport
+
+
+@dataclass
+class ClientRecord:
+    """What the coordinator knows about one client."""
+
+    client_id: str
+    index: int
+    keep: float  # its budget: fraction of dense training FLOPs
+    index_map: IndexMap | None = None
+    keep_achieved: float = 1.0
+    planned_round: int | None = None  # round its current plan was made
+
+
+@dataclass
+class ClientOutcome:
+    client_id: str
+    status: str  # ok | declined | failed | rejected | missing
+    reason: str = ""
+    keep_target: float | None = None
+    keep_achieved: float | None = None
+    samples: int = 0
+    samples_trained: int = 0
+    train_flops: float = 0.0
+    score_flops: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    train_seconds: float = 0.0
+    score_seconds: float = 0.0
+    refreshed: bool = False
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    accuracy: float | None
+    loss: float | None
+    seconds: float
+    aggregated: int
+    skipped: str = ""
+    clients: list[ClientOutcome] = field(default_factory=list)
+    aggregate_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+
+class RoundEngine:
+    def __init__(
+        self,
+        config: Config,
+        spec: ModelSpec,
+        transport: Transport,
+        evaluate: Callable[[nn.Module], EvalResult],
+        client_keeps: dict[str, float],
+        on_event: Callable[[str, dict], None] | None = None,
+    ):
+        self.cfg = config
+        self.spec = spec
+        self.transport = transport
+        self.evaluate = evaluate
+        self.strategy = get_strategy(config.federation.strategy)
+        self.model = build_model(
+            spec.name, spec.num_classes, spec.in_channels, spec.width, seed=config.federation.seed
+        )
+        self.state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.example = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size)
+        self.dense_flops = training_flops(self.model, self.example[:1])
+        self.clients = {
+            cid: ClientRecord(cid, i, keep)
+            for i, (cid, keep) in enumerate(sorted(client_keeps.items()))
+        }
+        self.on_event = on_event or (lambda kind, data: None)
+        self.round = 0
+
+    # ------------------------------------------------------------------ selection and tasks
+
+    def eligible(self) -> list[str]:
+        available = set(self.transport.clients())
+        ids = [c for c in sorted(self.clients) if c in available]
+        if self.strategy.fit_only:
+            ids = [c for c in ids if self.clients[c].keep >= 1.0]
+        return ids
+
+    def select(self, rnd: int) -> list[str]:
+        ids = self.eligible()
+        if not ids:
+            return []
+        count = max(1, round(self.cfg.federation.participation * len(ids)))
+        rng = random.Random(self.cfg.federation.seed * 100_003 + rnd)
+        return sorted(rng.sample(ids, min(count, len(ids))))
+
+    def _allocation(self) -> str:
+        alloc = self.cfg.pruning.allocation
+        return self.strategy.allocation if alloc == "auto" else alloc
+
+    def _slice(self, rec: ClientRecord) -> bytes:
+        imap = rec.index_map or {}
+        tensors = {k: slice_tensor(v, imap.get(k, {})) for k, v in self.state.items()}
+        return encode_update(tensors, imap, {"keep_achieved": rec.keep_achieved})
+
+    def _coordinator_plan(self, rec: ClientRecord, rnd: int) -> None:
+        p = self.cfg.pruning
+        scores = score_groups(
+            self.model,
+            None,
+            self.strategy.scorer,
+            example_input=self.example,
+            round_idx=rnd,
+            seed=self.cfg.federation.seed * 7919 + rec.index + rnd * 104_729,
+        )
+        plan = make_plan(
+            self.model,
+            scores,
+            rec.keep,
+            allocation=self._allocation(),
+            floor=p.floor,
+            multiple=p.multiple,
+        )
+        rec.index_map = index_map_for(self.model, plan.groups, plan.keep)
+        rec.keep_achieved = plan.flops_fraction
+        rec.planned_round = rnd
+
+    def _plan_due(self, rec: ClientRecord, rnd: int) -> bool:
+        if rec.index_map is None or rec.planned_round is None:
+            return True
+        if self.strategy.scorer == "rolling":
+            return rnd != rec.planned_round  # the window moves every round by definition
+        if self.strategy.scorer == "ordered":
+            return False  # the first channels never change
+        return rnd - rec.planned_round >= self.cfg.pruning.refresh_period
+
+    def make_task(self, cid: str, rnd: int) -> tuple[TaskMessage, bytes]:
+        rec, p, strat = self.clients[cid], self.cfg.pruning, self.strategy
+        keep = None if strat.dense else rec.keep
+        kind, plan, payload = "state", None, None
+        if keep is not None and keep < 1:
+            if strat.site == "coordinator":
+                if self._plan_due(rec, rnd):
+                    self._coordinator_plan(rec, rnd)
+                kind, payload = "slice", self._slice(rec)
+            elif self._plan_due(rec, rnd):
+                plan = PlanSettings(
+                    scorer=strat.scorer,
+                    allocation=self._allocation(),
+                    score_batches=p.score_batches,
+                    floor=p.floor,
+                    multiple=p.multiple,
+                    interactions=p.interactions,
+                )
+            else:
+                kind, payload = "slice", self._slice(rec)
+        if payload is None:
+            payload = encode_state(self.state)
+        task = TaskMessage(
+            task_id=uuid.uuid4().hex,
+            round=rnd,
+            client_id=cid,
+            model=self.spec,
+            recipe=self.cfg.train,
+            keep=keep,
+            payload=kind,
+            plan=plan,
+            seed=self.cfg.federation.seed * 1_000_003 + rnd * 1009 + rec.index,
+            deadline_s=self.cfg.federation.deadline_s,
+        )
+        return task, payload
+
+    # ------------------------------------------------------------------ one round
+
+    def run_round(self, rnd: int) -> RoundRecord:
+        start = time.perf_counter()
+        selected = self.select(rnd)
+        self.on_event("round_start", {"round": rnd, "selected": selected})
+        sent: dict[str, tuple[TaskMessage, int]] = {}
+        for cid in selected:
+            task, payload = self.make_task(cid, rnd)
+            self.transport.send(task, payload)
+            sent[task.task_id] = (task, len(payload))
+        agg = Aggregator(self.state, self.cfg.pruning.uncovered_weight)
+        outcomes: dict[str, ClientOutcome] = {}
+        agg_seconds = 0.0
+        deadline = time.monotonic() + self.cfg.federation.deadline_s
+        for msg, payload in self.transport.collect(set(sent), deadline):
+            t0 = time.perf_counter()
+            outcome = self.accept(msg, payload, sent, agg, outcomes)
+            agg_seconds += time.perf_counter() - t0
+            if outcome is not None:
+                outcomes[outcome.client_id] = outcome
+                self.on_event("client_done", {"round": rnd, "outcome": outcome})
+        for task, down in sent.values():
+            if task.client_id not in outcomes:
+                outcomes[task.client_id] = ClientOutcome(
+                    task.client_id,
+                    "missing",
+                    "no update before the deadline",
+                    keep_target=task.keep,
+                    bytes_down=down,
+                )
+        skipped = ""
+        if agg.count >= min(self.cfg.federation.min_updates, max(len(selected), 1)) and agg.count:
+            t0 = time.perf_counter()
+            self.state = agg.result()
+            self.model.load_state_dict(self.state)
+            agg_seconds += time.perf_counter() - t0
+        else:
+            skipped = (
+                f"only {agg.count} valid updates (need "
+                f"{self.cfg.federation.min_updates}); global model unchanged"
+            )
+        accuracy = loss = None
+        eval_seconds = 0.0
+        if rnd % self.cfg.federation.eval_every == 0 or rnd == self.cfg.federation.rounds:
+            t0 = time.perf_counter()
+            res = self.evaluate(self.model)
+            eval_seconds = time.perf_counter() - t0
+            accuracy, loss = res.accuracy, res.loss
+        self.round = rnd
+        record = RoundRecord(
+            rnd,
+            accuracy,
+            loss,
+            time.perf_counter() - start,
+            agg.count,
+            skipped,
+            [outcomes[c] for c in sorted(outcomes)],
+            agg_seconds,
+            eval_seconds,
+        )
+        self.on_event("round_end", {"record": record})
+        return record
+
+    def accept(
+        self,
+        msg: UpdateMessage,
+        payload: bytes | None,
+        sent,
+        agg: Aggregator,
+        done: dict[str, ClientOutcome],
+    ) -> ClientOutcome | None:
+        """Validate one answer and fold it into the aggregate; an invalid one is recorded as
+        rejected (with the reason) and changes nothing."""
+        if msg.task_id not in sent:
+            self.on_event("rejected", {"client": msg.client_id, "reason": "unknown task id"})
+            return None
+        task, down = sent[msg.task_id]
+        if msg.client_id != task.client_id or msg.round != task.round:
+            reason = "client id or round does not match the task"
+            self.on_event("rejected", {"client": msg.client_id, "reason": reason})
+            return None
+        if msg.client_id in done and done[msg.client_id].status in ("ok", "rejected"):
+            return None  # a duplicate delivery counts once
+        m = msg.metrics
+        out = ClientOutcome(
+            msg.client_id,
+            msg.status,
+            msg.reason or m.reason,
+            keep_target=task.keep,
+            keep_achieved=m.keep_achieved,
+            samples=m.samples,
+            samples_trained=m.samples_trained,
+            train_flops=m.train_flops,
+            score_flops=m.score_flops,
+            bytes_up=len(payload or b""),
+            bytes_down=down,
+            train_seconds=m.train_seconds,
+            score_seconds=m.score_seconds,
+            refreshed=m.refreshed,
+        )
+        if msg.status != "ok":
+            return out
+        try:
+            if payload is None:
+                raise InvalidUpdate("status ok but no payload")
+            compact, imap, _ = decode_update(payload)
+            if m.samples < 1:
+                raise InvalidUpdate("an update must report at least one sample")
+            agg.add_compact(compact, imap, weight=m.samples)
+        except CAHFPError as exc:
+            out.status, out.reason = "rejected", str(exc)
+            self.on_event("rejected", {"client": msg.client_id, "reason": str(exc)})
+            return out
+        rec = self.clients[msg.client_id]
+        if self.strategy.site == "client" and not self.strategy.dense and task.keep is not None:
+            rec.index_map, rec.keep_achieved = imap, m.keep_achieved
+            if m.refreshed:
+                rec.planned_round = task.round
+        return out
+
+    def run(self, rounds: int, start: int = 1) -> list[RoundRecord]:
+        return [self.run_round(r) for r in range(start, rounds + 1)]
+
+    def initial_record(self) -> RoundRecord:
+        res = self.evaluate(self.model)
+        return RoundRecord(0, res.accuracy, res.loss, 0.0, 0)

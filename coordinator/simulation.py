@@ -1,0 +1,157 @@
+"""In-process federated simulation: the coordinator's round engine and every client's task in
+one process, over the in-process transport (same messages and payloads as over MQTT)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from cahfp.config import Config
+from cahfp.data import ImageData, load_dataset, partition
+from cahfp.messages import ModelSpec
+from cahfp.training import evaluate
+from coordinator.engine import RoundEngine, RoundRecord
+from coordinator.inprocess import InProcessTransport
+from coordinator.records import RunRecorder
+from edge_client.task import ClientState
+
+log = logging.getLogger("cahfp.simulate")
+
+
+def client_id(i: int) -> str:
+    return f"client-{i:03d}"
+
+
+def federation_data(cfg: Config) -> tuple[list[ImageData], ImageData, ModelSpec]:
+    """Client partitions of the training set, the held-out evaluation set, and the model spec."""
+    d = cfg.data
+    train_set = load_dataset(d.dataset, "train", d.data_dir, d.download)
+    test_set = load_dataset(d.dataset, "test", d.data_dir, d.download)
+    gen = torch.Generator().manual_seed(cfg.federation.seed)
+    pool = torch.randperm(len(train_set), generator=gen)
+    if d.train_samples:
+        pool = pool[: d.train_samples]
+    parts = partition(
+        train_set.targets[pool].numpy(),
+        cfg.federation.clients,
+        d.partition,
+        seed=cfg.federation.seed,
+        min_samples=d.min_samples,
+    )
+    clients = [train_set.subset(pool[torch.as_tensor(p)]) for p in parts]
+    if d.eval_samples and d.eval_samples < len(test_set):
+        test_set = test_set.subset(range(d.eval_samples))
+    spec = ModelSpec(
+        name=cfg.model.name,
+        width=cfg.model.width,
+        num_classes=train_set.num_classes,
+        in_channels=train_set.in_channels,
+        image_size=train_set.image_size,
+    )
+    return clients, test_set, spec
+
+
+def simulate(
+    cfg: Config,
+    out_dir: str | Path | None = None,
+    quiet: bool = False,
+    console: Console | None = None,
+) -> dict:
+    """Run a whole federation; with ``out_dir`` write metrics, checkpoints, model and plots."""
+    start = time.perf_counter()
+    clients, test_set, spec = federation_data(cfg)
+    states = {client_id(i): ClientState(client_id(i), data) for i, data in enumerate(clients)}
+    keeps = {client_id(i): cfg.keep_of(i) for i in range(len(clients))}
+    transport = InProcessTransport(states)
+    console = console or Console(stderr=True)
+    view = _View(cfg, console, quiet)
+    engine = RoundEngine(
+        cfg, spec, transport, lambda m: evaluate(m, test_set), keeps, on_event=view.event
+    )
+    recorder = RunRecorder(out_dir, cfg, engine.dense_flops) if out_dir else None
+    initial = engine.initial_record()
+    records = [initial]
+    if recorder:
+        recorder.round(initial, engine.state)
+    view.start(initial)
+    try:
+        for rnd in range(1, cfg.federation.rounds + 1):
+            rec = engine.run_round(rnd)
+            records.append(rec)
+            if recorder:
+                recorder.round(rec, engine.state)
+    finally:
+        view.stop()
+    wall = time.perf_counter() - start
+    if recorder:
+        return recorder.finish(engine.state, wall)
+    from coordinator.records import record_dict, summarize
+
+    return summarize([record_dict(r) for r in records], cfg, engine.dense_flops, wall)
+
+
+class _View:
+    """Live progress on a terminal (rounds, clients, accuracy), or plain log lines."""
+
+    def __init__(self, cfg: Config, console: Console, quiet: bool):
+        self.cfg, self.console, self.quiet = cfg, console, quiet
+        self.progress: Progress | None = None
+
+    def start(self, initial: RoundRecord) -> None:
+        msg = (
+            f"{self.cfg.federation.strategy}: {self.cfg.model.name} x{self.cfg.model.width:g}"
+            f" on {self.cfg.data.dataset}, {self.cfg.federation.clients} clients, "
+            f"initial accuracy {initial.accuracy:.4f}"
+        )
+        if self.quiet:
+            log.info(msg)
+            return
+        self.console.print(msg)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.rounds = self.progress.add_task("rounds", total=self.cfg.federation.rounds, info="")
+        self.clients = self.progress.add_task("clients", total=1, info="")
+        self.progress.start()
+
+    def event(self, kind: str, data: dict) -> None:
+        if kind == "rejected":
+            log.warning("rejected update from %s: %s", data["client"], data["reason"])
+        if self.progress is None:
+            if kind == "round_end" and self.quiet:
+                r = data["record"]
+                acc = "-" if r.accuracy is None else f"{r.accuracy:.4f}"
+                log.info(
+                    "round %d: accuracy %s, %d updates, %.1f s%s",
+                    r.round,
+                    acc,
+                    r.aggregated,
+                    r.seconds,
+                    f" (skipped: {r.skipped})" if r.skipped else "",
+                )
+            return
+        if kind == "round_start":
+            self.progress.reset(self.clients, total=max(len(data["selected"]), 1), info="")
+        elif kind == "client_done":
+            o = data["outcome"]
+            info = f"{o.client_id} keep {o.keep_achieved or 0:.2f} {o.status}"
+            self.progress.update(self.clients, advance=1, info=info)
+        elif kind == "round_end":
+            r = data["record"]
+            acc = "" if r.accuracy is None else f"accuracy {r.accuracy:.4f}"
+            self.progress.update(self.rounds, advance=1, info=acc)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

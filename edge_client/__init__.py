@@ -1,0 +1,2 @@
+"""The device agent: the transport-agnostic client task (and, on top of it, the device-side
+services)."""

@@ -1,0 +1,145 @@
+"""The round engine and in-process simulation on real Fashion-MNIST slices."""
+
+import json
+
+import pytest
+
+from cahfp.config import ConfigError, load_config
+from cahfp.errors import DatasetUnavailable
+from cahfp.strategies import STRATEGIES
+from cahfp.wire import encode_state
+from coordinator.simulation import federation_data, simulate
+
+TIME_KEYS = {
+    "seconds",
+    "train_seconds",
+    "score_seconds",
+    "aggregate_seconds",
+    "eval_seconds",
+    "total_seconds",
+    "wall_seconds",
+}
+
+
+def small_config(fmnist_root, strategy, rounds=2, **extra):
+    overrides = {
+        "federation.strategy": strategy,
+        "federation.rounds": rounds,
+        "federation.clients": 4,
+        "federation.seed": 3,
+        "model.name": "vgg11",
+        "model.width": 0.25,
+        "data.data_dir": str(fmnist_root),
+        "data.partition": "iid",
+        "data.train_samples": 1600,
+        "data.eval_samples": 1000,
+        "train.epochs": 1,
+        "train.batch_size": 32,
+        "pruning.refresh_period": 2,
+        **extra,
+    }
+    return load_config(None, overrides)
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_every_strategy_trains_and_accounts_consistently(fmnist_root, tmp_path, strategy):
+    cfg = small_config(fmnist_root, strategy, rounds=3)
+    summary = simulate(cfg, tmp_path / strategy, quiet=True)
+    records = [
+        json.loads(x) for x in (tmp_path / strategy / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.1
+    _, _, spec = federation_data(cfg)
+    from coordinator.engine import RoundEngine
+    from coordinator.inprocess import InProcessTransport
+
+    engine = RoundEngine(cfg, spec, InProcessTransport({}), lambda m: None, {})
+    dense_bytes = len(encode_state(engine.state))
+    for r in records[1:]:
+        expected_clients = 1 if strategy == "fedavg-fit" else 4
+        assert len(r["clients"]) == expected_clients
+        for c in r["clients"]:
+            assert c["status"] == "ok", c
+            keep = c["keep_target"]
+            dense_work = engine.dense_flops * c["samples_trained"]
+            assert c["train_flops"] == pytest.approx(dense_work * c["keep_achieved"], rel=1e-9)
+            if keep is None or keep >= 1:  # dense training
+                assert c["keep_achieved"] == 1.0 and c["score_flops"] == 0
+                assert c["bytes_down"] == dense_bytes
+                assert dense_bytes < c["bytes_up"] < dense_bytes * 1.01
+            else:
+                assert keep - 0.08 <= c["keep_achieved"] <= keep + 0.02
+                assert c["bytes_up"] < dense_bytes * (keep + 0.25)
+                if not c["refreshed"]:  # a slice, not the dense model, went down
+                    assert c["bytes_down"] < dense_bytes * (keep + 0.25)
+                if c["score_flops"]:
+                    assert STRATEGIES[strategy].site == "client" and c["refreshed"]
+    if STRATEGIES[strategy].site == "client":
+        refreshed = [
+            c["refreshed"] for r in records[1:] for c in r["clients"] if c["keep_target"] < 1
+        ]
+        assert refreshed == [True] * 3 + [False] * 3 + [True] * 3  # refresh period 2
+    for name in (
+        "accuracy_vs_round.png",
+        "accuracy_vs_uplink.png",
+        "client_keeps.png",
+        "model.safetensors",
+        "config.toml",
+        "summary.json",
+        "checkpoint/state.json",
+    ):
+        assert (tmp_path / strategy / name).is_file(), name
+
+
+def strip_times(obj):
+    if isinstance(obj, dict):
+        return {k: strip_times(v) for k, v in obj.items() if k not in TIME_KEYS}
+    if isinstance(obj, list):
+        return [strip_times(v) for v in obj]
+    return obj
+
+
+def test_same_config_and_seed_give_identical_metrics(fmnist_root, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        cfg = small_config(fmnist_root, "cahfp")
+        simulate(cfg, tmp_path / name, quiet=True)
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        runs.append([strip_times(json.loads(x)) for x in lines])
+    assert runs[0] == runs[1]
+    other = small_config(fmnist_root, "cahfp", **{"federation.seed": 4})
+    simulate(other, tmp_path / "c", quiet=True)
+    lines = (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()
+    assert [strip_times(json.loads(x)) for x in lines] != runs[0]
+
+
+def test_bad_configs_fail_fast_with_clear_messages(tmp_path, isolated_cache):
+    with pytest.raises(ConfigError, match=r"federation\.strategy = 'fedprox'.*known: fedavg"):
+        load_config(None, {"federation.strategy": "fedprox"})
+    with pytest.raises(ConfigError, match=r"pruning\.tiers.*1\.5"):
+        load_config(None, {"pruning.tiers": [1.0, 1.5]})
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        load_config(None, {"train.lr": 0})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[federation]\nrounds = 'many'\nunknown_key = 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml.*federation\.rounds.*unknown_key"):
+        load_config(bad)
+    bad.write_text("[federation\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    cfg = load_config(None, {"data.data_dir": str(tmp_path / "empty")})
+    with pytest.raises(DatasetUnavailable, match="train-images-idx3-ubyte"):
+        simulate(cfg, None, quiet=True)
+
+
+def test_example_configs_are_valid():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).parents[1] / "examples").glob("*.toml"))
+    assert len(examples) >= 6
+    for path in examples:
+        cfg = load_config(path)
+        assert cfg.federation.rounds >= 1
