@@ -6,6 +6,12 @@ running statistics are treated the same way; integer buffers (``num_batches_trac
 largest covering value. Updates are folded in one at a time: memory is a constant number of
 model-sized tensors, whatever the number of clients.
 
+Running statistics are special: a client's BatchNorm statistics for a channel describe the
+activations of *its submodel*, which lacks the pruned channels upstream, so they are biased for
+the dense model. With ``exact_stats`` (and the names of the statistics buffers), statistics are
+taken from the updates that trained the dense model whenever at least one did, and from all
+covering updates otherwise.
+
 ``uncovered_weight`` (lambda, default 0) lets a client's *uncovered* coordinates count as votes
 for the current global value with lambda times its weight: 0 is the coverage-weighted mean used
 by HeteroFL-style methods, 1 is FedAvg over reconstructed dense models. It is an ablation knob.
@@ -28,7 +34,13 @@ class Aggregator:
     weight (float32, updated in place: a coordinate covered by one client gets exactly its
     value)."""
 
-    def __init__(self, global_state: Mapping[str, torch.Tensor], uncovered_weight: float = 0.0):
+    def __init__(
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        uncovered_weight: float = 0.0,
+        stat_keys: set[str] | None = None,
+        exact_stats: bool = False,
+    ):
         if not 0 <= uncovered_weight <= 1:
             raise ValueError(f"uncovered_weight must be in [0, 1], got {uncovered_weight}")
         self.base = {k: v.detach().clone() for k, v in global_state.items()}
@@ -40,6 +52,10 @@ class Aggregator:
             if v.is_floating_point():
                 self.mean[k] = torch.zeros(v.shape, dtype=torch.float32)
                 self.weight[k] = torch.zeros(v.shape, dtype=torch.float32)
+        # statistics from dense updates only (small: BatchNorm buffers)
+        keys = (stat_keys or set()) & set(self.mean) if exact_stats else set()
+        self.dense_mean = {k: torch.zeros_like(self.mean[k]) for k in keys}
+        self.dense_weight = {k: torch.zeros_like(self.weight[k]) for k in keys}
         self.count = 0
         self.total_weight = 0.0
 
@@ -60,8 +76,16 @@ class Aggregator:
                 raise InvalidUpdate(f"{k}: update or mask shape differs from {tuple(ref.shape)}")
             if t.is_floating_point() and not bool(torch.isfinite(t[m]).all()):
                 raise InvalidUpdate(f"{k}: contains NaN or infinite values")
+        dense = all(bool(m.all()) for m in update.mask.values())
         for k, ref in self.base.items():
             t, m = update.state[k], update.mask[k]
+            if dense and k in self.dense_mean:
+                _fold(
+                    self.dense_mean[k],
+                    self.dense_weight[k],
+                    t.to(torch.float32),
+                    torch.full(t.shape, w),
+                )
             if k in self.mean:
                 wc = m.to(torch.float32) * w
                 if self.lam:
@@ -83,6 +107,13 @@ class Aggregator:
         for k, ref in self.base.items():
             dims = imap.get(k, {})
             t = compact[k].detach()
+            if not imap and k in self.dense_mean:
+                _fold(
+                    self.dense_mean[k],
+                    self.dense_weight[k],
+                    t.to(torch.float32),
+                    torch.full(t.shape, w),
+                )
             if k not in self.mean:
                 if t.numel():
                     self._int(k, t.max())
@@ -113,7 +144,9 @@ class Aggregator:
         """The new global state (previous values where nobody covered a coordinate)."""
         out = {}
         for k, ref in self.base.items():
-            if k in self.mean:
+            if k in self.dense_mean and bool((self.dense_weight[k] > 0).any()):
+                out[k] = self.dense_mean[k].to(ref.dtype)
+            elif k in self.mean:
                 covered = self.weight[k] > 0
                 out[k] = torch.where(covered, self.mean[k], ref.to(torch.float32)).to(ref.dtype)
             elif k in self.int_max:

@@ -99,8 +99,26 @@ class PruningConfig(_Strict):
     allocation: Literal["auto", "global", "uniform"] = "auto"
     floor: float = Field(0.1, gt=0, le=1)
     multiple: int = Field(8, ge=1)
-    uncovered_weight: float = Field(0.0, ge=0, le=1)
     interactions: bool = True
+    first_order: bool = True
+    coverage_weight: float = Field(
+        0.0,
+        ge=0,
+        description="CA-HFP: price (in typical channel "
+        "losses) of dropping under-covered channels; 0 = off",
+    )
+    temperature: float = Field(
+        0.0,
+        ge=0,
+        description="CA-HFP: Gumbel noise on channel costs, "
+        "in typical channel losses (0 = deterministic plans)",
+    )
+    stagger_refresh: bool = Field(
+        True, description="spread clients' plan refreshes evenly over the refresh period"
+    )
+    coverage_decay: float = Field(
+        0.5, gt=0, le=1, description="weight of the latest round in the coverage average"
+    )
 
     @field_validator("tiers")
     @classmethod
@@ -111,12 +129,61 @@ class PruningConfig(_Strict):
         return v
 
 
+class ClientsConfig(_Strict):
+    budget: Literal["tiers", "profiles"] = Field(
+        "tiers",
+        description="tiers: keep fractions from pruning.tiers; profiles: every client "
+        "measures (in simulation: emulates) its device and chooses its own keep",
+    )
+    profiles: list[str] = Field(
+        default_factory=lambda: [
+            "raspberry-pi-4",
+            "raspberry-pi-5",
+            "jetson-nano",
+            "jetson-orin-nano",
+        ],
+        min_length=1,
+    )
+    safety: float = Field(0.8, gt=0, le=1, description="share of deadline and memory to plan for")
+    min_keep: float = Field(0.1, gt=0, le=1)
+
+    @field_validator("profiles")
+    @classmethod
+    def _known_profiles(cls, v: list[str]) -> list[str]:
+        from device_profiles import profile_names
+
+        unknown = [p for p in v if p not in profile_names()]
+        if unknown:
+            raise ValueError(
+                f"unknown device profiles {unknown}; known: {', '.join(profile_names())}"
+            )
+        return v
+
+
+class AggregationConfig(_Strict):
+    uncovered_weight: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="vote of uncovered coordinates for the current global value (0 = none)",
+    )
+    exact_stats: bool = Field(
+        True, description="BatchNorm statistics from dense updates when any arrived"
+    )
+
+
 class Config(_Strict):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: Recipe = Field(default_factory=Recipe)
     pruning: PruningConfig = Field(default_factory=PruningConfig)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    clients: ClientsConfig = Field(default_factory=ClientsConfig)
+
+    def profile_of(self, client_index: int) -> str:
+        """The device profile of a simulated client (profiles cycle over clients)."""
+        return self.clients.profiles[client_index % len(self.clients.profiles)]
 
     def keep_of(self, client_index: int) -> float:
         """The keep fraction of a client's device tier (tiers cycle over clients)."""

@@ -42,6 +42,9 @@ class PlanSettings(BaseModel):
     floor: float = Field(0.1, gt=0, le=1)
     multiple: int = Field(8, ge=1)
     interactions: bool = True
+    first_order: bool = True
+    coverage_weight: float = Field(0.0, ge=0)
+    temperature: float = Field(0.0, ge=0)
 
 
 class TaskMessage(_Message):
@@ -69,6 +72,12 @@ class Metrics(BaseModel):
     train_loss: float | None = None
     keep_target: float | None = None
     keep_achieved: float = Field(1.0, ge=0, le=1.5, description="training-FLOPs fraction")
+    keep_budget: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="what the device could afford next round (when it measures itself)",
+    )
     train_flops: float = Field(0.0, ge=0)
     score_flops: float = Field(0.0, ge=0)
     train_seconds: float = Field(0.0, ge=0)

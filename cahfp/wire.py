@@ -29,9 +29,19 @@ def _tensor(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
 
 
-def encode_state(state: Mapping[str, torch.Tensor], meta: dict | None = None) -> bytes:
+EXTRA = "x:"  # prefix of side tensors (e.g. the coordinator's channel coverage); state-dict keys
+# never contain ':'
+
+
+def encode_state(
+    state: Mapping[str, torch.Tensor],
+    meta: dict | None = None,
+    extras: Mapping[str, torch.Tensor] | None = None,
+) -> bytes:
     header = {"format": STATE_FORMAT, **(meta or {})}
-    return save({k: _tensor(v) for k, v in state.items()}, metadata={"cahfp": json.dumps(header)})
+    tensors = {k: _tensor(v) for k, v in state.items()}
+    tensors.update({EXTRA + k: _tensor(v) for k, v in (extras or {}).items()})
+    return save(tensors, metadata={"cahfp": json.dumps(header)})
 
 
 def _load(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
@@ -68,10 +78,12 @@ def _metadata(data: bytes) -> dict[str, str]:
 
 
 def decode_state(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
+    """The state dict and metadata; side tensors are in ``meta["extras"]``."""
     tensors, meta = _load(data)
     if meta.get("format") != STATE_FORMAT:
         raise InvalidUpdate(f"expected a {STATE_FORMAT} payload, got {meta.get('format')!r}")
-    return tensors, meta
+    meta["extras"] = {k[len(EXTRA) :]: v for k, v in tensors.items() if k.startswith(EXTRA)}
+    return {k: v for k, v in tensors.items() if not k.startswith(EXTRA)}, meta
 
 
 def encode_update(

@@ -18,8 +18,8 @@ from cahfp.costs import training_flops
 from cahfp.errors import CAHFPError, InvalidUpdate
 from cahfp.messages import ModelSpec, PlanSettings, TaskMessage, UpdateMessage
 from cahfp.models import build_model
-from cahfp.pruning import index_map_for, make_plan, score_groups
-from cahfp.pruning.extract import IndexMap, slice_tensor
+from cahfp.pruning import find_groups, index_map_for, make_plan, score_groups
+from cahfp.pruning.extract import IndexMap, kept_channels, slice_tensor
 from cahfp.strategies import get_strategy
 from cahfp.training import EvalResult
 from cahfp.wire import decode_update, encode_state, encode_update
@@ -67,6 +67,8 @@ class RoundRecord:
     clients: list[ClientOutcome] = field(default_factory=list)
     aggregate_seconds: float = 0.0
     eval_seconds: float = 0.0
+    coverage_min: float | None = None  # smallest share of the round's weight covering a channel
+    coverage_mean: float | None = None
 
 
 class RoundEngine:
@@ -88,6 +90,7 @@ class RoundEngine:
             spec.name, spec.num_classes, spec.in_channels, spec.width, seed=config.federation.seed
         )
         self.state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.stat_keys = {k for k, b in self.model.named_buffers() if b.is_floating_point()}
         self.example = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size)
         self.dense_flops = training_flops(self.model, self.example[:1])
         self.clients = {
@@ -96,6 +99,10 @@ class RoundEngine:
         }
         self.on_event = on_event or (lambda kind, data: None)
         self.round = 0
+        self.self_budget = config.clients.budget == "profiles"  # clients choose their keep
+        self.groups = None if self.strategy.dense else find_groups(self.model, self.example)
+        self.coverage: dict[int, torch.Tensor] | None = None  # decayed average share per channel
+        self._round_cover: dict[int, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ selection and tasks
 
@@ -143,27 +150,44 @@ class RoundEngine:
         )
         rec.index_map = index_map_for(self.model, plan.groups, plan.keep)
         rec.keep_achieved = plan.flops_fraction
-        rec.planned_round = rnd
+        self._mark_planned(rec, rnd)
 
     def _plan_due(self, rec: ClientRecord, rnd: int) -> bool:
         if rec.index_map is None or rec.planned_round is None:
             return True
         if self.strategy.scorer == "rolling":
             return rnd != rec.planned_round  # the window moves every round by definition
+        shrank = rec.keep < rec.keep_achieved - 0.05  # the device can no longer afford its plan
+        grew = rec.keep > rec.keep_achieved + 0.1 and rec.keep_achieved < 1
+        if shrank or grew:
+            return True
         if self.strategy.scorer == "ordered":
             return False  # the first channels never change
         return rnd - rec.planned_round >= self.cfg.pruning.refresh_period
 
+    def _mark_planned(self, rec: ClientRecord, rnd: int) -> None:
+        """Record that ``rec``'s plan was made in ``rnd``. With staggering, a client's first plan
+        counts as made ``index mod period`` rounds earlier, so that refreshes spread evenly over
+        the rounds (each refresh then sees coverage that includes the others' recent choices)."""
+        first = rec.planned_round is None
+        period = self.cfg.pruning.refresh_period
+        offset = rec.index % period if first and self.cfg.pruning.stagger_refresh else 0
+        rec.planned_round = rnd - offset
+
     def make_task(self, cid: str, rnd: int) -> tuple[TaskMessage, bytes]:
         rec, p, strat = self.clients[cid], self.cfg.pruning, self.strategy
-        keep = None if strat.dense else rec.keep
         kind, plan, payload = "state", None, None
-        if keep is not None and keep < 1:
-            if strat.site == "coordinator":
+        if strat.dense:
+            keep = None
+        elif strat.site == "coordinator":
+            keep = min(rec.keep, 1.0)
+            if keep < 1:
                 if self._plan_due(rec, rnd):
                     self._coordinator_plan(rec, rnd)
                 kind, payload = "slice", self._slice(rec)
-            elif self._plan_due(rec, rnd):
+        elif self._plan_due(rec, rnd):
+            keep = None if self.self_budget else min(rec.keep, 1.0)
+            if keep is None or keep < 1:
                 plan = PlanSettings(
                     scorer=strat.scorer,
                     allocation=self._allocation(),
@@ -171,11 +195,19 @@ class RoundEngine:
                     floor=p.floor,
                     multiple=p.multiple,
                     interactions=p.interactions,
+                    first_order=p.first_order,
+                    coverage_weight=p.coverage_weight if strat.name == "cahfp" else 0.0,
+                    temperature=p.temperature if strat.name == "cahfp" else 0.0,
                 )
-            else:
+        else:  # between refreshes: the slice of the client's current plan
+            keep = rec.keep_achieved
+            if rec.index_map:
                 kind, payload = "slice", self._slice(rec)
         if payload is None:
-            payload = encode_state(self.state)
+            extras = None
+            if plan is not None and plan.coverage_weight > 0 and self.coverage is not None:
+                extras = {f"coverage/{g.name}": self.coverage[g.gid] for g in self.groups}
+            payload = encode_state(self.state, extras=extras)
         task = TaskMessage(
             task_id=uuid.uuid4().hex,
             round=rnd,
@@ -201,7 +233,12 @@ class RoundEngine:
             task, payload = self.make_task(cid, rnd)
             self.transport.send(task, payload)
             sent[task.task_id] = (task, len(payload))
-        agg = Aggregator(self.state, self.cfg.pruning.uncovered_weight)
+        a = self.cfg.aggregation
+        agg = Aggregator(self.state, a.uncovered_weight, self.stat_keys, a.exact_stats)
+        if self.groups is not None:
+            self._round_cover = {
+                g.gid: torch.zeros(g.size, dtype=torch.float64) for g in self.groups
+            }
         outcomes: dict[str, ClientOutcome] = {}
         agg_seconds = 0.0
         deadline = time.monotonic() + self.cfg.federation.deadline_s
@@ -221,6 +258,7 @@ class RoundEngine:
                     keep_target=task.keep,
                     bytes_down=down,
                 )
+        cov_min, cov_mean = self._update_coverage(agg.total_weight)
         skipped = ""
         if agg.count >= min(self.cfg.federation.min_updates, max(len(selected), 1)) and agg.count:
             t0 = time.perf_counter()
@@ -250,6 +288,8 @@ class RoundEngine:
             [outcomes[c] for c in sorted(outcomes)],
             agg_seconds,
             eval_seconds,
+            cov_min,
+            cov_mean,
         )
         self.on_event("round_end", {"record": record})
         return record
@@ -279,7 +319,7 @@ class RoundEngine:
             msg.client_id,
             msg.status,
             msg.reason or m.reason,
-            keep_target=task.keep,
+            keep_target=m.keep_target if m.keep_target is not None else task.keep,
             keep_achieved=m.keep_achieved,
             samples=m.samples,
             samples_trained=m.samples_trained,
@@ -304,12 +344,32 @@ class RoundEngine:
             out.status, out.reason = "rejected", str(exc)
             self.on_event("rejected", {"client": msg.client_id, "reason": str(exc)})
             return out
+        if self._round_cover is not None:
+            for gid, kept in kept_channels(self.model, self.groups, imap).items():
+                self._round_cover[gid][kept] += m.samples
         rec = self.clients[msg.client_id]
-        if self.strategy.site == "client" and not self.strategy.dense and task.keep is not None:
+        if m.keep_budget is not None and self.self_budget:
+            rec.keep = m.keep_budget
+        if self.strategy.site == "client" and not self.strategy.dense:
             rec.index_map, rec.keep_achieved = imap, m.keep_achieved
             if m.refreshed:
-                rec.planned_round = task.round
+                self._mark_planned(rec, task.round)
         return out
+
+    def _update_coverage(self, total: float) -> tuple[float | None, float | None]:
+        """Fold this round's covering shares into the decayed average; report min and mean."""
+        if self._round_cover is None or total <= 0:
+            return None, None
+        decay = self.cfg.pruning.coverage_decay
+        share = {gid: v / total for gid, v in self._round_cover.items()}
+        if self.coverage is None:
+            self.coverage = share
+        else:
+            self.coverage = {
+                gid: (1 - decay) * self.coverage[gid] + decay * share[gid] for gid in share
+            }
+        flat = torch.cat(list(share.values()))
+        return float(flat.min()), float(flat.mean())
 
     def run(self, rounds: int, start: int = 1) -> list[RoundRecord]:
         return [self.run_round(r) for r in range(start, rounds + 1)]

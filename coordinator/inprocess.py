@@ -34,6 +34,8 @@ class InProcessTransport(Transport):
             result = run_task(self.states[task.client_id], task, payload)
             if self.on_result:
                 self.on_result(task.client_id, result)
+            if result.message.metrics.total_seconds > task.deadline_s:
+                continue  # (emulated) device time ran past the deadline: the update is late
             yield (
                 UpdateMessage.model_validate_json(result.message.model_dump_json()),
                 result.payload,

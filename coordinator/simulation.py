@@ -13,7 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cahfp.config import Config
 from cahfp.data import ImageData, load_dataset, partition
-from cahfp.messages import ModelSpec
+from cahfp.errors import BudgetInfeasible
+from cahfp.messages import ModelSpec, TaskMessage
 from cahfp.training import evaluate
 from coordinator.engine import RoundEngine, RoundRecord
 from coordinator.inprocess import InProcessTransport
@@ -66,7 +67,10 @@ def simulate(
     start = time.perf_counter()
     clients, test_set, spec = federation_data(cfg)
     states = {client_id(i): ClientState(client_id(i), data) for i, data in enumerate(clients)}
-    keeps = {client_id(i): cfg.keep_of(i) for i in range(len(clients))}
+    if cfg.clients.budget == "profiles":
+        keeps = emulate_devices(cfg, spec, states)
+    else:
+        keeps = {client_id(i): cfg.keep_of(i) for i in range(len(clients))}
     transport = InProcessTransport(states)
     console = console or Console(stderr=True)
     view = _View(cfg, console, quiet)
@@ -93,6 +97,41 @@ def simulate(
     from coordinator.records import record_dict, summarize
 
     return summarize([record_dict(r) for r in records], cfg, engine.dense_flops, wall)
+
+
+def emulate_devices(cfg: Config, spec: ModelSpec, states: dict[str, ClientState]):
+    """Give every simulated client the budget model of its device profile: this machine's
+    calibration scaled by the profile's relative speed, its memory and uplink. Returns each
+    client's initial keep estimate (its 'hello')."""
+    from device_profiles import load_profile
+    from edge_client.budget import BudgetModel
+    from edge_client.calibrate import calibrate
+    from edge_client.task import decide_keep
+
+    calibration = calibrate(spec, cfg.train.batch_size)
+    probe = TaskMessage(
+        task_id="hello",
+        round=0,
+        client_id="-",
+        model=spec,
+        recipe=cfg.train,
+        payload="state",
+        deadline_s=cfg.federation.deadline_s,
+    )
+    keeps = {}
+    for i, (cid, state) in enumerate(sorted(states.items())):
+        profile = load_profile(cfg.profile_of(i))
+        state.profile = profile.name
+        state.budget = BudgetModel(calibration, min_keep=cfg.clients.min_keep)
+        state.time_scale = 1.0 / profile.relative_speed
+        state.memory_bytes = profile.memory_bytes
+        state.uplink_bytes_per_s = profile.uplink_bytes_per_s
+        state.safety = cfg.clients.safety
+        try:
+            keeps[cid] = decide_keep(state, probe.model_copy(update={"client_id": cid})).keep
+        except BudgetInfeasible:
+            keeps[cid] = 0.0
+    return keeps
 
 
 class _View:

@@ -8,6 +8,7 @@ global space is exact from these) with metrics.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from cahfp.pruning import build_compact, extract, make_plan, score_groups
 from cahfp.pruning.extract import IndexMap
 from cahfp.training import train
 from cahfp.wire import decode_state, decode_update, encode_update
+from edge_client.budget import BudgetModel, Constraints
 
 
 @dataclass
@@ -34,13 +36,21 @@ class Result:
 
 @dataclass
 class ClientState:
-    """What a device keeps between rounds: its data and its current plan."""
+    """What a device keeps between rounds: its data, its current plan and, when it chooses its
+    own keep, its budget model. ``time_scale`` converts this machine's seconds into the
+    emulated device's seconds (1 on a real board)."""
 
     client_id: str
     data: ImageData
     index_map: IndexMap | None = None
     keep_achieved: float = 1.0
     dense_flops: dict[tuple, float] = field(default_factory=dict)
+    budget: BudgetModel | None = None
+    memory_bytes: int | None = None
+    uplink_bytes_per_s: float | None = None
+    time_scale: float = 1.0
+    safety: float = 0.8
+    profile: str | None = None
 
 
 def architecture(spec: ModelSpec, device: str | torch.device | None = None) -> nn.Module:
@@ -81,6 +91,16 @@ def _dense_flops(state: ClientState, spec: ModelSpec) -> float:
     return state.dense_flops[key]
 
 
+def _coverage(groups, extras: dict) -> dict | None:
+    """The coordinator's per-channel coverage (sent as ``coverage/<group root>``), if any."""
+    if not extras:
+        return None
+    cov = {g.gid: extras.get(f"coverage/{g.name}") for g in groups}
+    if any(v is None or v.shape != (g.size,) for g, v in zip(groups, cov.values(), strict=True)):
+        raise InvalidUpdate("coverage side tensors do not match the model's channel groups")
+    return cov
+
+
 def run_task(state: ClientState, task: TaskMessage, payload: bytes) -> Result:
     """Execute one task. Bad payloads and infeasible budgets become ``failed``/``declined``
     answers with the reason, never exceptions that would take the device agent down."""
@@ -112,15 +132,45 @@ def _answer(task: TaskMessage, status: str, reason: str, start: float, down: int
     return Result(msg, None)
 
 
+def _constraints(
+    state: ClientState, task: TaskMessage, score_samples: int, elapsed: float
+) -> Constraints:
+    r, n = task.recipe, len(state.data)
+    samples = r.steps * r.batch_size if r.steps else math.ceil(r.epochs * n)
+    return Constraints(
+        deadline_s=task.deadline_s,
+        samples=samples,
+        batch_size=task.recipe.batch_size,
+        memory_bytes=state.memory_bytes or 1 << 62,
+        uplink_bytes_per_s=state.uplink_bytes_per_s,
+        score_samples=score_samples,
+        elapsed_s=elapsed,
+        safety=state.safety,
+    )
+
+
+def decide_keep(
+    state: ClientState, task: TaskMessage, score_samples: int = 0, elapsed: float = 0.0
+):
+    """The device's own budget choice for ``task`` (raises ``BudgetInfeasible``)."""
+    return state.budget.choose(_constraints(state, task, score_samples, elapsed))
+
+
 def _run(state: ClientState, task: TaskMessage, payload: bytes, start: float) -> Result:
     spec, data = task.model, state.data
     dense_flops = _dense_flops(state, spec)
     score_seconds = score_flops = 0.0
     refreshed = False
+    keep, reason = task.keep, ""
     if task.payload == "state":
-        tensors, _ = decode_state(payload)
+        tensors, meta = decode_state(payload)
         model = _load_exact(architecture(spec, "meta"), tensors, "global model")
-        if task.plan is not None and task.keep is not None and task.keep < 1:
+        if task.plan is not None and keep is None and state.budget is not None:
+            score_samples = task.plan.score_batches * task.recipe.batch_size
+            elapsed = (time.perf_counter() - start) * state.time_scale
+            choice = decide_keep(state, task, score_samples, elapsed)
+            keep, reason = choice.keep, choice.reason
+        if task.plan is not None and keep is not None and keep < 1:
             gen = torch.Generator().manual_seed(task.seed)
             batches = data.batches(
                 task.recipe.batch_size, shuffle=True, generator=gen, augment=False
@@ -133,18 +183,23 @@ def _run(state: ClientState, task: TaskMessage, payload: bytes, start: float) ->
                 num_batches=task.plan.score_batches,
                 seed=task.seed,
                 round_idx=task.round,
+                first_order=task.plan.first_order,
             )
             plan = make_plan(
                 model,
                 scores,
-                task.keep,
+                keep,
                 allocation=task.plan.allocation,
                 floor=task.plan.floor,
                 multiple=task.plan.multiple,
                 interactions=task.plan.interactions,
+                coverage=_coverage(scores.groups, meta["extras"]),
+                coverage_weight=task.plan.coverage_weight,
+                temperature=task.plan.temperature,
+                seed=task.seed,
             )
             sub = extract(model, plan)
-            score_seconds = time.perf_counter() - t0
+            score_seconds = (time.perf_counter() - t0) * state.time_scale
             score_flops = dense_flops * scores.info.get("samples", 0)
             module, imap, achieved = sub.module, sub.index_map, plan.flops_fraction
             refreshed = True
@@ -157,21 +212,36 @@ def _run(state: ClientState, task: TaskMessage, payload: bytes, start: float) ->
         achieved = float(meta.get("keep_achieved", state.keep_achieved))
         state.index_map, state.keep_achieved = imap, achieved
     result = train(module, data, task.recipe, seed=task.seed)
+    train_seconds = result.seconds * state.time_scale
     up = encode_update(module.state_dict(), imap, {"round": task.round, "client": task.client_id})
+    other = (time.perf_counter() - start - result.seconds) * state.time_scale - score_seconds
+    upload = len(up) / state.uplink_bytes_per_s if state.uplink_bytes_per_s else 0.0
+    total = other + score_seconds + train_seconds + upload
+    keep_budget = None
+    if state.budget is not None:
+        scored = task.plan.score_batches * task.recipe.batch_size if refreshed else 0
+        overhead = other + score_seconds - state.budget.train_seconds(1.0, scored)
+        state.budget.observe(achieved, result.samples, train_seconds, max(overhead, 0.0))
+        try:  # what this device could afford next round, for the coordinator's planning
+            keep_budget = decide_keep(state, task).keep
+        except BudgetInfeasible:
+            keep_budget = 0.0
     metrics = Metrics(
         samples=len(data),
         samples_trained=result.samples,
         steps=result.steps,
         train_loss=result.loss,
-        keep_target=task.keep,
+        keep_target=keep,
         keep_achieved=achieved,
+        keep_budget=keep_budget,
         train_flops=dense_flops * achieved * result.samples,
         score_flops=score_flops,
-        train_seconds=result.seconds,
+        train_seconds=train_seconds,
         score_seconds=score_seconds,
-        total_seconds=time.perf_counter() - start,
+        total_seconds=total,
         bytes_down=len(payload),
         refreshed=refreshed,
+        reason=reason,
     )
     msg = UpdateMessage(
         task_id=task.task_id,

@@ -36,6 +36,7 @@ def small_config(fmnist_root, strategy, rounds=2, **extra):
         "train.epochs": 1,
         "train.batch_size": 32,
         "pruning.refresh_period": 2,
+        "pruning.stagger_refresh": False,
         **extra,
     }
     return load_config(None, overrides)
@@ -143,3 +144,28 @@ def test_example_configs_are_valid():
     for path in examples:
         cfg = load_config(path)
         assert cfg.federation.rounds >= 1
+
+
+def test_staggered_refreshes_and_coverage_records(fmnist_root, tmp_path):
+    cfg = small_config(fmnist_root, "cahfp", rounds=3, **{"pruning.stagger_refresh": True})
+    simulate(cfg, tmp_path / "run", quiet=True)
+    records = [
+        json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ][1:]
+    refreshed = {
+        c["client_id"]: [
+            r["round"]
+            for r in records
+            for c2 in r["clients"]
+            if c2["client_id"] == c["client_id"] and c2["refreshed"]
+        ]
+        for c in records[0]["clients"]
+        if c["keep_target"] < 1
+    }
+    # period 2: clients with an odd index refresh in rounds 1 and 2, even ones in 1 and 3
+    assert refreshed == {"client-001": [1, 2], "client-002": [1, 3], "client-003": [1, 2]}
+    dense_share = sum(c["samples"] for c in records[0]["clients"] if c["keep_target"] >= 1) / sum(
+        c["samples"] for c in records[0]["clients"]
+    )
+    for r in records:
+        assert dense_share - 1e-9 <= r["coverage_min"] <= r["coverage_mean"] <= 1.0

@@ -260,3 +260,34 @@ def test_invariants_hold_for_random_keeps_and_seeds(keep, seed, name, method, al
     agg = Aggregator(g)
     agg.add_compact(sub.module.state_dict(), sub.index_map, 1 + seed % 7)
     assert all(torch.equal(v, g[k]) for k, v in agg.result().items())
+
+
+def test_running_statistics_come_from_dense_updates_when_any():
+    model = build_model("vgg11", 10, 1, 0.25)
+    x, y = batch()
+    g = model.state_dict()
+    stats = {k for k, b in model.named_buffers() if b.is_floating_point()}
+    sub = extract(model, make_plan(model, score_groups(model, [(x, y)], "random"), 0.5))
+    pruned = {
+        k: v + 1.0 if v.is_floating_point() else v for k, v in sub.module.state_dict().items()
+    }
+    dense = {k: v + 3.0 if v.is_floating_point() else v for k, v in g.items()}
+    for exact in (True, False):
+        agg = Aggregator(g, stat_keys=stats, exact_stats=exact)
+        agg.add_compact(pruned, sub.index_map, 1.0)
+        agg.add_compact(dense, {}, 1.0)
+        out = agg.result()
+        key = "features.5.running_mean"  # partly covered by the pruned update
+        covered = reconstruct(sub, g).mask[key]
+        expected_both = g[key] + (3.0 if exact else 2.0)
+        torch.testing.assert_close(out[key][covered], expected_both[covered])
+        torch.testing.assert_close(out[key][~covered], g[key][~covered] + 3.0)
+        w = "features.4.weight"  # parameters are always averaged over all covering updates
+        torch.testing.assert_close(
+            out[w][reconstruct(sub, g).mask[w]], (g[w] + 2.0)[reconstruct(sub, g).mask[w]]
+        )
+    agg = Aggregator(g, stat_keys=stats, exact_stats=True)  # no dense update: all covering
+    agg.add_compact(pruned, sub.index_map, 1.0)
+    key = "features.5.running_var"
+    covered = reconstruct(sub, g).mask[key]
+    torch.testing.assert_close(agg.result()[key][covered], (g[key] + 1.0)[covered])

@@ -172,3 +172,25 @@ def test_joint_planning_can_be_switched_off():
         k = len(ranked.keep[g.gid])
         top = torch.argsort(scores.values[g.gid], descending=True, stable=True)[:k]
         assert sorted(top.tolist()) == ranked.keep[g.gid].tolist()
+
+
+@pytest.mark.parametrize("interactions", [True, False])
+def test_coverage_bonus_steers_plans_toward_under_covered_channels(interactions):
+    model = build_model("vgg11", 10, 1, 0.5, seed=0)
+    scores = score_groups(model, [batch()], "curvature")
+    coverage = {}
+    for g in scores.groups:
+        c = torch.ones(g.size, dtype=torch.float64)
+        c[: g.size // 2] = 0.0  # nobody trained the first half recently
+        coverage[g.gid] = c
+    plain = make_plan(model, scores, 0.3, interactions=interactions)
+    steered = make_plan(
+        model, scores, 0.3, interactions=interactions, coverage=coverage, coverage_weight=1e6
+    )
+    for g in scores.groups:
+        kept = steered.keep[g.gid]
+        if len(kept) <= g.size // 2:
+            assert kept.max() < g.size // 2, g.name  # only under-covered channels kept
+    assert abs(steered.flops_fraction - plain.flops_fraction) < 0.05
+    with pytest.raises(ValueError, match="coverage"):
+        make_plan(model, scores, 0.3, coverage={0: torch.ones(3)}, coverage_weight=1.0)

@@ -26,6 +26,18 @@ STATS = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 DATASETS = ("fmnist", "cifar10", "cifar100", "imagefolder:PATH")
+CIFAR10_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 
 
 @dataclass
@@ -207,3 +219,32 @@ def load_imagefolder(path: Path, split: str, image_size: int, channels: int) -> 
         name=f"imagefolder:{path}",
         augment=False,
     )
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels: int
+    image_size: int
+
+
+def dataset_info(spec: str, data_dir=None) -> DatasetInfo:
+    """Class names, normalisation and input shape, without loading the images where the
+    dataset is a known one (CIFAR-100's class names need its meta file; without it they are
+    numbered)."""
+    if spec == "fmnist":
+        from torchvision.datasets import FashionMNIST
+
+        return DatasetInfo(list(FashionMNIST.classes), *STATS["fmnist"], 1, 28)
+    if spec == "cifar10":
+        return DatasetInfo(CIFAR10_CLASSES, *STATS["cifar10"], 3, 32)
+    if spec == "cifar100":
+        try:
+            classes = load_dataset("cifar100", "test", data_dir).classes
+        except (DatasetUnavailable, DatasetCorrupt):
+            classes = [f"class_{i}" for i in range(100)]
+        return DatasetInfo(classes, *STATS["cifar100"], 3, 32)
+    ds = load_dataset(spec, "train", data_dir)
+    return DatasetInfo(ds.classes, ds.mean, ds.std, ds.in_channels, ds.image_size)

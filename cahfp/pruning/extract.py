@@ -51,6 +51,28 @@ def index_map_for(model_or_state, groups: GroupSet, keep: dict[int, torch.Tensor
     return imap
 
 
+def kept_channels(model: nn.Module, groups: GroupSet, imap: IndexMap) -> dict[int, torch.Tensor]:
+    """The inverse view of an index map: the kept channels of every group (all of them where
+    the map does not slice the group)."""
+    from cahfp.pruning.groups import OUT
+
+    modules = dict(model.named_modules())
+    out = {}
+    for g in groups:
+        kept = torch.arange(g.size)
+        for mem in g.members:
+            if mem.role != OUT:
+                continue
+            dims = dict(param_dims(modules[mem.module], OUT))
+            key = f"{mem.module}.weight" if mem.module else "weight"
+            if "weight" in dims and dims["weight"] in imap.get(key, {}):
+                idx = imap[key][dims["weight"]]
+                kept = torch.unique(mem.root[torch.isin(mem.idxs, idx)])
+                break
+        out[g.gid] = kept
+    return out
+
+
 def slice_tensor(t: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
     for dim, idx in sorted(dims.items()):
         t = t.index_select(dim, idx)

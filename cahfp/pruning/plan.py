@@ -113,6 +113,10 @@ def make_plan(
     multiple: int = 8,
     interactions: bool = True,
     slack: float = 0.03,
+    coverage: dict[int, torch.Tensor] | None = None,
+    coverage_weight: float = 0.0,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> Plan:
     """Keep the channels ``scores`` rank highest so that training FLOPs are at most ``keep`` of
     the dense model's (and, after rounding, not far below). With ``interactions`` and curvature
@@ -139,6 +143,17 @@ def make_plan(
         )
     joint = interactions and scores.directional is not None
     objective = JointObjective(groups, scores) if joint else RankedObjective(groups, scores)
+    bonus = {g.gid: torch.zeros(g.size, dtype=torch.float64) for g in groups}
+    if coverage is not None and coverage_weight > 0:
+        cb = coverage_bonus(groups, coverage, coverage_weight * objective.scale)
+        bonus = {gid: bonus[gid] + cb[gid] for gid in bonus}
+    if temperature > 0:  # Gumbel perturbation: sample plans, more likely the better ones
+        gen = torch.Generator().manual_seed(seed)
+        for g in groups:
+            u = torch.rand(g.size, generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+            bonus[g.gid] += temperature * objective.scale * -torch.log(-torch.log(u))
+    if any(bool(b.any()) for b in bonus.values()):
+        objective.set_bonus(bonus)
     counts = {g.gid: g.size for g in groups}
     total = fm.total(counts)
     # Remove blocks until the budget is met.
@@ -204,14 +219,32 @@ def make_plan(
     )
 
 
+def coverage_bonus(groups: GroupSet, coverage: dict[int, torch.Tensor], scale: float):
+    """Extra cost of removing each channel: ``scale * (mean coverage - coverage_c)``. Channels
+    that few clients trained recently become dearer to drop, well-covered ones cheaper, which
+    raises the federation's minimum coverage (the covering index that appears in convergence
+    bounds of pruned federated training) at a bounded price in local loss."""
+    for g in groups:
+        if coverage.get(g.gid) is None or coverage[g.gid].shape != (g.size,):
+            raise ValueError(f"coverage of group {g.name} is missing or mis-sized")
+    flat = torch.cat([coverage[g.gid].double() for g in groups])
+    return {g.gid: scale * (flat.mean() - coverage[g.gid].double()) for g in groups}
+
+
 class RankedObjective:
     """Channels leave in ascending score order and come back in descending order; a block costs
-    the sum of its channels' scores."""
+    the sum of its channels' scores (plus any coverage bonus)."""
 
     def __init__(self, groups: GroupSet, scores: Scores):
+        self.groups = groups
         self.values = scores.values
         self.order = {g.gid: _ranking(scores.values[g.gid]) for g in groups}
         self.count = {g.gid: g.size for g in groups}
+        self.scale = float(torch.cat([v for v in self.values.values()]).abs().mean())
+
+    def set_bonus(self, bonus: dict[int, torch.Tensor]) -> None:
+        self.values = {gid: v + bonus[gid] for gid, v in self.values.items()}
+        self.order = {g.gid: _ranking(self.values[g.gid]) for g in self.groups}
 
     def drop(self, g: ChannelGroup, n: int) -> tuple[torch.Tensor, float]:
         k = self.count[g.gid]
@@ -252,6 +285,11 @@ class JointObjective:
             pos += g.size
         if pos != a.shape[1]:
             raise ValueError(f"per-sample terms have {a.shape[1]} channels, groups have {pos}")
+        self.bonus = torch.zeros(a.shape[1], dtype=torch.float64)
+        self.scale = float(0.5 * self.fdiag.mean())  # a typical channel's loss increase
+
+    def set_bonus(self, bonus: dict[int, torch.Tensor]) -> None:
+        self.bonus = torch.cat([bonus[gid] for gid in self.offset])
 
     def _span(self, g: ChannelGroup) -> slice:
         return slice(self.offset[g.gid], self.offset[g.gid] + g.size)
@@ -259,11 +297,16 @@ class JointObjective:
     def _cost(self, cols: torch.Tensor) -> float:
         """f(S + block) - f(S) for a block disjoint from S (global column indices)."""
         s = self.a[:, cols].sum(1)
-        return float(-self.gbar[cols].sum() + 0.5 * (s @ s) / self.n + self.u[cols].sum())
+        return float(
+            -self.gbar[cols].sum()
+            + 0.5 * (s @ s) / self.n
+            + self.u[cols].sum()
+            + self.bonus[cols].sum()
+        )
 
     def drop(self, g: ChannelGroup, n: int) -> tuple[torch.Tensor, float]:
         span = self._span(g)
-        marginal = -self.gbar[span] + 0.5 * self.fdiag[span] + self.u[span]
+        marginal = -self.gbar[span] + 0.5 * self.fdiag[span] + self.u[span] + self.bonus[span]
         marginal[self.removed[span]] = math.inf
         block = torch.sort(_smallest(marginal, n)).values
         return block, self._cost(block + span.start)
@@ -276,7 +319,7 @@ class JointObjective:
     def restore(self, g: ChannelGroup, n: int) -> tuple[torch.Tensor, float]:
         span = self._span(g)
         # gain of bringing back c: f(S) - f(S - c) = -g_c + u_c - 1/2 F_cc
-        marginal = -self.gbar[span] + self.u[span] - 0.5 * self.fdiag[span]
+        marginal = -self.gbar[span] + self.u[span] - 0.5 * self.fdiag[span] + self.bonus[span]
         marginal[~self.removed[span]] = -math.inf
         block = torch.sort(_largest(marginal, n)).values
         cols = block + span.start

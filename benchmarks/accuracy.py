@@ -1,0 +1,282 @@
+"""Accuracy of every strategy at the same budgets, on real Fashion-MNIST.
+
+10 clients (device tiers cycling keep 1.0, 0.6, 0.4, 0.2), Dirichlet label skew alpha = 0.5
+and 0.1, a VGG and a ResNet at CPU-sized widths; the main setting (VGG, alpha 0.5) over three
+seeds. Every run is an in-process simulation through the same engine the MQTT federation uses.
+Runs go two at a time in separate processes, one torch thread each (more throughput than one
+process with two threads on small models); wall times are measured that way.
+
+    python -m benchmarks.accuracy                  # the table (about an hour on 2 cores)
+    python -m benchmarks.accuracy --ablations      # CA-HFP ablations on the main setting
+    python -m benchmarks.accuracy --quick          # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+from benchmarks.common import env_line, environment, md_table, mean_std, write_results
+
+STRATEGY_ORDER = [
+    "fedavg",
+    "fedavg-fit",
+    "heterofl",
+    "fedrolex",
+    "magnitude",
+    "random",
+    "taylor",
+    "cahfp",
+]
+PRUNING = ["heterofl", "fedrolex", "magnitude", "random", "taylor"]
+
+# name -> config overrides, for the CA-HFP ablations (main setting, seed 0)
+ABLATIONS: dict[str, dict] = {
+    "cahfp (default)": {},
+    "score: curvature per channel (no interactions)": {"pruning.interactions": False},
+    "score: no first-order term": {"pruning.first_order": False},
+    "allocation: uniform": {"pruning.allocation": "uniform"},
+    "refresh period 1": {"pruning.refresh_period": 1},
+    "refresh period 10": {"pruning.refresh_period": 10},
+    "refreshes not staggered": {"pruning.stagger_refresh": False},
+    "coverage bonus 1": {"pruning.coverage_weight": 1.0},
+    "sampled plans (temperature 1)": {"pruning.temperature": 1.0},
+    "fill: uncovered weight 0.5": {"aggregation.uncovered_weight": 0.5},
+    "BN statistics from all covering clients": {"aggregation.exact_stats": False},
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument(
+        "--train-samples",
+        type=int,
+        default=6000,
+        help="training images split over the 10 clients (default %(default)s)",
+    )
+    p.add_argument("--eval-samples", type=int, default=2000)
+    p.add_argument("--vgg", default="vgg11:0.25")
+    p.add_argument("--resnet", default="resnet20:0.5")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the main setting")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--strategies", default=",".join(STRATEGY_ORDER))
+    p.add_argument("--ablations", action="store_true", help="run the CA-HFP ablations instead")
+    p.add_argument("--runs-dir", default="runs/benchmark-accuracy")
+    p.add_argument("--data-dir")
+    p.add_argument("--out-dir")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.train_samples, args.eval_samples, args.seeds = 2, 800, 300, 1
+        args.strategies = "fedavg,heterofl,cahfp"
+    return args
+
+
+def base_overrides(args, model: str, alpha: float, seed: int) -> dict:
+    name, _, width = model.partition(":")
+    return {
+        "federation.name": f"{name}-a{alpha:g}-s{seed}",
+        "federation.rounds": args.rounds,
+        "federation.clients": 10,
+        "federation.seed": seed,
+        "model.name": name,
+        "model.width": float(width),
+        "data.dataset": "fmnist",
+        "data.partition": f"dirichlet:{alpha:g}",
+        "data.train_samples": args.train_samples,
+        "data.eval_samples": args.eval_samples,
+        "data.data_dir": args.data_dir,
+        "train.epochs": 1,
+        "train.batch_size": 32,
+        "train.lr": 0.05,
+        "pruning.tiers": [1.0, 0.6, 0.4, 0.2],
+        "pruning.refresh_period": 5,
+    }
+
+
+def run_one(job: dict) -> dict:
+    """Worker: one simulation, single-threaded."""
+    import torch
+
+    torch.set_num_threads(1)
+    from cahfp.config import load_config
+    from coordinator.simulation import simulate
+
+    cfg = load_config(None, job["overrides"])
+    start = time.perf_counter()
+    summary = simulate(cfg, job["run_dir"], quiet=True)
+    summary["wall_seconds"] = time.perf_counter() - start
+    return {**job, "summary": summary}
+
+
+def jobs_for(args) -> list[dict]:
+    strategies = args.strategies.split(",")
+    jobs = []
+    if args.ablations:
+        for label, extra in ABLATIONS.items():
+            ov = {**base_overrides(args, args.vgg, 0.5, 0), "federation.strategy": "cahfp", **extra}
+            jobs.append({"setting": "ablation", "label": label, "overrides": ov})
+    else:
+        settings = [(args.vgg, 0.5, s) for s in range(args.seeds)]
+        settings += [(args.vgg, 0.1, 0), (args.resnet, 0.5, 0), (args.resnet, 0.1, 0)]
+        for model, alpha, seed in settings:
+            for strategy in strategies:
+                ov = {**base_overrides(args, model, alpha, seed), "federation.strategy": strategy}
+                jobs.append(
+                    {
+                        "setting": f"{model} a={alpha:g}",
+                        "seed": seed,
+                        "label": strategy,
+                        "overrides": ov,
+                    }
+                )
+    for i, j in enumerate(jobs):
+        slug = "".join(ch if ch.isalnum() else "-" for ch in j["label"]).strip("-")
+        j["run_dir"] = str(
+            Path(args.runs_dir) / f"{i:02d}-{j['overrides']['federation.name']}-{slug}"
+        )
+    return jobs
+
+
+def row_values(results: list[dict]) -> list[str]:
+    final = [r["summary"]["final3_accuracy"] for r in results]
+    best = [r["summary"]["best_accuracy"] for r in results]
+    flops = [r["summary"]["mean_client_flops_vs_dense"] or 1.0 for r in results]
+    up = [r["summary"]["mean_uplink_mb"] for r in results]
+    down = [r["summary"]["mean_downlink_mb"] for r in results]
+    wall = [r["summary"]["wall_seconds"] for r in results]
+
+    def f(vals, fmt):
+        m, s = mean_std(vals)
+        return format(m, fmt) if len(vals) == 1 else f"{format(m, fmt)} ± {format(s, fmt)}"
+
+    return [
+        f(final, ".4f"),
+        f(best, ".4f"),
+        f(flops, ".2f"),
+        f(up, ".3f"),
+        f(down, ".3f"),
+        f(wall, ".0f"),
+    ]
+
+
+HEADERS = [
+    "strategy",
+    "final acc (mean of last 3 rounds)",
+    "best acc",
+    "client FLOPs vs dense",
+    "uplink MB/client/round",
+    "downlink MB/client/round",
+    "wall s",
+]
+
+
+def report(results: list[dict], args, env: dict, seconds: float) -> str:
+    cmd = (
+        "python -m benchmarks.accuracy"
+        + (" --ablations" if args.ablations else "")
+        + (" --quick" if args.quick else "")
+    )
+    lines = [
+        "# Accuracy of every strategy at the same budgets"
+        if not args.ablations
+        else "# CA-HFP ablations (VGG, alpha 0.5, seed 0)",
+        "",
+        f"Measured {env_line(env)}; whole invocation {seconds / 60:.1f} min with "
+        f"{args.workers} runs in parallel (one torch thread each). Reproduce: `{cmd}`.",
+        "",
+        f"Setup: real Fashion-MNIST; {args.train_samples} training images (a seeded subset) "
+        "split over 10 clients by a Dirichlet(alpha) label partition; device tiers cycle keep "
+        "1.0, 0.6, 0.4, 0.2 (fractions of dense training FLOPs) over the clients; every client "
+        f"takes part in every round; {args.rounds} rounds; 1 local epoch of SGD (batch 32, lr "
+        "0.05, momentum 0.9, weight decay 5e-4); mask refresh every 5 rounds; accuracy on "
+        f"the first {args.eval_samples} test images. Models: {args.vgg} and {args.resnet} "
+        "(NAME:WIDTH). `final acc` is the mean of the last three rounds' test accuracy; FLOPs "
+        "and bytes are per participating client and round (FLOPs include CA-HFP's and "
+        "Taylor's scoring passes; bytes are the safetensors payloads).",
+        "",
+    ]
+    if args.ablations:
+        rows = [[r["label"], *row_values([r])] for r in results]
+        lines += [md_table(["variant", *HEADERS[1:]], rows), ""]
+        return "\n".join(lines)
+    by_setting: dict[str, dict[str, list]] = {}
+    for r in results:
+        by_setting.setdefault(r["setting"], {}).setdefault(r["label"], []).append(r)
+    verdict = []
+    for setting, by_strategy in by_setting.items():
+        n = len(next(iter(by_strategy.values())))
+        lines += [f"## {setting}" + (f" ({n} seeds, mean ± std)" if n > 1 else ""), ""]
+        rows = [[s, *row_values(by_strategy[s])] for s in STRATEGY_ORDER if s in by_strategy]
+        lines += [md_table(HEADERS, rows), ""]
+        if "cahfp" in by_strategy and "fedavg" in by_strategy:
+            acc = {
+                s: mean_std([r["summary"]["final3_accuracy"] for r in v])[0]
+                for s, v in by_strategy.items()
+            }
+            flops = mean_std(
+                [r["summary"]["mean_client_flops_vs_dense"] for r in by_strategy["cahfp"]]
+            )[0]
+            up = mean_std([r["summary"]["mean_uplink_mb"] for r in by_strategy["cahfp"]])[0]
+            up_fa = mean_std([r["summary"]["mean_uplink_mb"] for r in by_strategy["fedavg"]])[0]
+            others = {s: a for s, a in acc.items() if s in PRUNING}
+            best = max(others, key=others.get) if others else None
+            gap = (acc["fedavg"] - acc["cahfp"]) * 100
+            verdict.append(
+                f"- {setting}: cahfp {acc['cahfp']:.4f}; fedavg {acc['fedavg']:.4f} "
+                f"({gap:+.1f} points behind; target ≤ 1.5)"
+                + (
+                    f"; best other pruning strategy {best} {others[best]:.4f} ("
+                    + ("cahfp ahead" if acc["cahfp"] > others[best] else "cahfp behind")
+                    + f" by {abs(acc['cahfp'] - others[best]) * 100:.1f} points)"
+                    if best
+                    else ""
+                )
+                + f"; client FLOPs {flops:.2f} and uplink {up / up_fa:.2f} of fedavg's "
+                "(target ≤ 0.60)"
+            )
+    lines += ["## Target check", "", *verdict, ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    env = environment()
+    env["torch_threads"] = 1
+    jobs = jobs_for(args)
+    results = []
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        futures = {pool.submit(run_one, j): j for j in jobs}
+        for fut in as_completed(futures):
+            r = fut.result()
+            s = r["summary"]
+            print(
+                f"{r['setting']:>22} seed {r.get('seed', 0)} {r['label']:<40} final3 "
+                f"{s['final3_accuracy']:.4f} best {s['best_accuracy']:.4f} flops "
+                f"{s['mean_client_flops_vs_dense'] or 1:.2f} up {s['mean_uplink_mb']:.3f} MB "
+                f"({s['wall_seconds']:.0f} s)",
+                flush=True,
+            )
+            results.append(r)
+    index = {j["run_dir"]: i for i, j in enumerate(jobs)}
+    results.sort(key=lambda r: index[r["run_dir"]])
+    seconds = time.perf_counter() - start
+    name = "accuracy_ablations" if args.ablations else "accuracy"
+    name += "_quick" if args.quick else ""
+    path = write_results(
+        name,
+        report(results, args, env, seconds),
+        {"env": env, "args": vars(args), "runs": results},
+        args.out_dir,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

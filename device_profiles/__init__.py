@@ -1,0 +1,74 @@
+"""Board profiles (the TOML files in this folder) and their schema."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cahfp.errors import CAHFPError, UnknownName
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PROFILE_DIR = Path(__file__).resolve().parent
+SOURCE_KINDS = ("datasheet:", "published benchmark:", "assumption:")
+FIGURES = ("cores", "memory_mb", "accelerator", "relative_speed", "uplink_mbps", "emulation")
+
+
+class Emulation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cpu_quota: float = Field(gt=0, description="cores of the reference machine")
+    memory_limit_mb: int = Field(gt=0)
+    bandwidth_mbps: float = Field(gt=0)
+
+
+class DeviceProfile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str
+    cores: int = Field(ge=1)
+    memory_mb: int = Field(gt=0)
+    accelerator: str
+    relative_speed: float = Field(gt=0, description="training throughput vs the reference")
+    uplink_mbps: float = Field(gt=0)
+    emulation: Emulation
+    sources: dict[str, str]
+
+    @model_validator(mode="after")
+    def _every_figure_has_a_source(self) -> DeviceProfile:
+        for key in FIGURES:
+            src = self.sources.get(key, "")
+            if not src.startswith(SOURCE_KINDS):
+                raise ValueError(f"sources.{key} must start with one of {SOURCE_KINDS}")
+        return self
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.emulation.memory_limit_mb << 20
+
+    @property
+    def uplink_bytes_per_s(self) -> float:
+        return self.uplink_mbps * 1e6 / 8
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+
+
+def load_profile(name_or_path: str | Path) -> DeviceProfile:
+    """A profile by name (a file in this folder) or by path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise UnknownName(
+            f"unknown device profile {name_or_path!r}; known: {', '.join(profile_names())}"
+        )
+    try:
+        return DeviceProfile.model_validate(tomllib.loads(path.read_text()))
+    except (tomllib.TOMLDecodeError, ValidationError) as exc:
+        raise CAHFPError(f"device profile {path} is invalid: {exc}") from None

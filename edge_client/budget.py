@@ -1,0 +1,140 @@
+"""How much of the model this device can afford this round.
+
+The client predicts, for a keep fraction k (of dense training FLOPs):
+
+    time(k)   = c * samples * (t0 + t1 * k)          training, from a two-point calibration
+              + scoring (refresh rounds: a few dense forward/backward batches)
+              + upload of the compact update (bytes(k) / uplink bandwidth)
+    memory(k) = param_bytes * k * 5                   weights, gradients, momentum, two
+                                                      serialised copies
+              + batch * activation_bytes * sqrt(k)    activations scale with the channel
+                                                      fraction, FLOPs with its square
+
+and keeps the largest k on a grid whose time fits ``safety * remaining deadline`` and whose
+memory fits ``safety * usable memory``. ``c`` is a correction learned in closed loop: after
+every round the measured training time is compared with the prediction and ``c`` moves toward
+their ratio (exponential moving average), so a throttled or busy board adapts within a few
+rounds. If not even the smallest keep fits, the client declines the round.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from cahfp.errors import BudgetInfeasible
+
+MIB = 1 << 20
+
+
+@dataclass
+class Calibration:
+    """Measured on this device for one model (see ``edge_client.calibrate``)."""
+
+    seconds_per_sample: float  # dense training step time per sample
+    seconds_per_sample_small: float  # the same at ``small_keep``
+    small_keep: float
+    activation_bytes_per_sample: float  # tensors saved for backward, dense model
+    param_bytes: int  # dense parameters (float32)
+    state_bytes: int = 0  # dense state dict incl. buffers (what an update carries)
+
+    def per_sample(self, keep: float) -> tuple[float, float]:
+        """(t0, t1) with seconds per sample = t0 + t1 * keep, through the two measurements."""
+        k0, s0, s1 = self.small_keep, self.seconds_per_sample_small, self.seconds_per_sample
+        t1 = max((s1 - s0) / (1.0 - k0), 0.0) if k0 < 1 else s1
+        t0 = max(s1 - t1, 0.0)
+        return t0, t1
+
+
+@dataclass
+class Constraints:
+    deadline_s: float
+    samples: int  # samples processed this round
+    batch_size: int
+    memory_bytes: int  # usable memory
+    uplink_bytes_per_s: float | None = None
+    score_samples: int = 0  # refresh rounds: samples scored on the dense model
+    elapsed_s: float = 0.0  # already spent on this task (e.g. receiving it)
+    safety: float = 0.8
+
+
+@dataclass
+class Choice:
+    keep: float
+    seconds: float
+    compute_seconds: float
+    memory: int
+    reason: str
+
+
+@dataclass
+class BudgetModel:
+    calibration: Calibration
+    min_keep: float = 0.1
+    grid_step: float = 0.05
+    correction: float = 1.0  # learned: measured / predicted training time
+    overhead_s: float = 0.0  # learned: time spent outside training, scoring and upload
+    alpha: float = 0.5
+    history: list[tuple[float, float]] = field(default_factory=list)
+
+    def train_seconds(self, keep: float, samples: int) -> float:
+        t0, t1 = self.calibration.per_sample(keep)
+        return self.correction * samples * (t0 + t1 * keep)
+
+    def memory(self, keep: float, batch: int) -> int:
+        c = self.calibration
+        return int(
+            5 * c.param_bytes * keep + batch * c.activation_bytes_per_sample * math.sqrt(keep)
+        )
+
+    def predict(self, keep: float, cons: Constraints) -> tuple[float, float, int]:
+        """(total seconds, training seconds, peak memory) at ``keep``."""
+        compute = self.train_seconds(keep, cons.samples)
+        score = self.train_seconds(1.0, cons.score_samples)
+        upload = 0.0
+        if cons.uplink_bytes_per_s:
+            upload = self.calibration.state_bytes * keep / cons.uplink_bytes_per_s
+        total = cons.elapsed_s + self.overhead_s + compute + score + upload
+        return total, compute, self.memory(keep, cons.batch_size)
+
+    def grid(self) -> list[float]:
+        n = round((1.0 - self.min_keep) / self.grid_step)
+        return sorted(
+            {round(1.0 - i * self.grid_step, 6) for i in range(n + 1)} | {self.min_keep},
+            reverse=True,
+        )
+
+    def choose(self, cons: Constraints) -> Choice:
+        """The largest keep that fits both the deadline and the memory budget."""
+        time_limit = cons.safety * cons.deadline_s
+        mem_limit = cons.safety * cons.memory_bytes
+        sps = self.train_seconds(1.0, 1)
+        for keep in self.grid():
+            total, compute, mem = self.predict(keep, cons)
+            if total <= time_limit and mem <= mem_limit:
+                reason = (
+                    f"keep {keep:.2f}: compute {compute:.1f} s of {cons.deadline_s:.0f} s "
+                    f"deadline at {sps * 1e3:.2f} ms/sample (dense), predicted total "
+                    f"{total:.1f} s, memory {mem / MIB:.0f} MiB of "
+                    f"{cons.memory_bytes / MIB:.0f} MiB"
+                )
+                return Choice(keep, total, compute, mem, reason)
+        total, compute, mem = self.predict(self.min_keep, cons)
+        raise BudgetInfeasible(
+            f"even keep {self.min_keep:.2f} does not fit: predicted {total:.1f} s against "
+            f"{time_limit:.1f} s ({cons.safety:.0%} of the {cons.deadline_s:.0f} s deadline), "
+            f"memory {mem / MIB:.0f} MiB against {mem_limit / MIB:.0f} MiB; sitting this round out"
+        )
+
+    def observe(
+        self, keep: float, samples: int, measured_seconds: float, other_seconds: float | None = None
+    ) -> None:
+        """Closed loop: move the correction toward measured / predicted training time, and the
+        overhead toward the measured time outside training, scoring and upload."""
+        predicted = self.train_seconds(keep, samples)
+        if predicted > 0 and measured_seconds > 0:
+            ratio = measured_seconds / (predicted / self.correction)
+            self.correction = (1 - self.alpha) * self.correction + self.alpha * ratio
+            self.history.append((keep, measured_seconds))
+        if other_seconds is not None and other_seconds >= 0:
+            self.overhead_s = (1 - self.alpha) * self.overhead_s + self.alpha * other_seconds

@@ -1,0 +1,167 @@
+"""Device measurement, cgroup limits, budget choice and its closed loop, device profiles."""
+
+from pathlib import Path
+
+import pytest
+
+from cahfp.config import ConfigError, load_config
+from cahfp.errors import BudgetInfeasible
+from device_profiles import load_profile, profile_names
+from edge_client.budget import BudgetModel, Calibration, Constraints
+from edge_client.device import measure_device, read_cgroup_limits
+
+MIB = 1 << 20
+
+
+def calibration(sps=2e-3, small=0.8e-3):
+    return Calibration(
+        seconds_per_sample=sps,
+        seconds_per_sample_small=small,
+        small_keep=0.25,
+        activation_bytes_per_sample=400_000,
+        param_bytes=10 * MIB,
+        state_bytes=10 * MIB,
+    )
+
+
+def test_linear_speed_model_goes_through_both_measurements():
+    cal = calibration()
+    t0, t1 = cal.per_sample(1.0)
+    assert t0 + t1 == pytest.approx(2e-3)
+    assert t0 + t1 * 0.25 == pytest.approx(0.8e-3)
+
+
+def test_choice_respects_time_and_memory_on_known_speeds():
+    model = BudgetModel(calibration())
+    # 10000 samples: dense 20 s; deadline 25 s * 0.8 = 20 s -> dense just fits
+    fits = model.choose(
+        Constraints(deadline_s=25.0, samples=10_000, batch_size=32, memory_bytes=1 << 40)
+    )
+    assert fits.keep == 1.0 and fits.seconds <= 20.0
+    tight = model.choose(
+        Constraints(deadline_s=15.0, samples=10_000, batch_size=32, memory_bytes=1 << 40)
+    )
+    assert tight.keep < 1.0 and tight.seconds <= 12.0
+    assert "compute" in tight.reason and "deadline" in tight.reason and "MiB" in tight.reason
+    # memory: 5 * 10 MiB * k + 32 * 0.4 MB * sqrt(k) must fit 0.8 * 40 MiB
+    mem = model.choose(
+        Constraints(deadline_s=1e6, samples=10, batch_size=32, memory_bytes=40 * MIB)
+    )
+    assert mem.keep < 1.0 and mem.memory <= 0.8 * 40 * MIB
+    assert model.memory(mem.keep + 0.05, 32) > 0.8 * 40 * MIB
+
+
+def test_choice_is_monotone_in_time_and_memory():
+    model = BudgetModel(calibration())
+    keeps = []
+    for deadline in (3, 5, 8, 12, 16, 20, 30):
+        c = Constraints(deadline_s=deadline, samples=10_000, batch_size=32, memory_bytes=1 << 40)
+        try:
+            keeps.append(model.choose(c).keep)
+        except BudgetInfeasible:
+            keeps.append(0.0)
+    assert keeps == sorted(keeps) and keeps[0] < keeps[-1]
+    keeps = [
+        model.choose(
+            Constraints(deadline_s=1e6, samples=10, batch_size=32, memory_bytes=m * MIB)
+        ).keep
+        for m in (15, 20, 30, 60, 200)
+    ]
+    assert keeps == sorted(keeps) and keeps[0] < keeps[-1]
+
+
+def test_infeasible_budget_explains_itself():
+    model = BudgetModel(calibration(), min_keep=0.2)
+    with pytest.raises(BudgetInfeasible, match=r"even keep 0\.20.*sitting this round out"):
+        model.choose(
+            Constraints(deadline_s=1.0, samples=10_000, batch_size=32, memory_bytes=1 << 40)
+        )
+
+
+def test_closed_loop_converges_for_a_slowed_client():
+    model = BudgetModel(calibration())
+    cons = Constraints(deadline_s=25.0, samples=10_000, batch_size=32, memory_bytes=1 << 40)
+    assert model.choose(cons).keep == 1.0
+    slowdown = 3.0  # the board throttles: every step now takes three times as long
+    keeps = []
+    for _ in range(6):
+        choice = model.choose(cons)
+        keeps.append(choice.keep)
+        t0, t1 = model.calibration.per_sample(choice.keep)
+        measured = slowdown * cons.samples * (t0 + t1 * choice.keep)
+        model.observe(choice.keep, cons.samples, measured)
+    assert model.correction == pytest.approx(slowdown, rel=0.05)
+    assert keeps[0] == 1.0 and keeps[-1] < 0.5
+    # once converged, the prediction matches what the slowed board measures
+    final = model.choose(cons)
+    t0, t1 = model.calibration.per_sample(final.keep)
+    assert final.compute_seconds == pytest.approx(
+        slowdown * 10_000 * (t0 + t1 * final.keep), rel=0.05
+    )
+    assert final.seconds <= 0.8 * 25.0
+
+
+def write(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cgroup_v2_limits_from_fake_files(tmp_path):
+    root = tmp_path / "cg"
+    write(root / "cgroup.controllers", "cpu memory")
+    write(root / "slice" / "cpu.max", "50000 100000\n")  # half a core
+    write(root / "slice" / "memory.max", "max\n")
+    write(root / "slice" / "client" / "cpu.max", "max 100000\n")
+    write(root / "slice" / "client" / "memory.max", str(512 * MIB))
+    limits = read_cgroup_limits(root, "0::/slice/client\n")
+    assert limits.version == 2
+    assert limits.cpu_quota == pytest.approx(0.5)  # the parent's limit applies
+    assert limits.memory_limit == 512 * MIB
+
+
+def test_cgroup_v1_limits_from_fake_files(tmp_path):
+    root = tmp_path / "cg"
+    write(root / "cpu" / "tb" / "cpu.cfs_quota_us", "150000")
+    write(root / "cpu" / "tb" / "cpu.cfs_period_us", "100000")
+    write(root / "memory" / "tb" / "memory.limit_in_bytes", str(256 * MIB))
+    limits = read_cgroup_limits(root, "4:memory:/tb\n2:cpu,cpuacct:/tb\n")
+    assert limits.version == 1
+    assert limits.cpu_quota == pytest.approx(1.5)
+    assert limits.memory_limit == 256 * MIB
+    write(root / "cpu" / "free" / "cpu.cfs_quota_us", "-1")
+    write(root / "cpu" / "free" / "cpu.cfs_period_us", "100000")
+    write(root / "memory" / "free" / "memory.limit_in_bytes", str(1 << 63))
+    unlimited = read_cgroup_limits(root, "4:memory:/free\n2:cpu,cpuacct:/free\n")
+    assert unlimited.cpu_quota is None and unlimited.memory_limit is None
+
+
+def test_measure_device_reports_this_machine():
+    info = measure_device()
+    assert info.logical_cores >= 1 and info.memory_total > info.memory_available > 0
+    assert 0 < info.usable_cores <= info.logical_cores
+    assert 0 < info.usable_memory <= info.memory_available
+
+
+def test_every_profile_parses_and_names_its_sources():
+    names = profile_names()
+    for expected in (
+        "raspberry-pi-4",
+        "raspberry-pi-5",
+        "jetson-nano",
+        "jetson-orin-nano",
+        "x86-server",
+    ):
+        assert expected in names
+    for name in names:
+        p = load_profile(name)
+        assert p.relative_speed > 0 and p.memory_bytes > 0
+        assert set(p.sources) >= {"cores", "memory_mb", "relative_speed", "uplink_mbps"}
+    assert (
+        load_profile("raspberry-pi-5").relative_speed
+        > load_profile("raspberry-pi-4").relative_speed
+    )
+
+
+def test_bad_profile_names_are_config_errors():
+    with pytest.raises(ConfigError, match="unknown device profiles"):
+        load_config(None, {"clients.profiles": ["raspberry-pi-9"]})

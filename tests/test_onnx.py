@@ -1,0 +1,139 @@
+"""ONNX export with parity checks, and inference that never imports torch."""
+
+import io
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cahfp import export as export_mod
+from cahfp.data.datasets import dataset_info
+from cahfp.export import ExportError
+from cahfp.inference import InputError, ModelFileError, OnnxClassifier
+from cahfp.models import build_model
+from cahfp.pruning import extract, make_plan, score_groups
+from cahfp.training import Recipe, train
+from edge_client.exporting import export_submodel
+
+INFO = dataset_info("fmnist")
+
+
+def pruned(name, keep, width=0.25):
+    model = build_model(name, 10, 1, width, seed=0).eval()
+    if keep >= 1:
+        return model
+    x = torch.randn(8, 1, 28, 28)
+    plan = make_plan(
+        model, score_groups(model, [(x, torch.randint(0, 10, (8,)))], "curvature"), keep
+    )
+    return extract(model, plan).module.eval()
+
+
+@pytest.mark.parametrize("name", ["vgg11", "vgg16", "resnet18", "resnet20"])
+@pytest.mark.parametrize("keep", [1.0, 0.5])
+def test_export_matches_torch(tmp_path, name, keep):
+    module = pruned(name, keep)
+    out = export_submodel(module, INFO, tmp_path / "m.onnx", keep=keep, round=3)
+    assert out.max_abs_diff <= 1e-4 and out.bytes == (tmp_path / "m.onnx").stat().st_size
+    clf = OnnxClassifier(out.path)
+    assert clf.classes == INFO.classes and clf.input_shape == (1, 28, 28)
+    assert clf.metadata["cahfp.keep"] == str(keep) and clf.metadata["cahfp.round"] == "3"
+    x = np.random.default_rng(0).standard_normal((7, 1, 28, 28)).astype(np.float32)
+    with torch.no_grad():
+        ref = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(clf.logits(x), ref, atol=1e-4)
+
+
+def test_failed_parity_fails_loudly_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(export_mod, "parity", lambda *a, **k: 0.5)
+    with pytest.raises(ExportError, match="differs from torch"):
+        export_submodel(pruned("vgg11", 1.0), INFO, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.fixture(scope="module")
+def trained_export(tmp_path_factory, fmnist_train, fmnist_test):
+    model = build_model("vgg11", 10, 1, 0.25, seed=0)
+    train(model, fmnist_train.subset(range(3000)), Recipe(epochs=1, lr=0.05), seed=0)
+    model.eval()
+    path = tmp_path_factory.mktemp("onnx") / "fmnist.onnx"
+    export_submodel(model, INFO, path, keep=1.0)
+    return model, path, fmnist_test
+
+
+def _torch_label(model, image_u8):
+    x = (torch.from_numpy(image_u8).float()[None, None] / 255 - INFO.mean[0]) / INFO.std[0]
+    with torch.no_grad():
+        return INFO.classes[int(model(x).argmax())]
+
+
+def test_cli_infer_on_real_fmnist_png_matches_torch_without_importing_torch(
+    trained_export, tmp_path
+):
+    model, path, test = trained_export
+    images, expected = [], []
+    for i in range(4):
+        arr = test.images[i, 0].numpy()
+        file = tmp_path / f"img{i}.png"
+        Image.fromarray(arr).save(file)
+        images.append(str(file))
+        expected.append(_torch_label(model, arr))
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None; "
+        "from cahfp.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "infer", str(path), *images, "--top-k", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 4
+    for line, label in zip(lines, expected, strict=True):
+        assert line.split(": ", 1)[1].rsplit(" ", 1)[0] == label
+    np.save(tmp_path / "batch.npy", test.images[:4, 0].numpy())
+    preds = OnnxClassifier(path).classify([str(tmp_path / "batch.npy")], top_k=1)
+    assert [p.top[0][0] for p in preds] == expected
+
+
+def test_bad_inputs_and_files_give_clear_errors(trained_export, tmp_path):
+    _, path, _ = trained_export
+    clf = OnnxClassifier(path)
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(big)
+    with pytest.raises(InputError, match=r"40x40 with 3 channel.*expects 28x28 with 1.*--fit"):
+        clf.classify([str(big)])
+    assert len(clf.classify([str(big)], fit=True)[0].top) == 3
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+    with pytest.raises(InputError, match="not a readable image"):
+        clf.classify([str(junk)])
+    np.save(tmp_path / "wrong.npy", np.zeros((2, 3, 32, 32), np.uint8))
+    with pytest.raises(InputError, match="does not hold images of 1x28x28"):
+        clf.classify([str(tmp_path / "wrong.npy")])
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(ModelFileError, match="not a valid ONNX model"):
+        OnnxClassifier(corrupt)
+    foreign = tmp_path / "foreign.onnx"
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.nn.Linear(4, 2), (torch.zeros(1, 4),), buf, dynamo=False)
+    foreign.write_bytes(buf.getvalue())
+    with pytest.raises(ModelFileError, match="not one exported by CA-HFP"):
+        OnnxClassifier(foreign)
+    with pytest.raises(ModelFileError, match="does not exist"):
+        OnnxClassifier(tmp_path / "missing.onnx")
+
+
+def test_benchmark_reports_latency(trained_export):
+    _, path, _ = trained_export
+    b = OnnxClassifier(path, threads=1).benchmark(batch=4, iterations=5, warmup=1)
+    assert b["p95_ms"] >= b["p50_ms"] > 0 and b["throughput"] > 0
