@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -136,6 +137,40 @@ class Aggregator:
         cur = self.int_max.get(k)
         self.int_max[k] = value.clone() if cur is None else torch.maximum(cur, value)
 
+    def partial(self) -> PartialAggregate:
+        """What this aggregator has accumulated, to be merged upstream (hierarchical
+        aggregation: an edge aggregator pre-averages its clients' reconstructed updates with
+        their coverage weights; merging partials is exact)."""
+        return PartialAggregate(
+            {k: v.clone() for k, v in self.mean.items()},
+            {k: v.clone() for k, v in self.weight.items()},
+            {k: v.clone() for k, v in self.dense_mean.items()},
+            {k: v.clone() for k, v in self.dense_weight.items()},
+            {k: v.clone() for k, v in self.int_max.items()},
+            self.count,
+            self.total_weight,
+        )
+
+    def add_partial(self, part: PartialAggregate) -> None:
+        """Fold in another aggregator's partial result (same global state and settings)."""
+        for k, ref in self.base.items():
+            if k in self.mean and (k not in part.mean or part.mean[k].shape != ref.shape):
+                raise InvalidUpdate(f"partial aggregate lacks or mis-shapes {k}")
+        for k in self.mean:
+            _fold(self.mean[k], self.weight[k], part.mean[k], part.weight[k])
+        for k in self.dense_mean:
+            if k in part.dense_mean:
+                _fold(
+                    self.dense_mean[k],
+                    self.dense_weight[k],
+                    part.dense_mean[k],
+                    part.dense_weight[k],
+                )
+        for k, v in part.int_max.items():
+            self._int(k, v)
+        self.count += part.count
+        self.total_weight += part.total_weight
+
     def coverage(self) -> dict[str, torch.Tensor]:
         """Total weight that covered each coordinate so far."""
         return {k: v.clone() for k, v in self.weight.items()}
@@ -154,6 +189,19 @@ class Aggregator:
             else:
                 out[k] = ref.clone()
         return out
+
+
+@dataclass
+class PartialAggregate:
+    """Per-coordinate weighted means and total weights of a group of updates."""
+
+    mean: dict[str, torch.Tensor]
+    weight: dict[str, torch.Tensor]
+    dense_mean: dict[str, torch.Tensor]
+    dense_weight: dict[str, torch.Tensor]
+    int_max: dict[str, torch.Tensor]
+    count: int
+    total_weight: float
 
 
 def _fold(mean: torch.Tensor, total: torch.Tensor, value: torch.Tensor, w: torch.Tensor):

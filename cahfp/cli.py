@@ -284,10 +284,156 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from cahfp.local_demo import run_local_demo
+def _logging(args: argparse.Namespace) -> None:
+    import logging
 
-    return run_local_demo(args)
+    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from coordinator.demo import run_demo
+
+    if args.quiet:
+        _logging(args)
+    return run_demo(args)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from edge_client.service import run_client
+
+    _logging(args)
+    return run_client(args)
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from cahfp.config import load_config
+    from coordinator.service import Coordinator
+    from coordinator.view import ProgressView
+
+    _logging(args)
+    cfg = load_config(
+        args.config,
+        {
+            "data.data_dir": args.data_dir,
+            "data.download": True if args.download else None,
+            **_parse_set(args.set),
+        },
+    )
+    view = ProgressView(cfg, Console(stderr=True), quiet=True)
+    coord = Coordinator(
+        cfg,
+        args.broker,
+        args.out,
+        resume=args.resume,
+        credentials=args.credentials,
+        ca_file=args.ca,
+        protocol=args.mqtt_version,
+        on_event=view.event,
+    )
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: coord.stop.set())
+    summary = coord.run(registration_timeout=args.registration_timeout)
+    print(
+        f"final accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds"
+        + (f"; results in {args.out}" if args.out else "")
+    )
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from deploy import broker_config as bc
+
+    if args.action == "init":
+        devices = [d for d in (args.devices or "").split(",") if d]
+        hosts = [h for h in (args.host or "").split(",") if h] or None
+        d = bc.init(
+            args.out,
+            devices,
+            federation=args.federation,
+            hosts=hosts,
+            port=args.port,
+            bind=args.bind,
+            client_certs=args.client_certs,
+        )
+        print(
+            f"deployment for federation {args.federation!r} in {d}: {len(devices)} devices; "
+            f"run the broker with: mosquitto -c {d}/mosquitto.conf"
+        )
+        print(
+            f"copy {d}/clients/<name>/ to each board (deploy/provision/provision-board.sh "
+            "--bundle ...), clients/coordinator/ to the coordinator host"
+        )
+    elif args.action == "add-device":
+        out = bc.add_device(args.dir, args.name)
+        print(f"added {args.name}; its bundle is {out}; reload the broker to apply")
+    else:
+        bc.revoke_device(args.dir, args.name)
+        print(
+            f"revoked {args.name}; reload the broker (systemctl reload mosquitto or "
+            "kill -HUP) so that it stops accepting the old password"
+        )
+    return 0
+
+
+def cmd_testbed(args: argparse.Namespace) -> int:
+    import json
+    import os
+    from pathlib import Path
+
+    if os.geteuid() != 0:
+        print("the testbed needs root (network namespaces, tc, cgroups); skipped")
+        return 0
+    from cahfp.config import load_config
+    from deploy.testbed import parse_profiles, run_testbed
+
+    if not args.quiet:
+        _logging(args)
+    profiles = parse_profiles(args.profiles)
+    overrides = {
+        "federation.name": "testbed",
+        "federation.rounds": args.rounds,
+        "federation.clients": len(profiles),
+        "federation.deadline_s": args.deadline,
+        "clients.budget": "profiles",
+        "data.data_dir": args.data_dir,
+        **(
+            {}
+            if args.config
+            else {
+                "model.width": 0.25,
+                "data.train_samples": 600 * len(profiles),
+                "data.eval_samples": 1000,
+            }
+        ),
+    }
+    cfg = load_config(args.config, overrides)
+    summary, report = run_testbed(profiles, cfg, Path(args.out) if args.out else None)
+    for r in report:
+        print(
+            f"{r['client']}: quota {r['cpu_quota']:g} cores (measured "
+            f"{r['measured_cores']}), memory {r['memory_mb']} MiB, {r['bandwidth_mbps']:g} "
+            f"Mbit/s; calibration {r['ms_per_sample']:.2f} ms/sample; keeps "
+            f"{[round(k, 2) if k is not None else None for k in r['keeps']]}; seconds "
+            f"{[round(t, 1) for t in r['round_seconds']]}"
+        )
+    print(f"final accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": summary, "clients": report}, indent=1))
+    return 0
+
+
+def _add_broker(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", required=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    p.add_argument(
+        "--credentials",
+        help="file with 'username:password' (else CAHFP_MQTT_USERNAME / CAHFP_MQTT_PASSWORD)",
+    )
+    p.add_argument("--ca", help="CA certificate for mqtts://")
+    p.add_argument("--mqtt-version", type=int, choices=[3, 5], default=5)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,13 +443,76 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="run a small federation on Fashion-MNIST on this machine")
+    p = sub.add_parser(
+        "demo",
+        help="a whole federation on this machine: embedded broker, "
+        "coordinator and client processes on Fashion-MNIST",
+    )
     _add_data_dir(p)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--samples-per-client", type=int, default=1500)
+    p.add_argument("--samples-per-client", type=int, default=1000)
+    p.add_argument("--strategy", default="cahfp")
+    p.add_argument("--deadline", type=float, default=20.0, help="round deadline, seconds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--broker", default="auto", choices=["auto", "mosquitto", "amqtt"])
+    p.add_argument("--config", help="use this federation config instead of the built-in one")
+    p.add_argument("--out", help="run directory (default runs/demo-TIMESTAMP)")
+    p.add_argument("--registration-timeout", type=float, default=180.0)
+    p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("coordinator", help="run the coordinator service over MQTT")
+    _add_broker(p)
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", help="run directory (metrics, checkpoints, model, plots)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument(
+        "--registration-timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for clients before round 1 (default: the deadline)",
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _add_data_dir(p)
+    p.set_defaults(handler=cmd_coordinator)
+
+    p = sub.add_parser("client", help="run the edge client (device agent) over MQTT")
+    _add_broker(p)
+    p.add_argument("--id", required=True, help="client id (= MQTT username when secured)")
+    p.add_argument(
+        "--federation",
+        default="federation",
+        help="federation id (the coordinator's federation.name)",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="imagefolder:PATH, or fmnist/cifar10/cifar100 "
+        "with --partition/--num-clients/--client-index",
+    )
+    p.add_argument("--partition", default="iid")
+    p.add_argument("--num-clients", type=int, default=1)
+    p.add_argument("--client-index", type=int, default=0)
+    p.add_argument("--train-samples", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--profile",
+        default="auto",
+        help="auto (measure this device), none (the "
+        "coordinator assigns the keep) or a device profile name to emulate",
+    )
+    p.add_argument("--export-dir", help="write the trained submodel as model.onnx here")
+    p.add_argument(
+        "--until-finished",
+        action="store_true",
+        help="exit when the coordinator announces that the federation has finished",
+    )
+    p.add_argument("--threads", type=int)
+    p.add_argument("--connect-timeout", type=float, default=60.0)
+    p.add_argument("--quiet", action="store_true")
+    _add_data_dir(p)
+    p.set_defaults(handler=cmd_client)
 
     p = sub.add_parser("simulate", help="run a federation in-process (no broker)")
     p.add_argument("--config", help="TOML config (see examples/); defaults apply without one")
@@ -378,6 +587,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=50)
     p.add_argument("--threads", type=int)
     p.set_defaults(handler=cmd_infer)
+
+    p = sub.add_parser("deploy", help="broker configuration, certificates and device credentials")
+    dsub = p.add_subparsers(dest="action", required=True)
+    q = dsub.add_parser("init", help="a secured broker configuration for one federation")
+    q.add_argument("--out", required=True)
+    q.add_argument("--devices", default="", help="comma-separated device names")
+    q.add_argument("--federation", default="federation")
+    q.add_argument("--host", help="comma-separated broker host names / IPs for the certificate")
+    q.add_argument("--port", type=int, default=8883)
+    q.add_argument("--bind", default="0.0.0.0")
+    q.add_argument(
+        "--client-certs", action="store_true", help="also issue and require client certificates"
+    )
+    for action, helptext in (
+        ("add-device", "add one device"),
+        ("revoke-device", "revoke one device"),
+    ):
+        q = dsub.add_parser(action, help=helptext)
+        q.add_argument("--dir", required=True, help="the deployment directory")
+        q.add_argument("name")
+    p.set_defaults(handler=cmd_deploy)
+
+    p = sub.add_parser(
+        "testbed",
+        help="emulated edge testbed: clients in network namespaces "
+        "and cgroups with their profiles' limits (root)",
+    )
+    p.add_argument(
+        "--profiles",
+        default="pi4:2,pi5:1,nano:1",
+        help="NAME:COUNT,... (pi4, pi5, nano, orin, server, a profile name or file)",
+    )
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--deadline", type=float, default=30.0)
+    p.add_argument("--config")
+    p.add_argument("--out")
+    p.add_argument("--json", help="write the per-client report here")
+    p.add_argument("--quiet", action="store_true")
+    _add_data_dir(p)
+    p.set_defaults(handler=cmd_testbed)
 
     p = sub.add_parser("models", help="list the registered models with sizes and FLOPs")
     p.add_argument("--width", type=float, default=1.0)

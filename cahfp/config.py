@@ -31,7 +31,11 @@ class _Strict(BaseModel):
 
 
 class FederationConfig(_Strict):
-    name: str = "federation"
+    name: str = Field(
+        "federation",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="also the federation id in MQTT topics",
+    )
     rounds: int = Field(20, ge=1)
     clients: int = Field(10, ge=1)
     participation: float = Field(1.0, gt=0, le=1, description="fraction of clients per round")

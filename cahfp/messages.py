@@ -62,6 +62,7 @@ class TaskMessage(_Message):
     plan: PlanSettings | None = Field(None, description="set when the client plans itself")
     seed: int = 0
     deadline_s: float = Field(gt=0)
+    transfer: str | None = Field(None, description="id of the payload transfer (MQTT)")
 
 
 class Metrics(BaseModel):
@@ -99,3 +100,4 @@ class UpdateMessage(_Message):
     status: Literal["ok", "declined", "failed"]
     metrics: Metrics
     reason: str = ""
+    transfer: str | None = Field(None, description="id of the payload transfer (MQTT)")

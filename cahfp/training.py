@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,10 @@ class Recipe(BaseModel):
         return max(1, math.ceil(self.epochs * num_samples / self.batch_size))
 
 
+class TrainingCancelled(Exception):
+    """``train`` was asked to stop (e.g. the device agent received SIGTERM)."""
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -54,9 +59,16 @@ class EvalResult:
     samples: int
 
 
-def train(model: nn.Module, data: ImageData, recipe: Recipe, seed: int = 0) -> TrainResult:
+def train(
+    model: nn.Module,
+    data: ImageData,
+    recipe: Recipe,
+    seed: int = 0,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
     """Run local SGD on ``model`` in place. Batches are drawn by a generator seeded with
-    ``seed``; the data is reshuffled every epoch and the last partial batch is kept."""
+    ``seed``; the data is reshuffled every epoch and the last partial batch is kept.
+    ``should_stop`` is checked before every step (raises ``TrainingCancelled``)."""
     if len(data) == 0:
         raise ValueError("cannot train on an empty dataset")
     gen = torch.Generator().manual_seed(seed)
@@ -72,6 +84,8 @@ def train(model: nn.Module, data: ImageData, recipe: Recipe, seed: int = 0) -> T
         for x, y in data.batches(recipe.batch_size, shuffle=True, generator=gen):
             if len(y) < 2 and _has_batchnorm(model):
                 continue  # BatchNorm cannot normalise a single sample
+            if should_stop is not None and should_stop():
+                raise TrainingCancelled(f"stopped after {steps} of {total_steps} steps")
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y)
             if not torch.isfinite(loss):

@@ -4,6 +4,7 @@ updates until the deadline, aggregate them (streaming), evaluate, record, checkp
 from __future__ import annotations
 
 import random
+import resource
 import time
 import uuid
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from cahfp.pruning.extract import IndexMap, kept_channels, slice_tensor
 from cahfp.strategies import get_strategy
 from cahfp.training import EvalResult
 from cahfp.wire import decode_update, encode_state, encode_update
-from coordinator.transport import Transport
+from coordinator.transport import Rejected, Transport
 
 
 @dataclass
@@ -69,6 +70,8 @@ class RoundRecord:
     eval_seconds: float = 0.0
     coverage_min: float | None = None  # smallest share of the round's weight covering a channel
     coverage_mean: float | None = None
+    cpu_seconds: float = 0.0  # coordinator process CPU time spent in this round
+    peak_rss_mb: float = 0.0  # coordinator process peak resident memory so far
 
 
 class RoundEngine:
@@ -103,12 +106,25 @@ class RoundEngine:
         self.groups = None if self.strategy.dense else find_groups(self.model, self.example)
         self.coverage: dict[int, torch.Tensor] | None = None  # decayed average share per channel
         self._round_cover: dict[int, torch.Tensor] | None = None
+        self._dense_cache: tuple[tuple, bytes] = ((), b"")
+        self._ordered_plans: dict[float, tuple[IndexMap, float]] = {}
 
     # ------------------------------------------------------------------ selection and tasks
 
+    def register(self, cid: str, keep: float | None = None) -> ClientRecord:
+        """Add a client that appeared (e.g. sent its hello); its index fixes its seeds."""
+        index = len(self.clients)
+        if keep is None or not self.self_budget:
+            keep = self.cfg.keep_of(index)
+        rec = self.clients[cid] = ClientRecord(cid, index, keep)
+        self.on_event("registered", {"client": cid, "keep": keep})
+        return rec
+
     def eligible(self) -> list[str]:
         available = set(self.transport.clients())
-        ids = [c for c in sorted(self.clients) if c in available]
+        for cid in sorted(available - set(self.clients)):
+            self.register(cid, self.transport.keep_estimate(cid))
+        ids = [c for c in sorted(self.clients) if c in available and self.clients[c].keep > 0]
         if self.strategy.fit_only:
             ids = [c for c in ids if self.clients[c].keep >= 1.0]
         return ids
@@ -125,13 +141,39 @@ class RoundEngine:
         alloc = self.cfg.pruning.allocation
         return self.strategy.allocation if alloc == "auto" else alloc
 
+    def _dense_payload(self, rnd: int, with_coverage: bool) -> bytes:
+        """The dense global model, encoded once per round (every dense task shares it)."""
+        key = (rnd, with_coverage)
+        if self._dense_cache[0] != key:
+            extras = (
+                {f"coverage/{g.name}": self.coverage[g.gid] for g in self.groups}
+                if with_coverage
+                else None
+            )
+            self._dense_cache = (key, encode_state(self.state, extras=extras))
+        return self._dense_cache[1]
+
     def _slice(self, rec: ClientRecord) -> bytes:
         imap = rec.index_map or {}
         tensors = {k: slice_tensor(v, imap.get(k, {})) for k, v in self.state.items()}
         return encode_update(tensors, imap, {"keep_achieved": rec.keep_achieved})
 
+    def _rebuilder(self, task: TaskMessage):
+        rec = self.clients[task.client_id]
+        if task.payload == "slice":
+            return lambda: self._slice(rec)
+        with_coverage = (
+            task.plan is not None and task.plan.coverage_weight > 0 and (self.coverage is not None)
+        )
+        return lambda: self._dense_payload(task.round, with_coverage)
+
     def _coordinator_plan(self, rec: ClientRecord, rnd: int) -> None:
         p = self.cfg.pruning
+        if self.strategy.scorer == "ordered" and rec.keep in self._ordered_plans:
+            # HeteroFL's plan depends on the keep fraction only
+            rec.index_map, rec.keep_achieved = self._ordered_plans[rec.keep]
+            self._mark_planned(rec, rnd)
+            return
         scores = score_groups(
             self.model,
             None,
@@ -150,6 +192,8 @@ class RoundEngine:
         )
         rec.index_map = index_map_for(self.model, plan.groups, plan.keep)
         rec.keep_achieved = plan.flops_fraction
+        if self.strategy.scorer == "ordered":
+            self._ordered_plans[rec.keep] = (rec.index_map, rec.keep_achieved)
         self._mark_planned(rec, rnd)
 
     def _plan_due(self, rec: ClientRecord, rnd: int) -> bool:
@@ -204,10 +248,10 @@ class RoundEngine:
             if rec.index_map:
                 kind, payload = "slice", self._slice(rec)
         if payload is None:
-            extras = None
-            if plan is not None and plan.coverage_weight > 0 and self.coverage is not None:
-                extras = {f"coverage/{g.name}": self.coverage[g.gid] for g in self.groups}
-            payload = encode_state(self.state, extras=extras)
+            with_coverage = (
+                plan is not None and plan.coverage_weight > 0 and self.coverage is not None
+            )
+            payload = self._dense_payload(rnd, with_coverage)
         task = TaskMessage(
             task_id=uuid.uuid4().hex,
             round=rnd,
@@ -225,14 +269,17 @@ class RoundEngine:
     # ------------------------------------------------------------------ one round
 
     def run_round(self, rnd: int) -> RoundRecord:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         selected = self.select(rnd)
         self.on_event("round_start", {"round": rnd, "selected": selected})
         sent: dict[str, tuple[TaskMessage, int]] = {}
         for cid in selected:
             task, payload = self.make_task(cid, rnd)
-            self.transport.send(task, payload)
+            # the transport may need the payload again (resend after a reconnect): rebuild it
+            # then instead of holding one payload per client in memory
+            self.transport.send(task, payload, rebuild=self._rebuilder(task))
             sent[task.task_id] = (task, len(payload))
+            del payload
         a = self.cfg.aggregation
         agg = Aggregator(self.state, a.uncovered_weight, self.stat_keys, a.exact_stats)
         if self.groups is not None:
@@ -241,14 +288,27 @@ class RoundEngine:
             }
         outcomes: dict[str, ClientOutcome] = {}
         agg_seconds = 0.0
-        deadline = time.monotonic() + self.cfg.federation.deadline_s
-        for msg, payload in self.transport.collect(set(sent), deadline):
-            t0 = time.perf_counter()
-            outcome = self.accept(msg, payload, sent, agg, outcomes)
-            agg_seconds += time.perf_counter() - t0
-            if outcome is not None:
-                outcomes[outcome.client_id] = outcome
-                self.on_event("client_done", {"round": rnd, "outcome": outcome})
+        need = min(self.cfg.federation.min_updates, max(len(selected), 1))
+        for attempt in range(2):  # the deadline, then one extension if too few updates came
+            deadline = time.monotonic() + self.cfg.federation.deadline_s
+            pending = {t for t, (task, _) in sent.items() if task.client_id not in outcomes}
+            for item in self.transport.collect(pending, deadline):
+                t0 = time.perf_counter()
+                if isinstance(item, Rejected):
+                    outcome = self._transport_rejection(item, sent, outcomes)
+                else:
+                    outcome = self.accept(item[0], item[1], sent, agg, outcomes)
+                agg_seconds += time.perf_counter() - t0
+                if outcome is not None:
+                    outcomes[outcome.client_id] = outcome
+                    self.on_event("client_done", {"round": rnd, "outcome": outcome})
+            if agg.count >= need or not selected or attempt == 1:
+                break
+            if all(o.status in ("ok", "declined", "failed") for o in outcomes.values()) and len(
+                outcomes
+            ) == len(sent):
+                break  # everybody answered: waiting longer cannot help
+            self.on_event("extended", {"round": rnd, "updates": agg.count, "need": need})
         for task, down in sent.values():
             if task.client_id not in outcomes:
                 outcomes[task.client_id] = ClientOutcome(
@@ -260,7 +320,7 @@ class RoundEngine:
                 )
         cov_min, cov_mean = self._update_coverage(agg.total_weight)
         skipped = ""
-        if agg.count >= min(self.cfg.federation.min_updates, max(len(selected), 1)) and agg.count:
+        if agg.count >= need and agg.count:
             t0 = time.perf_counter()
             self.state = agg.result()
             self.model.load_state_dict(self.state)
@@ -290,9 +350,28 @@ class RoundEngine:
             eval_seconds,
             cov_min,
             cov_mean,
+            time.process_time() - cpu_start,
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         )
         self.on_event("round_end", {"record": record})
         return record
+
+    def _transport_rejection(self, item: Rejected, sent, done) -> ClientOutcome | None:
+        self.on_event("rejected", {"client": item.client_id, "reason": item.reason})
+        task = next((t for t, _ in sent.values() if t.client_id == item.client_id), None)
+        if task is None or item.client_id in done:
+            return None
+        return ClientOutcome(
+            item.client_id,
+            "rejected",
+            item.reason,
+            keep_target=task.keep,
+            bytes_down=sent[task.task_id][1],
+        )
+
+    def _refuse(self, msg: UpdateMessage, reason: str) -> None:
+        self.on_event("rejected", {"client": msg.client_id, "reason": reason})
+        self.transport.acknowledge(msg, False, reason)
 
     def accept(
         self,
@@ -304,16 +383,22 @@ class RoundEngine:
     ) -> ClientOutcome | None:
         """Validate one answer and fold it into the aggregate; an invalid one is recorded as
         rejected (with the reason) and changes nothing."""
+        if msg.client_id not in self.clients:
+            self._refuse(msg, f"unknown client {msg.client_id!r}")
+            return None
         if msg.task_id not in sent:
-            self.on_event("rejected", {"client": msg.client_id, "reason": "unknown task id"})
+            self._refuse(
+                msg, f"no task {msg.task_id[:12]} in round {self.round + 1} (stale or forged)"
+            )
             return None
         task, down = sent[msg.task_id]
         if msg.client_id != task.client_id or msg.round != task.round:
-            reason = "client id or round does not match the task"
-            self.on_event("rejected", {"client": msg.client_id, "reason": reason})
+            self._refuse(msg, "client id or round does not match the task")
             return None
-        if msg.client_id in done and done[msg.client_id].status in ("ok", "rejected"):
-            return None  # a duplicate delivery counts once
+        if msg.client_id in done and done[msg.client_id].status == "ok":
+            # a duplicate delivery counts once; confirm again so the client stops resending
+            self.transport.acknowledge(msg, True, "duplicate")
+            return None
         m = msg.metrics
         out = ClientOutcome(
             msg.client_id,
@@ -332,6 +417,7 @@ class RoundEngine:
             refreshed=m.refreshed,
         )
         if msg.status != "ok":
+            self.transport.acknowledge(msg, True, "noted: " + msg.status)
             return out
         try:
             if payload is None:
@@ -342,8 +428,9 @@ class RoundEngine:
             agg.add_compact(compact, imap, weight=m.samples)
         except CAHFPError as exc:
             out.status, out.reason = "rejected", str(exc)
-            self.on_event("rejected", {"client": msg.client_id, "reason": str(exc)})
+            self._refuse(msg, str(exc))
             return out
+        self.transport.acknowledge(msg, True)
         if self._round_cover is not None:
             for gid, kept in kept_channels(self.model, self.groups, imap).items():
                 self._round_cover[gid][kept] += m.samples

@@ -22,7 +22,7 @@ class InProcessTransport(Transport):
     def clients(self) -> list[str]:
         return list(self.states)
 
-    def send(self, task: TaskMessage, payload: bytes) -> None:
+    def send(self, task: TaskMessage, payload: bytes, rebuild=None) -> None:
         self.queue.append((task.model_dump_json(), payload))
 
     def collect(self, pending: set[str], deadline: float) -> Iterator[Received]:

@@ -54,16 +54,27 @@ class RunRecorder:
             self.metrics.write_text("")
         atomic_write(self.dir / "config.toml", config.to_toml())
 
-    def round(self, rec: RoundRecord, state: dict[str, torch.Tensor]) -> None:
+    def round(
+        self, rec: RoundRecord, state: dict[str, torch.Tensor], extra: dict | None = None
+    ) -> None:
         with open(self.metrics, "a") as f:
             f.write(json.dumps(record_dict(rec)) + "\n")
         if rec.round > 0:
-            self.checkpoint(rec.round, state)
+            self.checkpoint(rec.round, state, extra)
 
-    def checkpoint(self, rnd: int, state: dict[str, torch.Tensor]) -> None:
+    def checkpoint(
+        self, rnd: int, state: dict[str, torch.Tensor], extra: dict | None = None
+    ) -> None:
         ck = self.dir / "checkpoint"
         atomic_write(ck / "global.safetensors", encode_state(state, {"round": rnd}))
-        atomic_write(ck / "state.json", json.dumps({"round": rnd}))
+        atomic_write(ck / "state.json", json.dumps({"round": rnd, **(extra or {})}))
+
+    def truncate_after(self, rnd: int) -> None:
+        """Drop metrics lines of rounds after ``rnd`` (written before a crash that came before
+        their checkpoint), so a resumed run's metrics stay continuous."""
+        lines = self.metrics.read_text().splitlines() if self.metrics.is_file() else []
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["round"] <= rnd]
+        atomic_write(self.metrics, "".join(ln + "\n" for ln in kept))
 
     def finish(self, state: dict[str, torch.Tensor], wall_seconds: float) -> dict:
         atomic_write(self.dir / "model.safetensors", encode_state(state))
@@ -80,8 +91,8 @@ class RunRecorder:
         return summary
 
 
-def load_checkpoint(run_dir: str | Path) -> tuple[int, dict[str, torch.Tensor]]:
-    """The last completed round and its global state."""
+def load_checkpoint(run_dir: str | Path) -> tuple[int, dict[str, torch.Tensor], dict]:
+    """The last completed round, its global state and the extra round state saved with it."""
     ck = Path(run_dir) / "checkpoint"
     try:
         meta = json.loads((ck / "state.json").read_text())
@@ -93,7 +104,7 @@ def load_checkpoint(run_dir: str | Path) -> tuple[int, dict[str, torch.Tensor]]:
             f"checkpoint in {ck} is inconsistent (weights of round "
             f"{header.get('round')}, state of round {meta.get('round')})"
         )
-    return int(meta["round"]), state
+    return int(meta["round"]), state, meta
 
 
 def load_metrics(run_dir: str | Path) -> list[dict]:

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cahfp.config import Config
 from cahfp.data import ImageData, load_dataset, partition
 from cahfp.errors import BudgetInfeasible
 from cahfp.messages import ModelSpec, TaskMessage
 from cahfp.training import evaluate
-from coordinator.engine import RoundEngine, RoundRecord
+from coordinator.engine import RoundEngine
 from coordinator.inprocess import InProcessTransport
 from coordinator.records import RunRecorder
+from coordinator.view import ProgressView
 from edge_client.task import ClientState
 
 log = logging.getLogger("cahfp.simulate")
@@ -73,7 +73,7 @@ def simulate(
         keeps = {client_id(i): cfg.keep_of(i) for i in range(len(clients))}
     transport = InProcessTransport(states)
     console = console or Console(stderr=True)
-    view = _View(cfg, console, quiet)
+    view = ProgressView(cfg, console, quiet)
     engine = RoundEngine(
         cfg, spec, transport, lambda m: evaluate(m, test_set), keeps, on_event=view.event
     )
@@ -122,8 +122,10 @@ def emulate_devices(cfg: Config, spec: ModelSpec, states: dict[str, ClientState]
     for i, (cid, state) in enumerate(sorted(states.items())):
         profile = load_profile(cfg.profile_of(i))
         state.profile = profile.name
-        state.budget = BudgetModel(calibration, min_keep=cfg.clients.min_keep)
         state.time_scale = 1.0 / profile.relative_speed
+        state.budget = BudgetModel(
+            calibration.scaled(state.time_scale), min_keep=cfg.clients.min_keep
+        )
         state.memory_bytes = profile.memory_bytes
         state.uplink_bytes_per_s = profile.uplink_bytes_per_s
         state.safety = cfg.clients.safety
@@ -132,65 +134,3 @@ def emulate_devices(cfg: Config, spec: ModelSpec, states: dict[str, ClientState]
         except BudgetInfeasible:
             keeps[cid] = 0.0
     return keeps
-
-
-class _View:
-    """Live progress on a terminal (rounds, clients, accuracy), or plain log lines."""
-
-    def __init__(self, cfg: Config, console: Console, quiet: bool):
-        self.cfg, self.console, self.quiet = cfg, console, quiet
-        self.progress: Progress | None = None
-
-    def start(self, initial: RoundRecord) -> None:
-        msg = (
-            f"{self.cfg.federation.strategy}: {self.cfg.model.name} x{self.cfg.model.width:g}"
-            f" on {self.cfg.data.dataset}, {self.cfg.federation.clients} clients, "
-            f"initial accuracy {initial.accuracy:.4f}"
-        )
-        if self.quiet:
-            log.info(msg)
-            return
-        self.console.print(msg)
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            console=self.console,
-            transient=False,
-        )
-        self.rounds = self.progress.add_task("rounds", total=self.cfg.federation.rounds, info="")
-        self.clients = self.progress.add_task("clients", total=1, info="")
-        self.progress.start()
-
-    def event(self, kind: str, data: dict) -> None:
-        if kind == "rejected":
-            log.warning("rejected update from %s: %s", data["client"], data["reason"])
-        if self.progress is None:
-            if kind == "round_end" and self.quiet:
-                r = data["record"]
-                acc = "-" if r.accuracy is None else f"{r.accuracy:.4f}"
-                log.info(
-                    "round %d: accuracy %s, %d updates, %.1f s%s",
-                    r.round,
-                    acc,
-                    r.aggregated,
-                    r.seconds,
-                    f" (skipped: {r.skipped})" if r.skipped else "",
-                )
-            return
-        if kind == "round_start":
-            self.progress.reset(self.clients, total=max(len(data["selected"]), 1), info="")
-        elif kind == "client_done":
-            o = data["outcome"]
-            info = f"{o.client_id} keep {o.keep_achieved or 0:.2f} {o.status}"
-            self.progress.update(self.clients, advance=1, info=info)
-        elif kind == "round_end":
-            r = data["record"]
-            acc = "" if r.accuracy is None else f"accuracy {r.accuracy:.4f}"
-            self.progress.update(self.rounds, advance=1, info=acc)
-
-    def stop(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()

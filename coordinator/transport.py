@@ -4,10 +4,22 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from cahfp.messages import TaskMessage, UpdateMessage
 
-Received = tuple[UpdateMessage, bytes | None]
+
+@dataclass(frozen=True)
+class Rejected:
+    """A message the transport itself refused (malformed JSON, bad chunk, oversize payload),
+    attributed to the client whose topic it came from."""
+
+    client_id: str
+    reason: str
+    task_id: str | None = None
+
+
+Received = tuple[UpdateMessage, bytes | None] | Rejected
 
 
 class Transport(ABC):
@@ -17,9 +29,17 @@ class Transport(ABC):
     def clients(self) -> list[str]:
         """Ids of the clients available for selection now."""
 
+    def keep_estimate(self, client_id: str) -> float | None:
+        """What a client said it can afford when it registered (None: unknown)."""
+        return None
+
+    def acknowledge(self, message: UpdateMessage, accepted: bool, reason: str = "") -> None:  # noqa: B027
+        """Tell the client whether its update was taken."""
+
     @abstractmethod
-    def send(self, task: TaskMessage, payload: bytes) -> None:
-        """Queue or deliver one task."""
+    def send(self, task: TaskMessage, payload: bytes, rebuild=None) -> None:
+        """Queue or deliver one task. ``rebuild()`` returns the same payload again if the
+        transport needs to resend it (so it need not keep every payload in memory)."""
 
     @abstractmethod
     def collect(self, pending: set[str], deadline: float) -> Iterator[Received]:

@@ -38,6 +38,16 @@ class Calibration:
     param_bytes: int  # dense parameters (float32)
     state_bytes: int = 0  # dense state dict incl. buffers (what an update carries)
 
+    def scaled(self, factor: float) -> Calibration:
+        """The same device measurement for a device ``factor`` times slower (emulation)."""
+        from dataclasses import replace
+
+        return replace(
+            self,
+            seconds_per_sample=self.seconds_per_sample * factor,
+            seconds_per_sample_small=self.seconds_per_sample_small * factor,
+        )
+
     def per_sample(self, keep: float) -> tuple[float, float]:
         """(t0, t1) with seconds per sample = t0 + t1 * keep, through the two measurements."""
         k0, s0, s1 = self.small_keep, self.seconds_per_sample_small, self.seconds_per_sample

@@ -22,7 +22,7 @@ from cahfp.messages import Metrics, ModelSpec, TaskMessage, UpdateMessage
 from cahfp.models import build_model
 from cahfp.pruning import build_compact, extract, make_plan, score_groups
 from cahfp.pruning.extract import IndexMap
-from cahfp.training import train
+from cahfp.training import TrainingCancelled, train
 from cahfp.wire import decode_state, decode_update, encode_update
 from edge_client.budget import BudgetModel, Constraints
 
@@ -101,14 +101,16 @@ def _coverage(groups, extras: dict) -> dict | None:
     return cov
 
 
-def run_task(state: ClientState, task: TaskMessage, payload: bytes) -> Result:
+def run_task(state: ClientState, task: TaskMessage, payload: bytes, should_stop=None) -> Result:
     """Execute one task. Bad payloads and infeasible budgets become ``failed``/``declined``
     answers with the reason, never exceptions that would take the device agent down."""
     start = time.perf_counter()
     try:
-        return _run(state, task, payload, start)
+        return _run(state, task, payload, start, should_stop)
     except BudgetInfeasible as exc:
         return _answer(task, "declined", str(exc), start, len(payload))
+    except TrainingCancelled as exc:
+        return _answer(task, "failed", f"client stopping: {exc}", start, len(payload))
     except (CAHFPError, FloatingPointError) as exc:
         return _answer(task, "failed", f"{type(exc).__name__}: {exc}", start, len(payload))
 
@@ -156,7 +158,9 @@ def decide_keep(
     return state.budget.choose(_constraints(state, task, score_samples, elapsed))
 
 
-def _run(state: ClientState, task: TaskMessage, payload: bytes, start: float) -> Result:
+def _run(
+    state: ClientState, task: TaskMessage, payload: bytes, start: float, should_stop=None
+) -> Result:
     spec, data = task.model, state.data
     dense_flops = _dense_flops(state, spec)
     score_seconds = score_flops = 0.0
@@ -211,7 +215,7 @@ def _run(state: ClientState, task: TaskMessage, payload: bytes, start: float) ->
         module = submodel_from_slice(spec, imap, tensors)
         achieved = float(meta.get("keep_achieved", state.keep_achieved))
         state.index_map, state.keep_achieved = imap, achieved
-    result = train(module, data, task.recipe, seed=task.seed)
+    result = train(module, data, task.recipe, seed=task.seed, should_stop=should_stop)
     train_seconds = result.seconds * state.time_scale
     up = encode_update(module.state_dict(), imap, {"round": task.round, "client": task.client_id})
     other = (time.perf_counter() - start - result.seconds) * state.time_scale - score_seconds

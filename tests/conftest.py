@@ -1,6 +1,6 @@
 """Shared fixtures. Tests that need the real Fashion-MNIST look in $CAHFP_DATA_DIR, then in
-../shared/data beside the checkout; with CAHFP_REQUIRE_DATA=1 (CI) a missing copy fails the
-test instead of skipping it."""
+../shared/data beside the checkout. Tests that need it (or mosquitto, or root) skip when it is
+missing, except with CAHFP_STRICT=1 (CI), where a missing prerequisite fails the test."""
 
 from __future__ import annotations
 
@@ -27,10 +27,15 @@ def fmnist_root() -> Path:
     root = _fmnist_root()
     if root is None:
         msg = "real Fashion-MNIST not found (set CAHFP_DATA_DIR or provide ../shared/data)"
-        if os.environ.get("CAHFP_REQUIRE_DATA") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+        missing(msg)
     return root
+
+
+def missing(msg: str) -> None:
+    """Skip, or fail under CAHFP_STRICT=1."""
+    if os.environ.get("CAHFP_STRICT") == "1":
+        pytest.fail(msg)
+    pytest.skip(msg)
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +61,18 @@ def isolated_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "_CACHE", {})
     return tmp_path / "cache" / "cahfp" / "data"
+
+
+@pytest.fixture
+def broker():
+    """A private mosquitto on a free loopback port (with persistence, so it can restart)."""
+    import shutil
+
+    if not shutil.which("mosquitto"):
+        missing("mosquitto is not installed (apt-get install mosquitto)")
+    from coordinator.broker import EmbeddedBroker
+
+    b = EmbeddedBroker("mosquitto").start()  # its own directory under /tmp, readable by
+    # the mosquitto user it drops to when started as root
+    yield b
+    b.stop()

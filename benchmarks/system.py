@@ -1,0 +1,457 @@
+"""How the system's cost grows with its work, measured against the physical limits, in one run.
+
+1. Local training step time of the compact submodel vs dense at keep 0.75 / 0.5 / 0.25 (VGG,
+   ResNet): speed-up as a fraction of the ideal 1 / FLOPs fraction.
+2. Uplink and downlink bytes per round vs the ideal (bytes of the kept parameters alone).
+3. Scoring (curvature scores + planning + extraction) time as a fraction of local training time
+   for the default recipe.
+4. Coordinator scale: 10, 100, 1000 lightweight clients (real MQTT connections answering with
+   valid random submodels of a 1M-parameter model) through one mosquitto, one round each.
+5. Coordinator evaluation and checkpoint time per round vs aggregation time.
+
+    python -m benchmarks.system            # writes benchmarks/results/system.md
+    python -m benchmarks.system --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import env_line, environment, md_table, write_results
+from cahfp.costs import training_flops
+from cahfp.models import build_model
+from cahfp.pruning import extract, make_plan, score_groups
+from cahfp.pruning.extract import slice_tensor
+from cahfp.wire import encode_state, encode_update
+
+KEEPS = (0.75, 0.5, 0.25)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--models", default="vgg11:1.0:3:32,resnet18:0.5:3:32,vgg11:0.25:1:28,resnet20:0.5:1:28"
+    )
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--scale", default="10,100,1000")
+    p.add_argument("--data-dir")
+    p.add_argument("--out-dir")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.steps, args.scale = "vgg11:0.25:1:28", 3, "10"
+    return args
+
+
+def models(args):
+    for spec in args.models.split(","):
+        name, width, c, size = spec.split(":")
+        yield name, float(width), int(c), int(size)
+
+
+def step_time(module, x, y, steps: int) -> float:
+    opt = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
+    module.train()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(module(x), y).backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def plans(model, x, y):
+    scores = score_groups(model, [(x, y)], "curvature")
+    return {k: make_plan(model, scores, k) for k in KEEPS}
+
+
+def part_training_and_bytes(args) -> tuple[list, list]:
+    speed, wire = [], []
+    for name, width, c, size in models(args):
+        gen = torch.Generator().manual_seed(0)
+        model = build_model(name, 10, c, width, seed=0)
+        x = torch.randn(args.batch, c, size, size, generator=gen)
+        y = torch.randint(0, 10, (args.batch,), generator=gen)
+        dense_t = step_time(model, x, y, args.steps)
+        dense_f = training_flops(model, x[:1])
+        label = f"{name} x{width:g} ({c}x{size}x{size})"
+        for keep, plan in plans(model, x, y).items():
+            sub = extract(model, plan)
+            frac = training_flops(sub.module, x[:1]) / dense_f
+            t = step_time(sub.module, x, y, args.steps)
+            speed.append(
+                {
+                    "model": label,
+                    "keep": keep,
+                    "flops": frac,
+                    "dense_ms": dense_t * 1e3,
+                    "ms": t * 1e3,
+                    "speedup": dense_t / t,
+                    "of_ideal": dense_t / t * frac,
+                }
+            )
+            compact = sub.module.state_dict()
+            params = sum(p.numel() * p.element_size() for p in sub.module.parameters())
+            up = len(encode_update(compact, sub.index_map, {"round": 1, "client": "x"}))
+            g = model.state_dict()
+            down = len(
+                encode_update(
+                    {k: slice_tensor(v, sub.index_map.get(k, {})) for k, v in g.items()},
+                    sub.index_map,
+                    {"keep_achieved": plan.flops_fraction},
+                )
+            )
+            buffers = sum(b.numel() * b.element_size() for b in sub.module.buffers())
+            wire.append(
+                {
+                    "model": label,
+                    "keep": keep,
+                    "param_bytes": params,
+                    "up": up,
+                    "down": down,
+                    "buffers": buffers,
+                    "up_overhead": up / params - 1,
+                    "down_overhead": down / params - 1,
+                }
+            )
+        dense_params = sum(p.numel() * 4 for p in model.parameters())
+        full = len(encode_state(model.state_dict()))
+        wire.append(
+            {
+                "model": label,
+                "keep": 1.0,
+                "param_bytes": dense_params,
+                "up": full,
+                "down": full,
+                "buffers": sum(b.numel() * b.element_size() for b in model.buffers()),
+                "up_overhead": full / dense_params - 1,
+                "down_overhead": full / dense_params - 1,
+            }
+        )
+        print(f"{label}: training speed-ups and bytes measured", flush=True)
+    return speed, wire
+
+
+def part_scoring(args) -> list[dict]:
+    """Default recipe: 1 epoch of batch 32 over a client's 1000 samples at keep 0.5, plus
+    scoring (4 batches of 32 on the dense model), planning and extraction."""
+    from cahfp.data import load_dataset
+    from cahfp.training import Recipe, train
+
+    data = load_dataset("fmnist", "train", args.data_dir).subset(range(1000))
+    out = []
+    for name, width in (("vgg11", 0.25), ("resnet20", 0.5), ("vgg11", 0.5)):
+        model = build_model(name, 10, 1, width, seed=0)
+        gen = torch.Generator().manual_seed(0)
+        batches = data.batches(32, shuffle=True, generator=gen)
+        score_groups(model, list(data.subset(range(64)).batches(32)), "curvature")  # warm cache
+        t0 = time.perf_counter()
+        scores = score_groups(model, batches, "curvature", num_batches=4)
+        t1 = time.perf_counter()
+        plan = make_plan(model, scores, 0.5)
+        t2 = time.perf_counter()
+        sub = extract(model, plan)
+        t3 = time.perf_counter()
+        res = train(sub.module, data, Recipe(epochs=1, batch_size=32), seed=0)
+        out.append(
+            {
+                "model": f"{name} x{width:g}",
+                "score_s": t1 - t0,
+                "plan_s": t2 - t1,
+                "extract_s": t3 - t2,
+                "train_s": res.seconds,
+                "fraction": (t3 - t0) / res.seconds,
+            }
+        )
+    return out
+
+
+def part_scale(args) -> list[dict]:
+    """One coordinator round with N swarm clients; the coordinator in its own process."""
+    from coordinator.broker import EmbeddedBroker
+
+    rows = []
+    with EmbeddedBroker("mosquitto") as broker, tempfile.TemporaryDirectory() as tmp:
+        for n in [int(v) for v in args.scale.split(",")]:
+            fed = f"scale{n}"
+            cfg = Path(tmp) / f"{fed}.toml"
+            cfg.write_text(
+                f'[federation]\nname = "{fed}"\nrounds = 1\nclients = {n}\ndeadline_s = 900\n'
+                'strategy = "fedavg"\nmin_updates = 1\n'
+                '[model]\nname = "vgg11"\nwidth = 0.33\n'
+                f'[data]\ndataset = "fmnist"\neval_samples = 1000\n'
+                + (f'data_dir = "{args.data_dir}"\n' if args.data_dir else "")
+            )
+            swarm = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "edge_client.swarm",
+                    "--broker",
+                    broker.url,
+                    "--federation",
+                    fed,
+                    "--clients",
+                    str(n),
+                    "--width",
+                    "0.33",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            line = swarm.stdout.readline()
+            if "swarm ready" not in line:
+                raise RuntimeError(f"swarm did not start: {line}")
+            run = Path(tmp) / fed
+            t0 = time.perf_counter()
+            coord = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "cahfp.cli",
+                    "coordinator",
+                    "--broker",
+                    broker.url,
+                    "--config",
+                    str(cfg),
+                    "--out",
+                    str(run),
+                    "--registration-timeout",
+                    "300",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            _, status, usage = os.wait4(coord.pid, 0)
+            coord.returncode = status
+            wall = time.perf_counter() - t0
+            swarm.terminate()
+            swarm.wait(60)
+            lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            rec = lines[-1]
+            oks = sum(c["status"] == "ok" for c in rec["clients"])
+            rows.append(
+                {
+                    "clients": n,
+                    "aggregated": rec["aggregated"],
+                    "ok": oks,
+                    "round_s": rec["seconds"],
+                    "aggregate_s": rec["aggregate_seconds"],
+                    "eval_s": rec["eval_seconds"],
+                    "cpu_round_s": rec["cpu_seconds"],
+                    "cpu_per_update_ms": rec["cpu_seconds"] / max(rec["aggregated"], 1) * 1e3,
+                    "updates_per_s": rec["aggregated"] / max(rec["seconds"], 1e-9),
+                    "peak_rss_mb": usage.ru_maxrss / 1024,
+                    "process_wall_s": wall,
+                    "process_cpu_s": usage.ru_utime + usage.ru_stime,
+                }
+            )
+            print(f"scale {n}: {rows[-1]}", flush=True)
+    return rows
+
+
+def part_checkpoint() -> dict:
+    from coordinator.records import atomic_write
+
+    model = build_model("vgg11", 10, 1, 0.33, seed=0)
+    params = sum(p.numel() for p in model.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        for _ in range(5):
+            atomic_write(Path(tmp) / "g.safetensors", encode_state(model.state_dict(), {}))
+        return {
+            "params": params,
+            "checkpoint_s": (time.perf_counter() - t0) / 5,
+            "model_mb": params * 4 / 1e6,
+        }
+
+
+def report(args, env, seconds, speed, wire, scoring, scale, ck) -> str:
+    cmd = "python -m benchmarks.system" + (" --quick" if args.quick else "")
+    lines = [
+        "# System performance and scale",
+        "",
+        f"Measured {env_line(env)}; run {seconds / 60:.1f} min. Reproduce: `{cmd}`.",
+        "",
+        "## 1. Training step: compact submodel vs dense",
+        "",
+        f"Median of {args.steps} SGD steps (batch {args.batch}) after warm-up; plans by the "
+        "CA-HFP planner (curvature scores on random inputs, global allocation). `of ideal` = "
+        "speed-up x training-FLOPs fraction (1.0 = time falls with FLOPs). Target ≥ 0.7.",
+        "",
+        md_table(
+            ["model", "keep", "train FLOPs", "dense ms", "pruned ms", "speed-up", "of ideal"],
+            [
+                [
+                    r["model"],
+                    f"{r['keep']:g}",
+                    f"{r['flops']:.3f}",
+                    f"{r['dense_ms']:.1f}",
+                    f"{r['ms']:.1f}",
+                    f"{r['speedup']:.2f}x",
+                    f"{r['of_ideal']:.2f}",
+                ]
+                for r in speed
+            ],
+        ),
+        "",
+        "## 2. Bytes on the wire vs the kept parameters alone",
+        "",
+        "`up`: the client's update (compact tensors + index map + header); `down`: the slice "
+        "the coordinator sends between plan refreshes (keep 1.0: the dense state). The "
+        "payload also carries BatchNorm running statistics (`buffers`), which the "
+        "aggregation needs but which are not parameters. Target: overhead ≤ 2 %.",
+        "",
+        md_table(
+            [
+                "model",
+                "keep",
+                "param bytes",
+                "buffers",
+                "up bytes",
+                "up overhead",
+                "down bytes",
+                "down overhead",
+            ],
+            [
+                [
+                    r["model"],
+                    f"{r['keep']:g}",
+                    f"{r['param_bytes']:,}",
+                    f"{r['buffers']:,}",
+                    f"{r['up']:,}",
+                    f"{r['up_overhead']:+.2%}",
+                    f"{r['down']:,}",
+                    f"{r['down_overhead']:+.2%}",
+                ]
+                for r in wire
+            ],
+        ),
+        "",
+        "## 3. Scoring vs local training (default recipe)",
+        "",
+        "One client, 1000 Fashion-MNIST images, keep 0.5: curvature scoring on 4 batches of "
+        "32 (dense model), planning, extraction, then 1 epoch of training (batch 32) of the "
+        "submodel. Target: scoring ≤ 10 % of training. Scoring only happens on plan-refresh "
+        "rounds (every 5 rounds by default), so per round it costs a fifth of this.",
+        "",
+        md_table(
+            ["model", "score s", "plan s", "extract s", "train s", "fraction"],
+            [
+                [
+                    r["model"],
+                    f"{r['score_s']:.3f}",
+                    f"{r['plan_s']:.3f}",
+                    f"{r['extract_s']:.3f}",
+                    f"{r['train_s']:.2f}",
+                    f"{r['fraction']:.1%}",
+                ]
+                for r in scoring
+            ],
+        ),
+        "",
+    ]
+    if scale:
+        lines += [
+            "## 4. Coordinator scale (one round, 1M-parameter model)",
+            "",
+            f"VGG-11 x0.33 ({ck['params']:,} parameters, {ck['model_mb']:.1f} MB). Lightweight "
+            "clients: real MQTT connections in one separate process, each answering its task "
+            "immediately with a valid random submodel (keep 0.25-1.0); the coordinator (its own "
+            "process) sends every client the dense model, then receives, reassembles, validates "
+            "and aggregates every update, evaluates on 1000 images and checkpoints. `CPU/update` "
+            "is the coordinator's process CPU time in the round divided by the updates; peak RSS "
+            "is the coordinator process's maximum resident memory over its whole life.",
+            "",
+            md_table(
+                [
+                    "clients",
+                    "aggregated",
+                    "round s",
+                    "updates/s",
+                    "CPU s (round)",
+                    "CPU/update ms",
+                    "aggregation s",
+                    "peak RSS MB",
+                ],
+                [
+                    [
+                        r["clients"],
+                        f"{r['aggregated']} ({r['ok']} ok)",
+                        f"{r['round_s']:.1f}",
+                        f"{r['updates_per_s']:.1f}",
+                        f"{r['cpu_round_s']:.1f}",
+                        f"{r['cpu_per_update_ms']:.1f}",
+                        f"{r['aggregate_s']:.2f}",
+                        f"{r['peak_rss_mb']:.0f}",
+                    ]
+                    for r in scale
+                ],
+            ),
+            "",
+        ]
+        lines += [
+            "## 5. Evaluation and checkpoint vs aggregation",
+            "",
+            f"Checkpoint of the {ck['model_mb']:.1f} MB global state (safetensors, written "
+            f"atomically with fsync): {ck['checkpoint_s'] * 1e3:.1f} ms. Evaluation on 1000 "
+            "images and aggregation per round, from the scale runs: "
+            + "; ".join(
+                f"{r['clients']} clients: eval {r['eval_s']:.2f} s, aggregation "
+                f"{r['aggregate_s']:.2f} s"
+                for r in scale
+            )
+            + ".",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = environment()
+    start = time.perf_counter()
+    speed, wire = part_training_and_bytes(args)
+    scoring = part_scoring(args)
+    ck = part_checkpoint()
+    scale = part_scale(args) if args.scale else []
+    seconds = time.perf_counter() - start
+    name = "system" + ("_quick" if args.quick else "")
+    raw = {
+        "env": env,
+        "speed": speed,
+        "wire": wire,
+        "scoring": scoring,
+        "scale": scale,
+        "checkpoint": ck,
+    }
+    path = write_results(
+        name, report(args, env, seconds, speed, wire, scoring, scale, ck), raw, args.out_dir
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

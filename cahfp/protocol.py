@@ -1,0 +1,309 @@
+"""The MQTT protocol as data: topic names, the chunk format for large payloads, and a bounded
+reassembler. No sockets here; ``edge_client.link`` carries these bytes over paho-mqtt.
+
+Topics (``<fed>`` = federation id, ``<c>`` = client id = MQTT username):
+
+====================================  ===========  ===  ======  ==============================
+topic                                 direction    QoS  retain  payload
+====================================  ===========  ===  ======  ==============================
+cahfp/<fed>/presence/<c>              client→all   1    yes     Presence JSON (last will:
+                                                                 ``offline``)
+cahfp/<fed>/hello/<c>                 client→coord 1    yes     Hello JSON (device profile)
+cahfp/<fed>/task/<c>                  coord→client 1    no      TaskMessage JSON
+cahfp/<fed>/task/<c>/data             coord→client 1    no      chunks of the task's payload
+cahfp/<fed>/update/<c>                client→coord 1    no      UpdateMessage JSON
+cahfp/<fed>/update/<c>/data           client→coord 1    no      chunks of the update payload
+cahfp/<fed>/ack/<c>                   coord→client 1    no      Ack JSON
+cahfp/<fed>/model                     coord→all    1    yes     ModelAnnouncement JSON
+cahfp/<fed>/status                    coord→all    1    yes     Status JSON
+====================================  ===========  ===  ======  ==============================
+
+A chunk is ``b"CHFP" | u32 header length (big-endian) | JSON header | data`` with header fields
+``transfer`` (hex id), ``index``, ``count``, ``size`` (total bytes) and ``sha256`` (of the whole
+payload). Every decoding step raises ``ProtocolError`` (a ``CAHFPError``) on bad input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cahfp.errors import CAHFPError
+
+MAGIC = b"CHFP"
+PREFIX = "cahfp"
+DEFAULT_CHUNK = 1 << 20
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ProtocolError(CAHFPError):
+    """A message, chunk or transfer violates the protocol."""
+
+
+def check_name(kind: str, value: str) -> str:
+    """Federation and client ids become topic levels and MQTT usernames: keep them plain."""
+    if not NAME_RE.match(value or ""):
+        raise ProtocolError(
+            f"{kind} {value!r} must be 1-64 characters of letters, digits, "
+            "'_', '-', '.', starting with a letter or digit"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    fed: str
+
+    def __post_init__(self):
+        check_name("federation id", self.fed)
+
+    def _t(self, *parts: str) -> str:
+        return "/".join((PREFIX, self.fed, *parts))
+
+    def presence(self, c: str = "+") -> str:
+        return self._t("presence", c)
+
+    def hello(self, c: str = "+") -> str:
+        return self._t("hello", c)
+
+    def task(self, c: str = "+") -> str:
+        return self._t("task", c)
+
+    def task_data(self, c: str = "+") -> str:
+        return self._t("task", c, "data")
+
+    def update(self, c: str = "+") -> str:
+        return self._t("update", c)
+
+    def update_data(self, c: str = "+") -> str:
+        return self._t("update", c, "data")
+
+    def ack(self, c: str = "+") -> str:
+        return self._t("ack", c)
+
+    @property
+    def model(self) -> str:
+        return self._t("model")
+
+    @property
+    def status(self) -> str:
+        return self._t("status")
+
+    def parse(self, topic: str) -> tuple[str, str | None, bool]:
+        """(kind, client id or None, is chunk data) of a topic of this federation."""
+        parts = topic.split("/")
+        if len(parts) < 3 or parts[0] != PREFIX or parts[1] != self.fed:
+            raise ProtocolError(f"topic {topic!r} is not in federation {self.fed!r}")
+        kind = parts[2]
+        if kind in ("model", "status") and len(parts) == 3:
+            return kind, None, False
+        if len(parts) == 4 or (len(parts) == 5 and parts[4] == "data"):
+            return kind, parts[3], len(parts) == 5
+        raise ProtocolError(f"unknown topic {topic!r}")
+
+
+# ------------------------------------------------------------------ small JSON messages
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    v: Literal[1] = 1
+
+
+class Presence(_Msg):
+    kind: Literal["presence"] = "presence"
+    client_id: str
+    status: Literal["online", "offline"]
+
+
+class Hello(_Msg):
+    kind: Literal["hello"] = "hello"
+    client_id: str
+    samples: int = Field(ge=0)
+    keep_estimate: float | None = Field(None, ge=0, le=1)
+    profile: dict = Field(default_factory=dict)
+    max_chunk: int = Field(DEFAULT_CHUNK, ge=1024)
+
+
+class Ack(_Msg):
+    kind: Literal["ack"] = "ack"
+    task_id: str
+    client_id: str
+    accepted: bool
+    reason: str = ""
+
+
+class ModelAnnouncement(_Msg):
+    kind: Literal["model"] = "model"
+    round: int
+    sha256: str
+    bytes: int
+    accuracy: float | None = None
+
+
+class Status(_Msg):
+    """Retained: where the federation is, and what a new client needs to estimate its budget
+    before its first task (model, recipe, deadline)."""
+
+    kind: Literal["status"] = "status"
+    round: int
+    state: Literal["waiting", "running", "finished", "stopped"]
+    detail: str = ""
+    model: dict | None = None
+    recipe: dict | None = None
+    deadline_s: float | None = None
+
+
+def parse_json(model: type[BaseModel], payload: bytes, max_bytes: int = 1 << 20):
+    """Validate a small JSON control message; any problem is a ``ProtocolError``."""
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"{model.__name__} message of {len(payload)} bytes exceeds {max_bytes}")
+    try:
+        return model.model_validate_json(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ProtocolError(f"malformed {model.__name__}: {where}: {first['msg']}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"malformed {model.__name__}: {exc}") from None
+
+
+# ------------------------------------------------------------------ chunks
+
+
+class ChunkHeader(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    transfer: str = Field(pattern=r"^[0-9a-f]{8,64}$")
+    index: int = Field(ge=0)
+    count: int = Field(ge=1)
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+def split_payload(
+    data: bytes,
+    chunk_size: int = DEFAULT_CHUNK,
+    transfer: str | None = None,
+    digest: str | None = None,
+) -> tuple[str, list[bytes]]:
+    """Encode ``data`` as chunk messages; returns (transfer id, messages). ``digest`` (the
+    payload's sha256, hex) may be passed when already known."""
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be positive")
+    transfer = transfer or uuid.uuid4().hex
+    digest = digest or hashlib.sha256(data).hexdigest()
+    count = max(1, -(-len(data) // chunk_size))
+    view = memoryview(data)
+    out = []
+    for i in range(count):
+        header = json.dumps(
+            {"transfer": transfer, "index": i, "count": count, "size": len(data), "sha256": digest}
+        ).encode()
+        out.append(
+            MAGIC
+            + len(header).to_bytes(4, "big")
+            + header
+            + bytes(view[i * chunk_size : (i + 1) * chunk_size])
+        )
+    return transfer, out
+
+
+def decode_chunk(message: bytes) -> tuple[ChunkHeader, bytes]:
+    if not isinstance(message, (bytes, bytearray, memoryview)):
+        raise ProtocolError("chunk must be bytes")
+    message = bytes(message)
+    if len(message) < 8 or message[:4] != MAGIC:
+        raise ProtocolError("not a CA-HFP chunk (bad magic)")
+    n = int.from_bytes(message[4:8], "big")
+    if n > 4096 or 8 + n > len(message):
+        raise ProtocolError(f"chunk header length {n} is invalid")
+    try:
+        header = ChunkHeader.model_validate_json(message[8 : 8 + n])
+    except (ValidationError, ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"malformed chunk header: {str(exc).splitlines()[0]}") from None
+    if header.index >= header.count:
+        raise ProtocolError(f"chunk index {header.index} >= count {header.count}")
+    return header, message[8 + n :]
+
+
+@dataclass
+class _Partial:
+    header: ChunkHeader
+    parts: dict[int, bytes] = field(default_factory=dict)
+    received: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Reassembler:
+    """Collects chunks into payloads with bounded memory: a transfer larger than ``max_bytes``
+    is refused up front, at most ``max_transfers`` are open at once (the oldest is dropped),
+    incomplete transfers expire after ``timeout`` seconds, redelivered chunks are ignored, and a
+    completed payload must match its sha256."""
+
+    def __init__(self, max_bytes: int = 256 << 20, max_transfers: int = 8, timeout: float = 600.0):
+        self.max_bytes, self.max_transfers, self.timeout = max_bytes, max_transfers, timeout
+        self.open: dict[str, _Partial] = {}
+        self.done: dict[str, float] = {}  # completed transfer ids (to ignore late duplicates)
+
+    @property
+    def buffered_bytes(self) -> int:
+        return sum(p.received for p in self.open.values())
+
+    def expire(self, now: float | None = None) -> list[str]:
+        now = time.monotonic() if now is None else now
+        old = [t for t, p in self.open.items() if now - p.started > self.timeout]
+        for t in old:
+            del self.open[t]
+        for t in [t for t, when in self.done.items() if now - when > self.timeout]:
+            del self.done[t]
+        return old
+
+    def add(self, message: bytes) -> tuple[str, bytes] | None:
+        """Feed one chunk message; returns (transfer id, payload) when a transfer completes."""
+        header, data = decode_chunk(message)
+        self.expire()
+        t = header.transfer
+        if t in self.done:
+            return None  # duplicate of a finished transfer (QoS 1 redelivery)
+        if header.size > self.max_bytes:
+            raise ProtocolError(
+                f"transfer {t[:8]} of {header.size} bytes exceeds the limit of "
+                f"{self.max_bytes} bytes; refused"
+            )
+        partial = self.open.get(t)
+        if partial is None:
+            if len(self.open) >= self.max_transfers:
+                oldest = min(self.open, key=lambda k: self.open[k].started)
+                del self.open[oldest]
+            partial = self.open[t] = _Partial(header)
+        elif (partial.header.count, partial.header.size, partial.header.sha256) != (
+            header.count,
+            header.size,
+            header.sha256,
+        ):
+            del self.open[t]
+            raise ProtocolError(f"transfer {t[:8]}: chunks disagree on count, size or hash")
+        if header.index in partial.parts:
+            return None  # redelivered chunk
+        if partial.received + len(data) > header.size:
+            del self.open[t]
+            raise ProtocolError(f"transfer {t[:8]}: more data than its declared size")
+        partial.parts[header.index] = data
+        partial.received += len(data)
+        if len(partial.parts) < header.count:
+            return None
+        del self.open[t]
+        payload = b"".join(partial.parts[i] for i in range(header.count))
+        if len(payload) != header.size:
+            raise ProtocolError(f"transfer {t[:8]}: {len(payload)} bytes, declared {header.size}")
+        if hashlib.sha256(payload).hexdigest() != header.sha256:
+            raise ProtocolError(f"transfer {t[:8]}: sha256 mismatch; payload discarded")
+        self.done[t] = time.monotonic()
+        return t, payload

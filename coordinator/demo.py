@@ -1,0 +1,215 @@
+"""``cahfp demo``: a whole federation on this machine. An embedded broker, the coordinator in
+this process and N client processes with different device profiles on Fashion-MNIST; a live
+view, a final per-client table, and everything shut down afterwards, also on Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from cahfp.config import load_config
+from cahfp.data import load_dataset
+from cahfp.pruning import build_compact
+from cahfp.training import evaluate
+from coordinator.broker import EmbeddedBroker
+from coordinator.service import Coordinator
+from coordinator.view import ProgressView
+
+PROFILES = ["raspberry-pi-4", "raspberry-pi-5", "jetson-nano", "jetson-orin-nano"]
+
+
+def demo_config(args: argparse.Namespace):
+    return load_config(
+        args.config,
+        {
+            "federation.name": "demo",
+            "federation.rounds": args.rounds,
+            "federation.clients": args.clients,
+            "federation.seed": args.seed,
+            "federation.strategy": args.strategy,
+            "federation.deadline_s": args.deadline,
+            "federation.min_updates": 1,
+            "model.name": "vgg11",
+            "model.width": 0.25,
+            "data.dataset": "fmnist",
+            "data.partition": "dirichlet:0.5",
+            "data.train_samples": args.clients * args.samples_per_client,
+            "data.eval_samples": 2000,
+            "data.data_dir": args.data_dir,
+            "data.download": args.download or None,
+            "clients.budget": "profiles",
+            "clients.profiles": PROFILES,
+        }
+        if args.config is None
+        else {},
+    )
+
+
+def spawn_clients(
+    cfg, url: str, protocol: int = 5, prefix: str = "demo", until_finished: bool = False
+) -> list[subprocess.Popen]:
+    """One client process per configured client, on its partition of the configured dataset
+    (emulating its device profile when ``clients.budget = "profiles"``)."""
+    procs = []
+    for i in range(cfg.federation.clients):
+        profile = cfg.profile_of(i) if cfg.clients.budget == "profiles" else "none"
+        cmd = [
+            sys.executable,
+            "-m",
+            "cahfp.cli",
+            "client",
+            "--broker",
+            url,
+            "--id",
+            f"{prefix}-{i}",
+            "--federation",
+            cfg.federation.name,
+            "--data",
+            cfg.data.dataset,
+            "--partition",
+            cfg.data.partition,
+            "--num-clients",
+            str(cfg.federation.clients),
+            "--client-index",
+            str(i),
+            "--seed",
+            str(cfg.federation.seed),
+            "--profile",
+            profile,
+            "--mqtt-version",
+            str(protocol),
+            "--threads",
+            "1",
+            "--quiet",
+        ]
+        if until_finished:
+            cmd.append("--until-finished")
+        if cfg.data.train_samples:
+            cmd += ["--train-samples", str(cfg.data.train_samples)]
+        if cfg.data.data_dir:
+            cmd += ["--data-dir", cfg.data.data_dir]
+        if cfg.data.download:
+            cmd += ["--download"]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        )
+    return procs
+
+
+def stop_all(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    end = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(max(end - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    console.width = max(console.width, 110)
+    cfg = demo_config(args)
+    out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    broker = EmbeddedBroker(args.broker)
+    procs: list[subprocess.Popen] = []
+    try:
+        broker.start()
+        note = (
+            ""
+            if broker.kind == "mosquitto"
+            else (
+                " (mosquitto not installed: using the in-process amqtt fallback, MQTT 3.1.1, "
+                "for this local demo only)"
+            )
+        )
+        console.print(f"broker: {broker.kind} at {broker.url}{note}")
+        procs = spawn_clients(cfg, broker.url, broker.protocol)
+        console.print(
+            f"started {len(procs)} clients: "
+            + ", ".join(f"demo-{i} ({cfg.profile_of(i)})" for i in range(len(procs)))
+        )
+        view = ProgressView(cfg, console, args.quiet)
+        coord = Coordinator(cfg, broker.url, out, protocol=broker.protocol, on_event=view.event)
+        try:
+            summary = coord.run(registration_timeout=args.registration_timeout)
+        finally:
+            view.stop()
+        if len(coord.engine.clients) == 0:
+            errors = [
+                p.stderr.read().decode(errors="replace")[-800:]
+                for p in procs
+                if p.poll() is not None and p.stderr
+            ]
+            console.print("no client registered; client errors:\n" + "\n".join(errors))
+            return 1
+        print_table(console, cfg, coord, args)
+        console.print(
+            f"final accuracy {summary['final_accuracy']:.4f} after "
+            f"{summary['rounds']} rounds; run directory {out}"
+        )
+        return 0
+    except KeyboardInterrupt:
+        console.print("interrupted: shutting everything down")
+        return 130
+    finally:
+        stop_all(procs)
+        broker.stop()
+
+
+def print_table(console: Console, cfg, coord: Coordinator, args) -> None:
+    """Per client: profile, keep, the accuracy of its own submodel of the final global model
+    (what it would run on-device), bytes and time."""
+    d = cfg.data
+    test = load_dataset(d.dataset, "test", d.data_dir).subset(range(d.eval_samples or 2000))
+    records = [r for r in coord.records if r.round > 0]
+    table = Table(title="clients")
+    for col in (
+        "client",
+        "profile",
+        "keep (last)",
+        "on-device accuracy",
+        "rounds ok",
+        "MB up",
+        "MB down",
+        "device s/round",
+    ):
+        table.add_column(col, justify="left" if col in ("client", "profile") else "right")
+    for cid, rec in sorted(coord.engine.clients.items()):
+        outs = [c for r in records for c in r.clients if c.client_id == cid]
+        ok = [c for c in outs if c.status == "ok"]
+        acc = "-"
+        if rec.index_map is not None:
+            sub = build_compact(coord.engine.model, rec.index_map)
+            acc = f"{evaluate(sub, test).accuracy:.4f}"
+        elif ok:
+            acc = f"{evaluate(coord.engine.model, test).accuracy:.4f}"
+        i = int(cid.rsplit("-", 1)[-1]) if cid.rsplit("-", 1)[-1].isdigit() else rec.index
+        table.add_row(
+            cid,
+            cfg.profile_of(i),
+            f"{ok[-1].keep_achieved:.2f}" if ok else "-",
+            acc,
+            f"{len(ok)}/{len(outs)}",
+            f"{sum(c.bytes_up for c in outs) / 1e6:.1f}",
+            f"{sum(c.bytes_down for c in outs) / 1e6:.1f}",
+            f"{sum(c.train_seconds + c.score_seconds for c in ok) / max(len(ok), 1):.1f}",
+        )
+    console.print(table)

@@ -1,0 +1,208 @@
+"""The round engine's transport over MQTT: a registry of clients (from their retained hello and
+presence), tasks published as a control message plus payload chunks, updates reassembled with
+bounded memory, acknowledgements, and resending of unanswered tasks after a reconnect."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from cahfp.errors import CAHFPError
+from cahfp.messages import TaskMessage, UpdateMessage
+from cahfp.protocol import (
+    DEFAULT_CHUNK,
+    Ack,
+    Hello,
+    Presence,
+    ProtocolError,
+    Reassembler,
+    Topics,
+    check_name,
+    parse_json,
+)
+from coordinator.transport import Received, Rejected, Transport
+from edge_client.link import MqttLink
+
+log = logging.getLogger("cahfp.coordinator.mqtt")
+
+
+@dataclass
+class Registered:
+    hello: Hello | None = None
+    online: bool = False
+    last_seen: float = 0.0
+
+
+class MqttTransport(Transport):
+    def __init__(
+        self,
+        link: MqttLink,
+        topics: Topics,
+        chunk_size: int = DEFAULT_CHUNK,
+        max_update_bytes: int = 256 << 20,
+        transfer_timeout: float = 600.0,
+    ):
+        self.link, self.topics, self.chunk_size = link, topics, chunk_size
+        self.registry: dict[str, Registered] = {}
+        self.reassembler = Reassembler(
+            max_bytes=max_update_bytes, max_transfers=64, timeout=transfer_timeout
+        )
+        # answers whose control message or payload has not fully arrived yet (bounded)
+        self.controls: OrderedDict[str, UpdateMessage] = OrderedDict()
+        self.payloads: OrderedDict[str, bytes] = OrderedDict()
+        # task id -> (task, payload rebuilder, transfer id), for resends after a reconnect
+        self.sent: dict[str, tuple[TaskMessage, object, str]] = {}
+        self._inflight = None
+        self.connects_seen = 0
+        for topic in (topics.presence(), topics.hello(), topics.update(), topics.update_data()):
+            link.subscribe(topic, 1)
+
+    # ------------------------------------------------------------------ registry
+
+    def clients(self) -> list[str]:
+        self.poll(0.0)
+        return sorted(c for c, r in self.registry.items() if r.online and r.hello is not None)
+
+    def keep_estimate(self, client_id: str) -> float | None:
+        r = self.registry.get(client_id)
+        return r.hello.keep_estimate if r and r.hello else None
+
+    def wait_for_clients(self, count: int, timeout: float) -> list[str]:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and len(self.clients()) < count:
+            self.poll(0.2)
+        return self.clients()
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, task: TaskMessage, payload: bytes, rebuild=None) -> None:
+        # flow control: the previous task's last chunk must have reached the broker, so that
+        # paho never queues more than about one payload in memory
+        if self._inflight is not None:
+            # while disconnected paho keeps the message queued and sends it on reconnect
+            with contextlib.suppress(RuntimeError, ValueError):
+                self._inflight.wait_for_publish(timeout=60)
+        transfer, _infos = self.link.publish_payload(
+            self.topics.task_data(task.client_id), payload, self.chunk_size
+        )
+        task = task.model_copy(update={"transfer": transfer})
+        for old in [t for t, (o, _, _) in self.sent.items() if o.round < task.round]:
+            del self.sent[old]  # earlier rounds are over: never resent
+        self.sent[task.task_id] = (task, rebuild or (lambda: payload), transfer)
+        self._inflight = self.link.publish(
+            self.topics.task(task.client_id), task.model_dump_json(), qos=1
+        )
+
+    def _resend_unanswered(self, pending: set[str]) -> None:
+        """After a reconnect, QoS 1 messages still queued in the broker or in paho will arrive;
+        those lost with a crashed broker will not: send unanswered tasks again (clients ignore
+        task ids they already hold)."""
+        for task_id in pending:
+            if task_id in self.sent:
+                task, rebuild, transfer = self.sent[task_id]
+                self.link.publish_payload(
+                    self.topics.task_data(task.client_id),
+                    rebuild(),
+                    self.chunk_size,
+                    transfer=transfer,
+                )
+                self.link.publish(self.topics.task(task.client_id), task.model_dump_json(), 1)
+
+    def acknowledge(self, message: UpdateMessage, accepted: bool, reason: str = "") -> None:
+        try:
+            check_name("client id", message.client_id)
+        except ProtocolError:
+            return
+        ack = Ack(
+            task_id=message.task_id, client_id=message.client_id, accepted=accepted, reason=reason
+        )
+        self.link.publish(self.topics.ack(message.client_id), ack.model_dump_json(), qos=1)
+
+    # ------------------------------------------------------------------ receiving
+
+    def poll(self, timeout: float) -> list[Received]:
+        """Process what arrived (waiting up to ``timeout`` for the first message)."""
+        out: list[Received] = []
+        msg = self.link.get(timeout)
+        while msg is not None:
+            out.extend(self._handle(msg.topic, msg.payload))
+            msg = self.link.get(0.0)
+        return out
+
+    def _handle(self, topic: str, payload: bytes) -> list[Received]:
+        try:
+            kind, client, data = self.topics.parse(topic)
+        except ProtocolError as exc:
+            log.warning("ignored message: %s", exc)
+            return []
+        try:
+            check_name("client id", client or "")
+        except ProtocolError as exc:
+            log.warning("ignored message on %s: %s", topic, exc)
+            return []
+        reg = self.registry.setdefault(client, Registered())
+        reg.last_seen = time.monotonic()
+        try:
+            if kind == "presence":
+                if payload:
+                    reg.online = parse_json(Presence, payload).status == "online"
+                return []
+            if kind == "hello":
+                if payload:
+                    hello = parse_json(Hello, payload)
+                    if hello.client_id != client:
+                        raise ProtocolError(f"hello on {client}'s topic names {hello.client_id}")
+                    reg.hello, reg.online = hello, True
+                return []
+            if kind == "update" and data:
+                done = self.reassembler.add(payload)
+                if done is None:
+                    return []
+                transfer, body = done
+                self.payloads[transfer] = body
+                self._trim()
+                return self._match(transfer)
+            if kind == "update":
+                msg = parse_json(UpdateMessage, payload)
+                if msg.client_id != client:
+                    raise ProtocolError(f"update on {client}'s topic names {msg.client_id}")
+                if msg.status != "ok" or msg.transfer is None:
+                    return [(msg, None)]
+                self.controls[msg.transfer] = msg
+                self._trim()
+                return self._match(msg.transfer)
+        except ProtocolError as exc:
+            log.warning("rejected message from %s on %s: %s", client, topic, exc)
+            return [Rejected(client, str(exc))]
+        return []
+
+    def _match(self, transfer: str) -> list[Received]:
+        if transfer in self.controls and transfer in self.payloads:
+            return [(self.controls.pop(transfer), self.payloads.pop(transfer))]
+        return []
+
+    def _trim(self, keep: int = 256) -> None:
+        while len(self.controls) > keep:
+            self.controls.popitem(last=False)
+        while len(self.payloads) > 16:  # completed payloads waiting for their control message
+            self.payloads.popitem(last=False)
+
+    def collect(self, pending: set[str], deadline: float) -> Iterator[Received]:
+        waiting = set(pending)
+        self.connects_seen = self.link.connects
+        while waiting and time.monotonic() < deadline:
+            if self.link.connects != self.connects_seen:  # reconnected meanwhile
+                self.connects_seen = self.link.connects
+                self._resend_unanswered(waiting)
+            for item in self.poll(min(0.5, max(deadline - time.monotonic(), 0.0))):
+                if not isinstance(item, Rejected):
+                    waiting.discard(item[0].task_id)
+                yield item
+
+    def close(self) -> None:
+        with contextlib.suppress(CAHFPError):
+            self.link.stop()

@@ -1,0 +1,153 @@
+"""The coordinator service: the round engine over MQTT, with registration, retained status and
+model announcements, checkpoints after every round and ``--resume``."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from pathlib import Path
+
+from cahfp.config import Config
+from cahfp.data import load_dataset
+from cahfp.errors import CAHFPError
+from cahfp.messages import ModelSpec
+from cahfp.protocol import ModelAnnouncement, Status, Topics
+from cahfp.training import evaluate
+from cahfp.wire import encode_state
+from coordinator.engine import RoundEngine, RoundRecord
+from coordinator.mqtt_transport import MqttTransport
+from coordinator.records import RunRecorder, load_checkpoint, record_dict, summarize
+from edge_client.link import MqttLink, read_credentials
+
+log = logging.getLogger("cahfp.coordinator")
+
+
+class Coordinator:
+    def __init__(
+        self,
+        cfg: Config,
+        broker_url: str,
+        out_dir: str | Path | None = None,
+        *,
+        resume: bool = False,
+        credentials: str | None = None,
+        ca_file: str | None = None,
+        protocol: int = 5,
+        on_event=None,
+    ):
+        self.cfg = cfg
+        self.topics = Topics(cfg.federation.name)
+        self.out_dir = Path(out_dir) if out_dir else None
+        if resume and self.out_dir is None:
+            raise CAHFPError("--resume needs the run directory (--out) of the interrupted run")
+        self.resume = resume
+        user, password = read_credentials(credentials)
+        stopped = Status(round=0, state="stopped", detail="coordinator connection lost")
+        self.link = MqttLink(
+            broker_url,
+            f"coordinator-{cfg.federation.name}",
+            username=user,
+            password=password,
+            ca_file=ca_file,
+            protocol=protocol,
+            will=(self.topics.status, stopped.model_dump_json().encode(), 1, True),
+        )
+        self.transport = MqttTransport(self.link, self.topics)
+        d = cfg.data
+        test = load_dataset(d.dataset, "test", d.data_dir, d.download)
+        if d.eval_samples and d.eval_samples < len(test):
+            test = test.subset(range(d.eval_samples))
+        self.spec = ModelSpec(
+            name=cfg.model.name,
+            width=cfg.model.width,
+            num_classes=test.num_classes,
+            in_channels=test.in_channels,
+            image_size=test.image_size,
+        )
+        self.engine = RoundEngine(
+            cfg, self.spec, self.transport, lambda m: evaluate(m, test), {}, on_event=on_event
+        )
+        self.stop = threading.Event()
+        self.records: list[RoundRecord] = []
+
+    def _status(self, rnd: int, state: str, detail: str = "") -> None:
+        s = Status(
+            round=rnd,
+            state=state,
+            detail=detail,
+            model=self.spec.model_dump(),
+            recipe=self.cfg.train.model_dump(),
+            deadline_s=self.cfg.federation.deadline_s,
+        )
+        self.link.publish(self.topics.status, s.model_dump_json(), qos=1, retain=True)
+
+    def _announce_model(self, rec: RoundRecord) -> None:
+        data = encode_state(self.engine.state)
+        ann = ModelAnnouncement(
+            round=rec.round,
+            sha256=hashlib.sha256(data).hexdigest(),
+            bytes=len(data),
+            accuracy=rec.accuracy,
+        )
+        self.link.publish(self.topics.model, ann.model_dump_json(), qos=1, retain=True)
+
+    def _registry(self) -> dict:
+        return {c: {"index": r.index, "keep": r.keep} for c, r in self.engine.clients.items()}
+
+    def run(self, connect_timeout: float = 30.0, registration_timeout: float | None = None) -> dict:
+        start_time = time.perf_counter()
+        start_round = 1
+        recorder = None
+        if self.out_dir:
+            recorder = RunRecorder(
+                self.out_dir, self.cfg, self.engine.dense_flops, resume=self.resume
+            )
+        if self.resume:
+            done, state, extra = load_checkpoint(self.out_dir)
+            self.engine.state = state
+            self.engine.model.load_state_dict(state)
+            self.engine.round = done
+            for cid, info in sorted(
+                extra.get("clients", {}).items(), key=lambda kv: kv[1]["index"]
+            ):
+                self.engine.register(cid, info.get("keep"))
+            recorder.truncate_after(done)
+            start_round = done + 1
+            log.info("resuming after round %d", done)
+        self.link.start(connect_timeout)
+        try:
+            self._status(start_round - 1, "waiting", "waiting for clients")
+            wait = (
+                registration_timeout
+                if registration_timeout is not None
+                else self.cfg.federation.deadline_s
+            )
+            online = self.transport.wait_for_clients(self.cfg.federation.clients, wait)
+            log.info("%d clients online: %s", len(online), ", ".join(online))
+            if start_round == 1:
+                initial = self.engine.initial_record()
+                self.engine.on_event("initial", {"record": initial})
+                self.records.append(initial)
+                if recorder:
+                    recorder.round(initial, self.engine.state)
+            for rnd in range(start_round, self.cfg.federation.rounds + 1):
+                if self.stop.is_set():
+                    break
+                self._status(rnd, "running")
+                rec = self.engine.run_round(rnd)
+                self.records.append(rec)
+                if recorder:
+                    recorder.round(rec, self.engine.state, extra={"clients": self._registry()})
+                self._announce_model(rec)
+            final = "stopped" if self.stop.is_set() else "finished"
+            self._status(self.engine.round, final)
+        finally:
+            self.transport.close()
+        wall = time.perf_counter() - start_time
+        if recorder:
+            return recorder.finish(self.engine.state, wall)
+        return summarize(
+            [record_dict(r) for r in self.records], self.cfg, self.engine.dense_flops, wall
+        )

@@ -1,0 +1,241 @@
+"""One MQTT connection (paho-mqtt 2.x, callback API v2), shared by the device agent and the
+coordinator service: ``mqtt://`` and ``mqtts://`` URLs, credentials, CA file, last will,
+persistent session, automatic reconnect with backoff, subscriptions restored after every
+reconnect, chunked publishing of large payloads, and a thread-safe inbox of received messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from cahfp.errors import CAHFPError
+from cahfp.protocol import DEFAULT_CHUNK, split_payload
+
+log = logging.getLogger("cahfp.link")
+HEADER_ROOM = 512  # chunk header + MQTT fixed header + topic, kept below the packet limit
+
+
+class LinkError(CAHFPError):
+    """The broker could not be reached or refused us."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        u = urlparse(url)
+        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+            raise LinkError(
+                f"broker URL must look like mqtt://HOST:PORT or mqtts://HOST:PORT, got {url!r}"
+            )
+        if u.username or u.password:
+            raise LinkError(
+                "do not put credentials in the broker URL; use --credentials FILE "
+                "or CAHFP_MQTT_USERNAME / CAHFP_MQTT_PASSWORD"
+            )
+        return cls(
+            u.hostname, u.port or (8883 if u.scheme == "mqtts" else 1883), u.scheme == "mqtts"
+        )
+
+
+def read_credentials(path: str | os.PathLike | None) -> tuple[str | None, str | None]:
+    """Username and password from a file (``username:password`` on one line, or username and
+    password on two lines), else from ``CAHFP_MQTT_USERNAME`` / ``CAHFP_MQTT_PASSWORD``."""
+    if path:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError as exc:
+            raise LinkError(f"cannot read credentials file {path}: {exc}") from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if len(lines) == 1 and ":" in lines[0]:
+            user, pw = lines[0].split(":", 1)
+            return user, pw
+        if len(lines) == 2:
+            return lines[0], lines[1]
+        raise LinkError(f"credentials file {path} must hold 'username:password' or two lines")
+    return os.environ.get("CAHFP_MQTT_USERNAME"), os.environ.get("CAHFP_MQTT_PASSWORD")
+
+
+@dataclass
+class Received:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class MqttLink:
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: str | None = None,
+        will: tuple[str, bytes, int, bool] | None = None,
+        protocol: int = 5,
+        keepalive: int = 20,
+        session_expiry: int = 3600,
+    ):
+        self.address = BrokerAddress.parse(url)
+        self.client_id = client_id
+        self.protocol = mqtt.MQTTv5 if protocol == 5 else mqtt.MQTTv311
+        kwargs = {} if protocol == 5 else {"clean_session": False}
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=self.protocol, **kwargs
+        )
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if self.address.tls:
+            self.client.tls_set(
+                ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT
+            )
+        elif ca_file:
+            raise LinkError("a CA file was given but the broker URL is not mqtts://")
+        if will:
+            self.client.will_set(*will)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=16)
+        self.client.max_inflight_messages_set(32)
+        self.client.max_queued_messages_set(0)
+        self.keepalive, self.session_expiry = keepalive, session_expiry
+        self.inbox: queue.Queue[Received] = queue.Queue()
+        self.subscriptions: dict[str, int] = {}
+        self.connected = threading.Event()
+        self.error: str | None = None
+        self.max_packet: int | None = None  # announced by an MQTT 5 broker
+        self.connects = 0
+        self.stopping = False
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    # ------------------------------------------------------------------ callbacks (paho thread)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            self.error = f"broker refused the connection: {reason_code}"
+            log.error("%s: %s", self.client_id, self.error)
+            return
+        self.error = None
+        self.connects += 1
+        if properties is not None and hasattr(properties, "MaximumPacketSize"):
+            self.max_packet = int(properties.MaximumPacketSize)
+        for topic, qos in self.subscriptions.items():
+            client.subscribe(topic, qos)
+        self.connected.set()
+        log.info(
+            "%s connected to %s:%d (session present: %s)",
+            self.client_id,
+            self.address.host,
+            self.address.port,
+            getattr(flags, "session_present", None),
+        )
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.connected.clear()
+        if not self.stopping:
+            log.warning(
+                "%s disconnected (%s); reconnecting with backoff", self.client_id, reason_code
+            )
+
+    def _on_message(self, client, userdata, msg):
+        self.inbox.put(Received(msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    # ------------------------------------------------------------------ API
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Connect (retrying in the background) and wait until connected or ``timeout``."""
+        props = None
+        if self.protocol == mqtt.MQTTv5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.session_expiry
+            clean = False
+        else:
+            clean = mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        try:
+            self.client.connect_async(
+                self.address.host,
+                self.address.port,
+                self.keepalive,
+                clean_start=clean,
+                properties=props,
+            )
+        except (OSError, ValueError) as exc:
+            raise LinkError(
+                f"cannot connect to {self.address.host}:{self.address.port}: {exc}"
+            ) from None
+        self.client.loop_start()
+        if not self.wait_connected(timeout):
+            self.stop()
+            raise LinkError(
+                self.error
+                or f"no connection to {self.address.host}:"
+                f"{self.address.port} within {timeout:.0f} s"
+            )
+
+    def wait_connected(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.connected.wait(0.1):
+                return True
+            if self.error and "refused" in self.error and "authorized" in self.error.lower():
+                return False
+        return self.connected.is_set()
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        self.subscriptions[topic] = qos
+        if self.connected.is_set():
+            self.client.subscribe(topic, qos)
+
+    def publish(
+        self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False
+    ) -> mqtt.MQTTMessageInfo:
+        """Publish; while disconnected, QoS 1 messages are queued and sent on reconnect."""
+        return self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def chunk_size(self, wanted: int = DEFAULT_CHUNK) -> int:
+        if self.max_packet:
+            return max(1024, min(wanted, self.max_packet - HEADER_ROOM))
+        return wanted
+
+    def publish_payload(
+        self, topic: str, data: bytes, chunk_size: int = DEFAULT_CHUNK, transfer: str | None = None
+    ) -> tuple[str, list[mqtt.MQTTMessageInfo]]:
+        """Publish ``data`` as chunks (QoS 1); returns the transfer id and publish handles."""
+        transfer, chunks = split_payload(data, self.chunk_size(chunk_size), transfer)
+        return transfer, [self.publish(topic, c, qos=1) for c in chunks]
+
+    def get(self, timeout: float) -> Received | None:
+        try:
+            return self.inbox.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            return None
+
+    def stop(self, final: list[tuple[str, bytes, bool]] | None = None) -> None:
+        """Publish ``final`` messages (topic, payload, retain), then disconnect cleanly."""
+        self.stopping = True
+        infos = [self.publish(t, p, qos=1, retain=r) for t, p, r in (final or [])]
+        for info in infos:
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout=3)
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()

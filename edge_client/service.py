@@ -1,0 +1,125 @@
+"""``cahfp client``: the device agent as a process, with its local data, its budget model and
+signal handling."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+
+import torch
+
+from cahfp.data import load_dataset, partition
+from cahfp.errors import CAHFPError
+from cahfp.messages import ModelSpec
+from cahfp.protocol import Topics, check_name
+from cahfp.training import Recipe
+from edge_client.agent import Agent
+from edge_client.budget import BudgetModel
+from edge_client.link import MqttLink, read_credentials
+from edge_client.task import ClientState
+
+log = logging.getLogger("cahfp.client")
+
+
+def local_data(args: argparse.Namespace):
+    """The device's own ``imagefolder:PATH`` data, or one partition of a public dataset (the
+    same split the simulation makes for the same seed)."""
+    data = load_dataset(args.data, "train", args.data_dir, args.download)
+    if args.data.startswith("imagefolder:") or args.num_clients <= 1:
+        return data
+    if not 0 <= args.client_index < args.num_clients:
+        raise CAHFPError(f"--client-index must be in [0, {args.num_clients})")
+    gen = torch.Generator().manual_seed(args.seed)
+    pool = torch.randperm(len(data), generator=gen)
+    if args.train_samples:
+        pool = pool[: args.train_samples]
+    parts = partition(
+        data.targets[pool].numpy(), args.num_clients, args.partition, seed=args.seed, min_samples=10
+    )
+    return data.subset(pool[torch.as_tensor(parts[args.client_index])])
+
+
+def budget_setup(state: ClientState, profile: str):
+    """``none``: the coordinator assigns the keep; ``auto``: this device measures itself;
+    a profile name: emulate that board (its speed relative to this machine, memory, uplink)."""
+    if profile == "none":
+        return None, {}
+    from edge_client.calibrate import calibrate
+    from edge_client.device import measure_device
+
+    info = measure_device()
+    described = {"device": {k: v for k, v in info.to_dict().items() if k != "cgroup"}}
+    if profile == "auto":
+        state.memory_bytes = info.usable_memory
+        scale = 1.0
+    else:
+        from device_profiles import load_profile
+
+        p = load_profile(profile)
+        state.profile = p.name
+        state.memory_bytes = p.memory_bytes
+        state.uplink_bytes_per_s = p.uplink_bytes_per_s
+        scale = 1.0 / p.relative_speed
+        described["profile"] = p.name
+    state.time_scale = scale
+
+    def calibrate_budget(spec: ModelSpec, recipe: Recipe) -> None:
+        cal = calibrate(spec, recipe.batch_size).scaled(scale)
+        state.budget = BudgetModel(cal)
+        described["calibration"] = {
+            "seconds_per_sample": cal.seconds_per_sample,
+            "seconds_per_sample_small": cal.seconds_per_sample_small,
+            "model": spec.name,
+            "width": spec.width,
+        }
+
+    return calibrate_budget, described
+
+
+def run_client(args: argparse.Namespace) -> int:
+    check_name("client id", args.id)
+    topics = Topics(args.federation)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = local_data(args)
+    state = ClientState(args.id, data)
+    calibrate_budget, profile = budget_setup(state, args.profile)
+    user, password = read_credentials(args.credentials)
+    from cahfp.protocol import Presence
+
+    offline = Presence(client_id=args.id, status="offline").model_dump_json().encode()
+    link = MqttLink(
+        args.broker,
+        args.id,
+        username=user,
+        password=password,
+        ca_file=args.ca,
+        protocol=args.mqtt_version,
+        will=(topics.presence(args.id), offline, 1, True),
+    )
+    agent = Agent(
+        link,
+        topics,
+        state,
+        profile=profile,
+        export_dir=args.export_dir,
+        calibrate_budget=calibrate_budget,
+        until_finished=args.until_finished,
+    )
+
+    def on_signal(signum, _frame):
+        log.info("%s: %s received, stopping", args.id, signal.Signals(signum).name)
+        agent.stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stats = agent.run(connect_timeout=args.connect_timeout)
+    log.info(
+        "%s: stopped after %d tasks (%d acknowledged, %d rejected)",
+        args.id,
+        stats.tasks,
+        stats.acked,
+        stats.rejected,
+    )
+    return 0

@@ -1,0 +1,166 @@
+"""Processes and files for the MQTT tests."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(
+    path: Path,
+    name: str,
+    rounds: int,
+    clients: int,
+    data_dir: Path,
+    deadline: float = 20.0,
+    **extra,
+) -> Path:
+    sections = {
+        "federation": {
+            "name": name,
+            "rounds": rounds,
+            "clients": clients,
+            "seed": 1,
+            "deadline_s": deadline,
+            "min_updates": 1,
+            "strategy": "cahfp",
+        },
+        "model": {"name": "vgg11", "width": 0.25},
+        "data": {
+            "dataset": "fmnist",
+            "partition": "iid",
+            "train_samples": 300 * clients,
+            "eval_samples": 1000,
+            "data_dir": str(data_dir),
+        },
+        "train": {"epochs": 1, "batch_size": 32, "lr": 0.05},
+        "pruning": {"tiers": [1.0, 0.5, 0.3], "refresh_period": 2},
+    }
+    for key, value in extra.items():
+        section, _, field = key.partition("__")
+        sections[section][field] = value
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def cli(*args: str, log: Path | None = None) -> subprocess.Popen:
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - lives with the process
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "cahfp.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def client(
+    url: str,
+    fed: str,
+    cid: str,
+    index: int,
+    n: int,
+    data_dir: Path,
+    log: Path,
+    *extra: str,
+    train_samples: int | None = None,
+) -> subprocess.Popen:
+    return cli(
+        "client",
+        "--broker",
+        url,
+        "--id",
+        cid,
+        "--federation",
+        fed,
+        "--data",
+        "fmnist",
+        "--partition",
+        "iid",
+        "--num-clients",
+        str(n),
+        "--client-index",
+        str(index),
+        "--train-samples",
+        str(train_samples or 300 * n),
+        "--seed",
+        "1",
+        "--data-dir",
+        str(data_dir),
+        "--profile",
+        "none",
+        "--threads",
+        "1",
+        "--until-finished",
+        *extra,
+        log=log,
+    )
+
+
+def coordinator(url: str, config: Path, out: Path, log: Path, *extra: str) -> subprocess.Popen:
+    return cli(
+        "coordinator",
+        "--broker",
+        url,
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        "--registration-timeout",
+        "60",
+        *extra,
+        log=log,
+    )
+
+
+def metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 120.0) -> list[int]:
+    """Wait for processes to exit by themselves; kill (and report -9) what does not."""
+    codes = []
+    end = time.monotonic() + timeout
+    for p in procs:
+        try:
+            codes.append(p.wait(max(end - time.monotonic(), 1)))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+            codes.append(-9)
+    return codes
+
+
+def kill_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)

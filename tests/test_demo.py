@@ -1,0 +1,93 @@
+"""The one-command demo: a real federation over an embedded broker, and nothing left behind."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.mqtt_helpers import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def leftovers(url: str) -> list[str]:
+    port = url.rsplit(":", 1)[-1]
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if url in cmd or (cmd.startswith("mosquitto") and port in cmd):
+            found.append(cmd)
+    return found
+
+
+def demo(*args, **kwargs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "140"}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cahfp.cli",
+            "demo",
+            "--rounds",
+            "2",
+            "--clients",
+            "3",
+            "--samples-per-client",
+            "200",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def broker_url(text: str) -> str:
+    m = re.search(r"at (mqtt://127\.0\.0\.1:\d+)", text)
+    assert m, text
+    return m.group(1)
+
+
+@pytest.mark.parametrize("kind", ["mosquitto", "amqtt"])
+def test_demo_runs_a_federation_and_cleans_up(fmnist_root, tmp_path, kind):
+    if kind == "mosquitto":
+        import shutil
+
+        from tests.conftest import missing
+
+        if not shutil.which("mosquitto"):
+            missing("mosquitto is not installed")
+    proc = demo("--broker", kind, "--out", str(tmp_path / "run"), "--data-dir", str(fmnist_root))
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert "final accuracy" in out and "on-device" in out
+    for cid in ("demo-0", "demo-1", "demo-2"):
+        assert cid in out
+    if kind == "amqtt":
+        assert "amqtt fallback" in out
+    time.sleep(1)
+    assert leftovers(broker_url(out)) == []
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_ctrl_c_leaves_no_process_behind(fmnist_root, tmp_path):
+    proc = demo("--out", str(tmp_path / "run"), "--data-dir", str(fmnist_root))
+    text = ""
+    deadline = time.monotonic() + 120
+    while "started 3 clients" not in text and time.monotonic() < deadline:
+        text += proc.stdout.readline()
+    assert "started 3 clients" in text, text
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, text + out
+    time.sleep(1)
+    assert leftovers(broker_url(text)) == []

@@ -1,0 +1,277 @@
+"""The federation over a real broker: separate coordinator and client processes that share
+only a mosquitto (started on a free loopback port by the ``broker`` fixture)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from cahfp.messages import Metrics, TaskMessage, UpdateMessage
+from cahfp.models import build_model
+from cahfp.protocol import Topics, split_payload
+from cahfp.wire import decode_state, encode_update
+from edge_client.link import MqttLink
+from tests.mqtt_helpers import (
+    client,
+    coordinator,
+    finish,
+    kill_all,
+    metrics,
+    wait_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def logs(tmp_path) -> str:
+    return "\n".join(
+        f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(tmp_path.glob("*.log"))
+    )
+
+
+def start_federation(broker, tmp_path, fmnist_root, name, rounds, n=3, **cfg):
+    config = write_config(tmp_path / f"{name}.toml", name, rounds, n, fmnist_root, **cfg)
+    clients = [
+        client(broker.url, name, f"c{i}", i, n, fmnist_root, tmp_path / f"c{i}.log")
+        for i in range(n)
+    ]
+    coord = coordinator(broker.url, config, tmp_path / name, tmp_path / "coordinator.log")
+    return config, coord, clients
+
+
+def test_end_to_end_three_clients(broker, fmnist_root, tmp_path):
+    _, coord, clients = start_federation(broker, tmp_path, fmnist_root, "e2e", rounds=3)
+    try:
+        codes = finish([coord, *clients], timeout=300)
+    finally:
+        kill_all([coord, *clients])
+    assert codes == [0, 0, 0, 0], logs(tmp_path)
+    m = metrics(tmp_path / "e2e")
+    assert [r["round"] for r in m] == [0, 1, 2, 3]
+    assert m[-1]["accuracy"] > m[0]["accuracy"] + 0.1
+    for r in m[1:]:
+        assert [c["status"] for c in r["clients"]] == ["ok"] * 3, r
+    assert (tmp_path / "e2e" / "model.safetensors").is_file()
+    assert (tmp_path / "e2e" / "accuracy_vs_round.png").is_file()
+
+
+def test_killed_client_misses_the_round_and_rejoins(broker, fmnist_root, tmp_path):
+    name = "kill"
+    config = write_config(tmp_path / "k.toml", name, 5, 3, fmnist_root, deadline=10.0)
+    run = tmp_path / name
+    procs = [
+        client(broker.url, name, f"c{i}", i, 3, fmnist_root, tmp_path / f"c{i}.log")
+        for i in range(2)
+    ]
+    # the victim trains on more data, so that killing it lands in the middle of its work
+    victim = client(
+        broker.url, name, "c2", 0, 1, fmnist_root, tmp_path / "c2.log", train_samples=4000
+    )
+    coord = coordinator(broker.url, config, run, tmp_path / "coordinator.log")
+    procs += [victim, coord]
+    try:
+        wait_for(lambda: len(metrics(run)) >= 2, 180, "round 1")  # round 2 has started
+        time.sleep(1.0)
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait(5)
+        wait_for(lambda: len(metrics(run)) >= 3, 60, "round 2 to end at its deadline")
+        procs.append(client(broker.url, name, "c2", 2, 3, fmnist_root, tmp_path / "c2b.log"))
+        codes = finish([coord, *procs[:2], procs[-1]], timeout=300)
+    finally:
+        kill_all(procs)
+    assert codes == [0, 0, 0, 0], logs(tmp_path)
+    m = metrics(run)
+    assert [r["round"] for r in m] == [0, 1, 2, 3, 4, 5]
+    r2 = {c["client_id"]: c["status"] for c in m[2]["clients"]}
+    assert r2 == {"c0": "ok", "c1": "ok", "c2": "missing"}, m[2]
+    assert m[2]["aggregated"] == 2 and not m[2]["skipped"]
+    later = [c["status"] for r in m[3:] for c in r["clients"] if c["client_id"] == "c2"]
+    assert "ok" in later, m[3:]
+
+
+def test_coordinator_restart_resumes_after_last_completed_round(broker, fmnist_root, tmp_path):
+    name = "resume"
+    config, coord, clients = start_federation(broker, tmp_path, fmnist_root, name, rounds=4)
+    run = tmp_path / name
+    procs = [coord, *clients]
+    try:
+        wait_for(
+            lambda: (
+                (run / "checkpoint" / "state.json").is_file()
+                and json.loads((run / "checkpoint" / "state.json").read_text())["round"] >= 2
+            ),
+            240,
+            "round 2",
+        )
+        os.killpg(coord.pid, signal.SIGKILL)
+        coord.wait(5)
+        done = json.loads((run / "checkpoint" / "state.json").read_text())["round"]
+        coord2 = coordinator(broker.url, config, run, tmp_path / "coordinator2.log", "--resume")
+        procs.append(coord2)
+        codes = finish([coord2, *clients], timeout=300)
+    finally:
+        kill_all(procs)
+    assert codes == [0, 0, 0, 0], logs(tmp_path)
+    m = metrics(run)
+    assert [r["round"] for r in m] == [0, 1, 2, 3, 4]  # continuous, nothing lost or repeated
+    assert all(r["aggregated"] == 3 for r in m[1:])
+    assert f"resuming after round {done}" in (tmp_path / "coordinator2.log").read_text()
+
+
+def test_broker_restart_mid_run(broker, fmnist_root, tmp_path):
+    name = "brk"
+    _, coord, clients = start_federation(
+        broker, tmp_path, fmnist_root, name, rounds=4, deadline=25.0
+    )
+    run = tmp_path / name
+    try:
+        wait_for(lambda: len(metrics(run)) >= 2, 180, "round 1")
+        time.sleep(0.3)
+        broker.kill()
+        time.sleep(1.5)
+        broker.start()
+        codes = finish([coord, *clients], timeout=400)
+    finally:
+        kill_all([coord, *clients])
+    assert codes == [0, 0, 0, 0], logs(tmp_path)
+    m = metrics(run)
+    assert [r["round"] for r in m] == [0, 1, 2, 3, 4]
+    assert m[-1]["aggregated"] == 3
+
+
+class Saboteur:
+    """Watches a federation's tasks and updates (the test broker has no ACL) and injects, for
+    every round, each kind of bad update, plus a duplicate of a real one."""
+
+    def __init__(self, url: str, fed: str, victim: str = "c0"):
+        self.topics = Topics(fed)
+        self.victim = victim
+        self.link = MqttLink(url, "mallory")
+        for t in (self.topics.task(), self.topics.update(), self.topics.update_data()):
+            self.link.subscribe(t, 1)
+        self.injected: list[str] = []
+        self.seen_updates: dict[str, list[bytes]] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def start(self):
+        self.link.start(10)
+        self.thread.start()
+        return self
+
+    def _update(self, task: TaskMessage, payload: bytes, round_=None, client=None) -> None:
+        transfer, chunks = split_payload(payload, 1 << 20)
+        for c in chunks:
+            self.link.publish(self.topics.update_data(client or task.client_id), c)
+        msg = UpdateMessage(
+            task_id=task.task_id,
+            round=task.round if round_ is None else round_,
+            client_id=client or task.client_id,
+            status="ok",
+            metrics=Metrics(samples=100),
+            transfer=transfer,
+        )
+        self.link.publish(self.topics.update(client or task.client_id), msg.model_dump_json())
+
+    def attack(self, task: TaskMessage) -> None:
+        spec = task.model
+        state = build_model(spec.name, spec.num_classes, spec.in_channels, spec.width).state_dict()
+        t, up = self.topics, self.topics.update(self.victim)
+        # 1 malformed JSON
+        self.link.publish(up, b"{not json")
+        # 2 NaN values
+        nan = dict(
+            state,
+            **{"features.0.weight": torch.full_like(state["features.0.weight"], float("nan"))},
+        )
+        self._update(task, encode_update(nan, {}))
+        # 3 wrong shape
+        short = dict(state, **{"classifier.weight": state["classifier.weight"][:5]})
+        self._update(task, encode_update(short, {}))
+        # 4 wrong round
+        self._update(task, encode_update(state, {}), round_=task.round + 7)
+        # 5 bad chunk hash
+        _transfer, chunks = split_payload(encode_update(state, {}), 1 << 16)
+        chunks[1] = chunks[1][:-10] + b"X" * 10
+        for c in chunks:
+            self.link.publish(t.update_data(self.victim), c)
+        # 6 oversize (declared size above the coordinator's limit)
+        header = json.dumps(
+            {"transfer": "ab" * 8, "index": 0, "count": 2, "size": 1 << 40, "sha256": "0" * 64}
+        ).encode()
+        self.link.publish(
+            t.update_data(self.victim), b"CHFP" + len(header).to_bytes(4, "big") + header + b"x"
+        )
+        # 7 unknown client
+        self._update(task, encode_update(state, {}), client="mallory")
+        self.injected.append(task.task_id)
+
+    def run(self):
+        replayed = set()
+        while not self.stop.is_set():
+            msg = self.link.get(0.2)
+            if msg is None:
+                continue
+            kind, cid, data = self.topics.parse(msg.topic)
+            if kind == "task" and not data and cid == self.victim:
+                self.attack(TaskMessage.model_validate_json(msg.payload))
+            elif kind == "update" and cid == "c1":
+                self.seen_updates.setdefault(cid, []).append((msg.topic, msg.payload))
+                if not data and msg.payload not in replayed:  # 8 duplicate of a real update
+                    replayed.add(msg.payload)
+                    for topic, payload in list(self.seen_updates[cid]):
+                        self.link.publish(topic, payload)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        self.link.stop()
+
+
+def test_bad_updates_are_rejected_and_change_nothing(broker, fmnist_root, tmp_path):
+    results = {}
+    for name, attack in (("clean", False), ("attacked", True)):
+        d = tmp_path / name
+        d.mkdir()
+        saboteur = Saboteur(broker.url, name).start() if attack else None
+        _, coord, clients = start_federation(broker, d, fmnist_root, name, rounds=2)
+        try:
+            codes = finish([coord, *clients], timeout=300)
+        finally:
+            kill_all([coord, *clients])
+            if saboteur:
+                saboteur.close()
+        assert codes == [0, 0, 0, 0], logs(d)
+        results[name] = (
+            metrics(d / name),
+            decode_state((d / name / "model.safetensors").read_bytes())[0],
+        )
+        if attack:
+            assert len(saboteur.injected) == 2
+            log = (d / "coordinator.log").read_text()
+            for reason in (
+                "malformed UpdateMessage",
+                "NaN",
+                "shape",
+                "round does not match",
+                "sha256 mismatch",
+                "exceeds the limit",
+                "unknown client",
+            ):
+                assert reason in log, reason
+    (clean_m, clean_state), (bad_m, bad_state) = results["clean"], results["attacked"]
+    for r in bad_m[1:]:
+        assert [c["status"] for c in r["clients"]] == ["ok"] * 3, r
+        assert r["aggregated"] == 3
+    for k, v in clean_state.items():
+        torch.testing.assert_close(bad_state[k], v, atol=1e-5, rtol=1e-5)
+    assert [r["accuracy"] for r in bad_m] == pytest.approx(
+        [r["accuracy"] for r in clean_m], abs=2e-3
+    )

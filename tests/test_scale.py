@@ -1,0 +1,47 @@
+"""A scale smoke test: 50 lightweight clients on real MQTT connections, the real coordinator."""
+
+import time
+
+import pytest
+
+from cahfp.config import load_config
+from cahfp.messages import ModelSpec
+from coordinator.service import Coordinator
+from edge_client.swarm import Swarm
+
+pytestmark = pytest.mark.slow
+
+
+def test_fifty_lightweight_clients_in_under_a_minute(broker, fmnist_root, tmp_path):
+    n = 50
+    cfg = load_config(
+        None,
+        {
+            "federation.name": "scale",
+            "federation.rounds": 2,
+            "federation.clients": n,
+            "federation.deadline_s": 60,
+            "federation.strategy": "cahfp",
+            "model.name": "vgg11",
+            "model.width": 0.25,
+            "data.eval_samples": 200,
+            "data.data_dir": str(fmnist_root),
+            "pruning.refresh_period": 2,
+        },
+    )
+    spec = ModelSpec(name="vgg11", width=0.25, num_classes=10, in_channels=1, image_size=28)
+    swarm = Swarm(broker.url, "scale", n, spec, distinct=4)
+    start = time.perf_counter()
+    swarm.start()
+    try:
+        coord = Coordinator(cfg, broker.url, tmp_path / "run")
+        summary = coord.run(registration_timeout=60)
+    finally:
+        swarm.close()
+    elapsed = time.perf_counter() - start
+    assert summary["rounds"] == 2
+    for rec in coord.records[1:]:
+        assert rec.aggregated == n  # every update counted once, none lost
+        assert sorted(c.status for c in rec.clients) == ["ok"] * n
+    assert swarm.answered == 2 * n
+    assert elapsed < 60, f"{elapsed:.1f} s"
