@@ -12,6 +12,14 @@ from cahfp.errors import CAHFPError
 Handler = Callable[[argparse.Namespace], int]
 
 
+def _mqtt_level(text: str) -> int:
+    """The MQTT protocol level for ``--mqtt-version``: 5, or 4 for 3.1.1."""
+    levels = {"5": 5, "3.1.1": 4, "311": 4, "4": 4}
+    if text not in levels:
+        raise argparse.ArgumentTypeError(f"unknown MQTT version {text!r} (use 5 or 3.1.1)")
+    return levels[text]
+
+
 def _add_data_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir", help="dataset root (default: $CAHFP_DATA_DIR, then ~/.cache/cahfp/data)"
@@ -433,7 +441,13 @@ def _add_broker(p: argparse.ArgumentParser) -> None:
         help="file with 'username:password' (else CAHFP_MQTT_USERNAME / CAHFP_MQTT_PASSWORD)",
     )
     p.add_argument("--ca", help="CA certificate for mqtts://")
-    p.add_argument("--mqtt-version", type=int, choices=[3, 5], default=5)
+    p.add_argument(
+        "--mqtt-version",
+        type=_mqtt_level,
+        default=5,
+        metavar="{5,3.1.1}",
+        help="MQTT protocol: 5 (default) or 3.1.1 for brokers without MQTT 5",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

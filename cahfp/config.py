@@ -105,6 +105,20 @@ class PruningConfig(_Strict):
     multiple: int = Field(8, ge=1)
     interactions: bool = True
     first_order: bool = True
+    amortize_scoring: bool = Field(
+        True,
+        description="clients that score on their data count "
+        "the scoring passes, spread over the refresh period, in "
+        "their FLOPs budget",
+    )
+    budget_uplink: bool = Field(
+        True,
+        description="CA-HFP: the plan's parameters (what the "
+        "update carries) also stay within the keep fraction",
+    )
+    gradient: Literal["signed", "absolute", "off"] = Field(
+        "signed", description="how the joint planner uses the first-order term"
+    )
     coverage_weight: float = Field(
         0.0,
         ge=0,

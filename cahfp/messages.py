@@ -43,6 +43,10 @@ class PlanSettings(BaseModel):
     multiple: int = Field(8, ge=1)
     interactions: bool = True
     first_order: bool = True
+    gradient: str = "signed"
+    refresh_period: int = Field(1, ge=1)
+    amortize_scoring: bool = False
+    budget_uplink: bool = False
     coverage_weight: float = Field(0.0, ge=0)
     temperature: float = Field(0.0, ge=0)
 

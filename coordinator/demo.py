@@ -85,7 +85,7 @@ def spawn_clients(
             "--profile",
             profile,
             "--mqtt-version",
-            str(protocol),
+            "5" if protocol == 5 else "3.1.1",
             "--threads",
             "1",
             "--quiet",

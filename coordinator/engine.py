@@ -37,6 +37,8 @@ class ClientRecord:
     index_map: IndexMap | None = None
     keep_achieved: float = 1.0
     planned_round: int | None = None  # round its current plan was made
+    # the budget its current plan was made for (its FLOPs can be lower: scoring is amortized)
+    planned_keep: float | None = None
 
 
 @dataclass
@@ -172,6 +174,7 @@ class RoundEngine:
         if self.strategy.scorer == "ordered" and rec.keep in self._ordered_plans:
             # HeteroFL's plan depends on the keep fraction only
             rec.index_map, rec.keep_achieved = self._ordered_plans[rec.keep]
+            rec.planned_keep = rec.keep
             self._mark_planned(rec, rnd)
             return
         scores = score_groups(
@@ -191,7 +194,7 @@ class RoundEngine:
             multiple=p.multiple,
         )
         rec.index_map = index_map_for(self.model, plan.groups, plan.keep)
-        rec.keep_achieved = plan.flops_fraction
+        rec.keep_achieved, rec.planned_keep = plan.flops_fraction, rec.keep
         if self.strategy.scorer == "ordered":
             self._ordered_plans[rec.keep] = (rec.index_map, rec.keep_achieved)
         self._mark_planned(rec, rnd)
@@ -201,8 +204,9 @@ class RoundEngine:
             return True
         if self.strategy.scorer == "rolling":
             return rnd != rec.planned_round  # the window moves every round by definition
-        shrank = rec.keep < rec.keep_achieved - 0.05  # the device can no longer afford its plan
-        grew = rec.keep > rec.keep_achieved + 0.1 and rec.keep_achieved < 1
+        planned = rec.keep_achieved if rec.planned_keep is None else rec.planned_keep
+        shrank = rec.keep < planned - 0.05  # the device can no longer afford its plan
+        grew = rec.keep > planned + 0.1 and rec.keep_achieved < 1
         if shrank or grew:
             return True
         if self.strategy.scorer == "ordered":
@@ -240,6 +244,10 @@ class RoundEngine:
                     multiple=p.multiple,
                     interactions=p.interactions,
                     first_order=p.first_order,
+                    gradient=p.gradient,
+                    refresh_period=p.refresh_period,
+                    amortize_scoring=p.amortize_scoring,
+                    budget_uplink=p.budget_uplink and strat.name == "cahfp",
                     coverage_weight=p.coverage_weight if strat.name == "cahfp" else 0.0,
                     temperature=p.temperature if strat.name == "cahfp" else 0.0,
                 )
@@ -440,6 +448,7 @@ class RoundEngine:
         if self.strategy.site == "client" and not self.strategy.dense:
             rec.index_map, rec.keep_achieved = imap, m.keep_achieved
             if m.refreshed:
+                rec.planned_keep = m.keep_target if m.keep_target is not None else rec.keep
                 self._mark_planned(rec, task.round)
         return out
 

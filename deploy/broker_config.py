@@ -74,11 +74,12 @@ per_listener_settings false
 allow_anonymous false
 password_file {d}/passwords
 acl_file {d}/acl
-# the username is the client id: nobody can connect as another device's client id
-use_username_as_clientid true
-
 listener {port} {bind}
 protocol mqtt
+# the username is the client id: nobody can connect as another device's client id. This is a
+# per-listener option: placed before the `listener` line it would configure (and open) a
+# default plain listener on 1883 instead of this one.
+use_username_as_clientid true
 cafile {d}/certs/ca.crt
 certfile {d}/certs/server.crt
 keyfile {d}/certs/server.key

@@ -183,7 +183,12 @@ class Testbed:
 
     # ------------------------------------------------------------------ processes
 
-    def start_clients(self, url: str, cfg: Config, extra: list[str]) -> None:
+    def start_clients(
+        self, url: str, cfg: Config, extra: list[str], log_dir: Path | None = None
+    ) -> None:
+        """Start one client per slot; each one's output goes to ``log_dir/NAME.log``."""
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
         for s in self.slots:
             procs_files = " ".join(str(c / "cgroup.procs") for c in s.cgroups)
             inner = [
@@ -216,18 +221,25 @@ class Testbed:
                 inner += ["--train-samples", str(cfg.data.train_samples)]
             if cfg.data.data_dir:
                 inner += ["--data-dir", cfg.data.data_dir]
-            # the shell moves itself into the cgroups, then becomes the client in the netns
+            # The shell moves itself into the cgroups, then becomes the client in the netns.
+            # nsenter, not `ip netns exec`: the latter remounts /sys, which hides
+            # /sys/fs/cgroup, and the client could no longer measure its own limits.
             script = (
-                f'for f in {procs_files}; do echo $$ > "$f"; done; exec ip netns exec '
-                f'{s.netns} "$@"'
+                f'for f in {procs_files}; do echo $$ > "$f"; done; exec nsenter '
+                f'--net=/var/run/netns/{s.netns} "$@"'
             )
-            s.proc = subprocess.Popen(
-                ["sh", "-c", script, "sh", *inner],
-                cwd=Path.cwd(),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-            )
+            out = open(log_dir / f"{s.name}.log", "wb") if log_dir else subprocess.DEVNULL  # noqa: SIM115
+            try:
+                s.proc = subprocess.Popen(
+                    ["sh", "-c", script, "sh", *inner],
+                    cwd=Path.cwd(),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            finally:
+                if log_dir:
+                    out.close()
 
     def setup(self) -> None:
         self.teardown(quiet=True)  # leftovers of an earlier, killed run
@@ -305,7 +317,8 @@ def run_testbed(
     try:
         bed.setup()
         broker = EmbeddedBroker("mosquitto", bind=bed.host_ip).start()
-        bed.start_clients(broker.url, cfg, ["--threads", "1", "--quiet"])
+        log_dir = out / "clients" if out else None
+        bed.start_clients(broker.url, cfg, ["--threads", "1"], log_dir)
         view = ProgressView(cfg, Console(stderr=True), quiet)
         coord = Coordinator(cfg, broker.url, out, on_event=view.event)
         try:

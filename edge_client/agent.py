@@ -223,6 +223,16 @@ class Agent:
         result = run_task(self.state, task, payload, should_stop=self.stop.is_set)
         self.stats.tasks += 1
         m = result.message.metrics
+        log.info(
+            "%s: round %d %s in %.1f s (score %.1f s, train %.1f s): %s",
+            self.me,
+            task.round,
+            result.message.status,
+            m.total_seconds,
+            m.score_seconds,
+            m.train_seconds,
+            result.message.reason or m.reason or f"keep {m.keep_achieved:.2f}",
+        )
         self.stats.history.append(
             {
                 "round": task.round,

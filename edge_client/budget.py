@@ -3,7 +3,9 @@
 The client predicts, for a keep fraction k (of dense training FLOPs):
 
     time(k)   = c * samples * (t0 + t1 * k)          training, from a two-point calibration
-              + scoring (refresh rounds: a few dense forward/backward batches)
+              + scoring (refresh rounds: s * score_samples * dense seconds per sample; the
+                scoring passes, the plan and the extraction cost s ~ 2 dense training
+                samples each)
               + upload of the compact update (bytes(k) / uplink bandwidth)
     memory(k) = param_bytes * k * 5                   weights, gradients, momentum, two
                                                       serialised copies
@@ -14,7 +16,9 @@ and keeps the largest k on a grid whose time fits ``safety * remaining deadline`
 memory fits ``safety * usable memory``. ``c`` is a correction learned in closed loop: after
 every round the measured training time is compared with the prediction and ``c`` moves toward
 their ratio (exponential moving average), so a throttled or busy board adapts within a few
-rounds. If not even the smallest keep fits, the client declines the round.
+rounds; ``s`` and the time outside training are learned the same way. Until the first round
+has been measured the time limit is tightened further (``unmeasured_margin``). If not even
+the smallest keep fits, the client declines the round.
 """
 
 from __future__ import annotations
@@ -84,12 +88,18 @@ class BudgetModel:
     grid_step: float = 0.05
     correction: float = 1.0  # learned: measured / predicted training time
     overhead_s: float = 0.0  # learned: time spent outside training, scoring and upload
+    score_factor: float = 2.0  # learned: scoring seconds per scored sample / dense train s
+    # until the first round has been measured, plan with this much less of the deadline
+    unmeasured_margin: float = 0.85
     alpha: float = 0.5
     history: list[tuple[float, float]] = field(default_factory=list)
 
     def train_seconds(self, keep: float, samples: int) -> float:
         t0, t1 = self.calibration.per_sample(keep)
         return self.correction * samples * (t0 + t1 * keep)
+
+    def score_seconds(self, samples: int) -> float:
+        return self.score_factor * self.train_seconds(1.0, samples)
 
     def memory(self, keep: float, batch: int) -> int:
         c = self.calibration
@@ -100,7 +110,7 @@ class BudgetModel:
     def predict(self, keep: float, cons: Constraints) -> tuple[float, float, int]:
         """(total seconds, training seconds, peak memory) at ``keep``."""
         compute = self.train_seconds(keep, cons.samples)
-        score = self.train_seconds(1.0, cons.score_samples)
+        score = self.score_seconds(cons.score_samples)
         upload = 0.0
         if cons.uplink_bytes_per_s:
             upload = self.calibration.state_bytes * keep / cons.uplink_bytes_per_s
@@ -117,6 +127,8 @@ class BudgetModel:
     def choose(self, cons: Constraints) -> Choice:
         """The largest keep that fits both the deadline and the memory budget."""
         time_limit = cons.safety * cons.deadline_s
+        if not self.history:
+            time_limit *= self.unmeasured_margin
         mem_limit = cons.safety * cons.memory_bytes
         sps = self.train_seconds(1.0, 1)
         for keep in self.grid():
@@ -132,19 +144,30 @@ class BudgetModel:
         total, compute, mem = self.predict(self.min_keep, cons)
         raise BudgetInfeasible(
             f"even keep {self.min_keep:.2f} does not fit: predicted {total:.1f} s against "
-            f"{time_limit:.1f} s ({cons.safety:.0%} of the {cons.deadline_s:.0f} s deadline), "
+            f"{time_limit:.1f} s ({time_limit / cons.deadline_s:.0%} of the "
+            f"{cons.deadline_s:.0f} s deadline), "
             f"memory {mem / MIB:.0f} MiB against {mem_limit / MIB:.0f} MiB; sitting this round out"
         )
 
     def observe(
-        self, keep: float, samples: int, measured_seconds: float, other_seconds: float | None = None
+        self,
+        keep: float,
+        samples: int,
+        measured_seconds: float,
+        other_seconds: float | None = None,
+        scored: tuple[int, float] | None = None,
     ) -> None:
-        """Closed loop: move the correction toward measured / predicted training time, and the
-        overhead toward the measured time outside training, scoring and upload."""
+        """Closed loop: move the correction toward measured / predicted training time, the
+        overhead toward the measured time outside training, scoring and upload, and (on refresh
+        rounds, ``scored`` = (samples scored, seconds)) the scoring factor toward its measured
+        value."""
         predicted = self.train_seconds(keep, samples)
         if predicted > 0 and measured_seconds > 0:
             ratio = measured_seconds / (predicted / self.correction)
             self.correction = (1 - self.alpha) * self.correction + self.alpha * ratio
             self.history.append((keep, measured_seconds))
+        if scored is not None and scored[0] > 0 and scored[1] > 0:
+            factor = scored[1] / self.train_seconds(1.0, scored[0])
+            self.score_factor = (1 - self.alpha) * self.score_factor + self.alpha * factor
         if other_seconds is not None and other_seconds >= 0:
             self.overhead_s = (1 - self.alpha) * self.overhead_s + self.alpha * other_seconds

@@ -1,7 +1,7 @@
 """A short calibration (about 1-3 s): time real training steps of the actual global model, dense
 and pruned to a quarter of its FLOPs, on a synthetic batch of the real input shape, and measure
 the activation memory per sample (the tensors autograd saves for backward). Results are cached
-per model, batch size, thread count and torch version."""
+per model, batch size, thread count, torch version and CPU limits (cgroup quota, affinity)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from cahfp.data.paths import default_data_dir
 from cahfp.messages import ModelSpec
 from cahfp.pruning import extract, make_plan, score_groups
 from edge_client.budget import Calibration
+from edge_client.device import read_cgroup_limits
 
 SMALL_KEEP = 0.25
 
@@ -29,8 +30,19 @@ def cache_file() -> Path:
 
 
 def _key(spec: ModelSpec, batch: int) -> str:
+    # what the process may use, too: two clients in different cgroups on one host (the testbed)
+    # must not share a measurement
+    limits = read_cgroup_limits()
     raw = json.dumps(
-        [spec.model_dump(), batch, torch.get_num_threads(), torch.__version__, os.uname().nodename]
+        [
+            spec.model_dump(),
+            batch,
+            torch.get_num_threads(),
+            torch.__version__,
+            os.uname().nodename,
+            limits.cpu_quota,
+            sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        ]
     )
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 

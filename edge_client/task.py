@@ -189,10 +189,16 @@ def _run(
                 round_idx=task.round,
                 first_order=task.plan.first_order,
             )
+            plan_target = keep
+            if task.plan.amortize_scoring:  # scoring FLOPs, spread over the refresh period
+                scored = scores.info.get("samples", 0)
+                per_round = _constraints(state, task, 0, 0.0).samples
+                plan_target = keep - scored / max(per_round, 1) / task.plan.refresh_period
+                plan_target = max(plan_target, min(keep, 0.05))
             plan = make_plan(
                 model,
                 scores,
-                keep,
+                plan_target,
                 allocation=task.plan.allocation,
                 floor=task.plan.floor,
                 multiple=task.plan.multiple,
@@ -200,7 +206,9 @@ def _run(
                 coverage=_coverage(scores.groups, meta["extras"]),
                 coverage_weight=task.plan.coverage_weight,
                 temperature=task.plan.temperature,
+                gradient=task.plan.gradient,
                 seed=task.seed,
+                param_keep=plan_target if task.plan.budget_uplink else None,
             )
             sub = extract(model, plan)
             score_seconds = (time.perf_counter() - t0) * state.time_scale
@@ -224,8 +232,13 @@ def _run(
     keep_budget = None
     if state.budget is not None:
         scored = task.plan.score_batches * task.recipe.batch_size if refreshed else 0
-        overhead = other + score_seconds - state.budget.train_seconds(1.0, scored)
-        state.budget.observe(achieved, result.samples, train_seconds, max(overhead, 0.0))
+        state.budget.observe(
+            achieved,
+            result.samples,
+            train_seconds,
+            max(other, 0.0),
+            scored=(scored, score_seconds) if refreshed else None,
+        )
         try:  # what this device could afford next round, for the coordinator's planning
             keep_budget = decide_keep(state, task).keep
         except BudgetInfeasible:

@@ -84,6 +84,9 @@ def test_generated_files_and_modes(secured):
         "max_packet_size",
     ):
         assert line in conf
+    # listener options belong after the listener line, else mosquitto applies them to a
+    # default plain listener it opens on 1883
+    assert conf.index("use_username_as_clientid") > conf.index("\nlistener ")
     assert oct((d / "certs" / "ca.key").stat().st_mode & 0o777) == "0o600"
     assert oct((d / "passwords").stat().st_mode & 0o777) == "0o640"
     assert "dev-a:$7$" in (d / "passwords").read_text()  # hashed by mosquitto_passwd
@@ -353,10 +356,11 @@ def test_testbed_slower_slice_chooses_smaller_keep(fmnist_root, tmp_path):
             "federation.name": "tb",
             "federation.rounds": 2,
             "federation.clients": 2,
-            "federation.deadline_s": 12.0,
+            # about 1.3 s of dense training for the fast slice, 7.5 s for the slow one
+            "federation.deadline_s": 6.0,
             "clients.budget": "profiles",
             "model.width": 0.25,
-            "data.train_samples": 2000,
+            "data.train_samples": 4000,
             "data.eval_samples": 500,
             "data.partition": "iid",
             "data.data_dir": str(fmnist_root),

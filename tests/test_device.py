@@ -32,7 +32,7 @@ def test_linear_speed_model_goes_through_both_measurements():
 
 
 def test_choice_respects_time_and_memory_on_known_speeds():
-    model = BudgetModel(calibration())
+    model = BudgetModel(calibration(), unmeasured_margin=1.0)  # as once a round was measured
     # 10000 samples: dense 20 s; deadline 25 s * 0.8 = 20 s -> dense just fits
     fits = model.choose(
         Constraints(deadline_s=25.0, samples=10_000, batch_size=32, memory_bytes=1 << 40)
@@ -80,7 +80,7 @@ def test_infeasible_budget_explains_itself():
 
 def test_closed_loop_converges_for_a_slowed_client():
     model = BudgetModel(calibration())
-    cons = Constraints(deadline_s=25.0, samples=10_000, batch_size=32, memory_bytes=1 << 40)
+    cons = Constraints(deadline_s=30.0, samples=10_000, batch_size=32, memory_bytes=1 << 40)
     assert model.choose(cons).keep == 1.0
     slowdown = 3.0  # the board throttles: every step now takes three times as long
     keeps = []
@@ -98,7 +98,30 @@ def test_closed_loop_converges_for_a_slowed_client():
     assert final.compute_seconds == pytest.approx(
         slowdown * 10_000 * (t0 + t1 * final.keep), rel=0.05
     )
-    assert final.seconds <= 0.8 * 25.0
+    assert final.seconds <= 0.8 * 30.0
+
+
+def test_first_round_is_planned_with_a_wider_margin_and_scoring_cost_is_learned():
+    model = BudgetModel(calibration())
+    cons = Constraints(
+        deadline_s=20.0, samples=5_000, batch_size=32, memory_bytes=1 << 40, score_samples=256
+    )
+    first = model.choose(cons)
+    assert first.seconds <= 0.8 * 0.85 * 20.0
+    # the first round ran exactly as predicted, but scoring took 5x a dense training sample
+    model.observe(
+        first.keep,
+        cons.samples,
+        model.train_seconds(first.keep, cons.samples),
+        0.0,
+        scored=(256, 5 * model.train_seconds(1.0, 256)),
+    )
+    assert model.score_factor == pytest.approx((2.0 + 5.0) / 2)
+    second = model.choose(cons)
+    assert first.seconds < second.seconds <= 0.8 * 20.0
+    assert second.seconds == pytest.approx(
+        model.train_seconds(second.keep, cons.samples) + 3.5 * model.train_seconds(1.0, 256)
+    )
 
 
 def write(path: Path, text: str):

@@ -18,6 +18,8 @@ TIME_KEYS = {
     "eval_seconds",
     "total_seconds",
     "wall_seconds",
+    "cpu_seconds",  # measured resources, not outcomes
+    "peak_rss_mb",
 }
 
 
@@ -70,7 +72,10 @@ def test_every_strategy_trains_and_accounts_consistently(fmnist_root, tmp_path, 
                 assert c["bytes_down"] == dense_bytes
                 assert dense_bytes < c["bytes_up"] < dense_bytes * 1.01
             else:
-                assert keep - 0.08 <= c["keep_achieved"] <= keep + 0.02
+                # a refresh plans below the budget to leave room for its scoring, spread over
+                # the refresh period (2); between refreshes the task asks for the plan's keep
+                target = keep - c["score_flops"] / dense_work / 2 if c["refreshed"] else keep
+                assert target - 0.08 <= c["keep_achieved"] <= target + 0.02
                 assert c["bytes_up"] < dense_bytes * (keep + 0.25)
                 if not c["refreshed"]:  # a slice, not the dense model, went down
                     assert c["bytes_down"] < dense_bytes * (keep + 0.25)

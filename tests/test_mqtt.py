@@ -271,7 +271,9 @@ def test_bad_updates_are_rejected_and_change_nothing(broker, fmnist_root, tmp_pa
         assert [c["status"] for c in r["clients"]] == ["ok"] * 3, r
         assert r["aggregated"] == 3
     for k, v in clean_state.items():
-        torch.testing.assert_close(bad_state[k], v, atol=1e-5, rtol=1e-5)
+        # updates arrive in another order: float32 running means differ in rounding only;
+        # a leaked bad update would move the weights by orders of magnitude more
+        torch.testing.assert_close(bad_state[k], v, atol=1e-4, rtol=1e-3)
     assert [r["accuracy"] for r in bad_m] == pytest.approx(
         [r["accuracy"] for r in clean_m], abs=2e-3
     )

@@ -291,3 +291,20 @@ def test_running_statistics_come_from_dense_updates_when_any():
     key = "features.5.running_var"
     covered = reconstruct(sub, g).mask[key]
     torch.testing.assert_close(agg.result()[key][covered], (g[key] + 1.0)[covered])
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_parameter_budget_is_met_as_well(allocation):
+    model = build_model("vgg11", 10, 1, 0.5)
+    x, y = batch()
+    scores = score_groups(model, [(x, y)], "curvature")
+    dense_params = sum(p.numel() for p in model.parameters())
+    dense_flops = training_flops(model, x[:1])
+    for keep, param_keep in ((0.6, 0.4), (0.5, 0.5), (0.8, 0.3)):
+        plan = make_plan(model, scores, keep, allocation=allocation, param_keep=param_keep)
+        sub = extract(model, plan).module
+        params = sum(p.numel() for p in sub.parameters()) / dense_params
+        assert params <= param_keep + 1e-6 and plan.param_fraction == pytest.approx(params)
+        assert training_flops(sub, x[:1]) / dense_flops <= keep + 1e-6
+    with pytest.raises(BudgetInfeasible, match="parameters"):
+        make_plan(model, scores, 0.5, param_keep=0.001)

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
+from cahfp.errors import UnknownName
 from cahfp.models import build_model
 from cahfp.pruning import find_groups, make_plan, score_groups
 from cahfp.pruning.curvature import channel_dims, directional_terms
@@ -194,3 +195,27 @@ def test_coverage_bonus_steers_plans_toward_under_covered_channels(interactions)
     assert abs(steered.flops_fraction - plain.flops_fraction) < 0.05
     with pytest.raises(ValueError, match="coverage"):
         make_plan(model, scores, 0.3, coverage={0: torch.ones(3)}, coverage_weight=1.0)
+
+
+def test_gradient_modes_of_the_joint_planner():
+    from cahfp.pruning.plan import JointObjective
+
+    model = randomize_bn(build_model("vgg11", 10, 1, 0.25, seed=0), 4)
+    scores = score_groups(model, [batch(16, 3)], "curvature")
+    gbar = scores.directional.double().mean(0)
+    signed = JointObjective(scores.groups, scores, "signed")
+    absolute = JointObjective(scores.groups, scores, "absolute")
+    off = JointObjective(scores.groups, scores, "off")
+    torch.testing.assert_close(signed.gbar, gbar)
+    torch.testing.assert_close(absolute.gbar, -gbar.abs())
+    assert not off.gbar.any()
+    g = next(iter(scores.groups))
+    block, cost = absolute.drop(g, 2)
+    cols = block + absolute.offset[g.gid]
+    s = absolute.a[:, cols].sum(1)
+    assert cost == pytest.approx(float(gbar[cols].abs().sum() + 0.5 * (s @ s) / absolute.n))
+    with pytest.raises(UnknownName):
+        make_plan(model, scores, 0.5, gradient="sideways")
+    for mode in ("signed", "absolute", "off"):
+        plan = make_plan(model, scores, 0.5, gradient=mode)
+        assert 0.42 <= plan.flops_fraction <= 0.52

@@ -51,6 +51,9 @@ class GroupSet:
     flops: dict[str, float]  # dense training FLOPs per sample of each module
     total_flops: float
     depthwise: set[str] = field(default_factory=set)
+    # parameters of each module: (count scaling with its output and input channels, count
+    # scaling with its output channels only: biases, BatchNorm)
+    params: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def __iter__(self):
         return iter(self.groups)
@@ -196,7 +199,16 @@ def _build(model: nn.Module, x: torch.Tensor, ignored_layers: list[str] | None) 
                 name, dim = dims[0]
                 dim_sizes[(mem.module, mem.role)] = getattr(m, name).shape[dim]
     flops = training_flops_by_module(model, x)
-    return GroupSet(groups, ignored, dim_sizes, flops, sum(flops.values()), depthwise)
+    params = {}
+    for name, m in mods.items():
+        own = dict(m.named_parameters(recurse=False))
+        if not own:
+            continue
+        weight = own.get("weight")
+        scaled_both = isinstance(m, (_ConvNd, nn.Linear)) and weight is not None
+        full = weight.numel() if scaled_both else 0
+        params[name] = (float(full), float(sum(p.numel() for p in own.values()) - full))
+    return GroupSet(groups, ignored, dim_sizes, flops, sum(flops.values()), depthwise, params)
 
 
 def _convert(gid: int, group, dg, names: dict) -> ChannelGroup:

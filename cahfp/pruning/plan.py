@@ -40,6 +40,7 @@ from cahfp.pruning.groups import IN, OUT, ChannelGroup, GroupSet, find_groups
 from cahfp.pruning.scores import Scores
 
 ALLOCATIONS = ("global", "uniform")
+GRADIENT_MODES = ("signed", "absolute", "off")
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Plan:
     flops_fraction: float
     allocation: str
     objective: str = "ranked"
+    param_fraction: float | None = None  # kept parameters / dense parameters
 
     def counts(self) -> dict[int, int]:
         return {gid: len(idx) for gid, idx in self.keep.items()}
@@ -61,12 +63,13 @@ class Plan:
         return sum(self.counts().values()) / max(self.groups.num_channels, 1)
 
 
-class FlopModel:
-    """Training FLOPs per sample as a function of each group's kept channel count."""
+class CostModel:
+    """A cost (training FLOPs per sample, or parameters) as a function of each group's kept
+    channel count: every term scales with the kept fraction of each channel dimension it
+    depends on."""
 
-    def __init__(self, groups: GroupSet):
-        self.groups = groups
-        self.dense = groups.total_flops
+    def __init__(self, groups: GroupSet, terms: list[tuple[str, float, tuple[str, ...]]]):
+        """``terms``: (module, dense cost, the roles - ``out``/``in`` - it scales with)."""
         self.size = {g.gid: g.size for g in groups}
         # For each (module, role) channel dim: [(gid, share of the dim that gid controls)].
         shares: dict[tuple[str, str], list[tuple[int, float]]] = {}
@@ -78,27 +81,45 @@ class FlopModel:
         self.terms: list[tuple[float, list[list[tuple[int, float]]]]] = []
         self.fixed = 0.0
         self.by_group: dict[int, list[int]] = {g.gid: [] for g in groups}
-        for module, flops in groups.flops.items():
-            roles = [OUT] if module in groups.depthwise else [OUT, IN]
+        for module, cost, roles in terms:
             dims = [shares[(module, r)] for r in roles if (module, r) in shares]
             if not dims:
-                self.fixed += flops
+                self.fixed += cost
                 continue
-            self.terms.append((flops, dims))
+            self.terms.append((cost, dims))
             for gid in {gid for d in dims for gid, _ in d}:
                 self.by_group[gid].append(len(self.terms) - 1)
+        self.dense = self.fixed + sum(c for c, _ in self.terms)
+
+    @classmethod
+    def flops(cls, groups: GroupSet) -> CostModel:
+        return cls(
+            groups,
+            [
+                (m, f, (OUT,) if m in groups.depthwise else (OUT, IN))
+                for m, f in groups.flops.items()
+            ],
+        )
+
+    @classmethod
+    def params(cls, groups: GroupSet) -> CostModel:
+        terms = []
+        for m, (full, per_channel) in groups.params.items():
+            terms.append((m, full, (OUT,) if m in groups.depthwise else (OUT, IN)))
+            terms.append((m, per_channel, (OUT,)))
+        return cls(groups, terms)
 
     def _term(self, i: int, counts: dict[int, int]) -> float:
-        flops, dims = self.terms[i]
+        cost, dims = self.terms[i]
         for dim in dims:
-            flops *= 1.0 - sum(share * (1 - counts[gid] / self.size[gid]) for gid, share in dim)
-        return flops
+            cost *= 1.0 - sum(share * (1 - counts[gid] / self.size[gid]) for gid, share in dim)
+        return cost
 
     def total(self, counts: dict[int, int]) -> float:
         return self.fixed + sum(self._term(i, counts) for i in range(len(self.terms)))
 
     def delta(self, gid: int, counts: dict[int, int], new: int) -> float:
-        """FLOPs saved by changing group ``gid`` to ``new`` channels."""
+        """Cost saved by changing group ``gid`` to ``new`` channels."""
         changed = {**counts, gid: new}
         return sum(self._term(i, counts) - self._term(i, changed) for i in self.by_group[gid])
 
@@ -117,10 +138,14 @@ def make_plan(
     coverage_weight: float = 0.0,
     temperature: float = 0.0,
     seed: int = 0,
+    gradient: str = "signed",
+    param_keep: float | None = None,
 ) -> Plan:
     """Keep the channels ``scores`` rank highest so that training FLOPs are at most ``keep`` of
-    the dense model's (and, after rounding, not far below). With ``interactions`` and curvature
-    scores that carry per-sample terms, channels are chosen jointly (see module docstring)."""
+    the dense model's (and, after rounding, not far below), and, with ``param_keep``, the
+    parameters (what an update carries) at most that fraction of the dense model's. With
+    ``interactions`` and curvature scores that carry per-sample terms, channels are chosen
+    jointly (see module docstring)."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     if allocation not in ALLOCATIONS:
@@ -132,17 +157,28 @@ def make_plan(
         v = scores.values.get(g.gid)
         if v is None or v.shape != (g.size,) or not torch.isfinite(v).all():
             raise ValueError(f"scores for group {g.name} are missing, mis-sized or not finite")
-    fm = FlopModel(groups)
-    budget = keep * fm.dense
+    fm = CostModel.flops(groups)
+    models = [(fm, keep * fm.dense)]
+    if param_keep is not None:
+        if not 0 < param_keep <= 1:
+            raise ValueError(f"param_keep must be in (0, 1], got {param_keep}")
+        pm = CostModel.params(groups)
+        models.append((pm, param_keep * pm.dense))
     minimum = {g.gid: _floor(g.size, floor, multiple) for g in groups}
-    if fm.total(minimum) > budget * (1 + 1e-9):
-        raise BudgetInfeasible(
-            f"keep {keep:.3f} is below the smallest plan this model allows "
-            f"({fm.total(minimum) / fm.dense:.3f} of dense training FLOPs with every layer at "
-            f"its floor of {floor:.0%} of its channels)"
-        )
+    for cm, budget in models:
+        if cm.total(minimum) > budget * (1 + 1e-9):
+            what = "training FLOPs" if cm is fm else "parameters"
+            raise BudgetInfeasible(
+                f"keep {budget / cm.dense:.3f} of dense {what} is below the smallest plan this "
+                f"model allows ({cm.total(minimum) / cm.dense:.3f} with every layer at its "
+                f"floor of {floor:.0%} of its channels)"
+            )
     joint = interactions and scores.directional is not None
-    objective = JointObjective(groups, scores) if joint else RankedObjective(groups, scores)
+    if gradient not in GRADIENT_MODES:
+        raise UnknownName(f"unknown gradient mode {gradient!r}; known: {GRADIENT_MODES}")
+    objective = (
+        JointObjective(groups, scores, gradient) if joint else RankedObjective(groups, scores)
+    )
     bonus = {g.gid: torch.zeros(g.size, dtype=torch.float64) for g in groups}
     if coverage is not None and coverage_weight > 0:
         cb = coverage_bonus(groups, coverage, coverage_weight * objective.scale)
@@ -155,41 +191,53 @@ def make_plan(
     if any(bool(b.any()) for b in bonus.values()):
         objective.set_bonus(bonus)
     counts = {g.gid: g.size for g in groups}
-    total = fm.total(counts)
-    # Remove blocks until the budget is met.
-    while total > budget * (1 + 1e-9):
+    totals = [cm.total(counts) for cm, _ in models]
+
+    def fits(tot) -> list[bool]:
+        return [t <= b * (1 + 1e-9) for t, (_, b) in zip(tot, models, strict=True)]
+
+    # Remove blocks until every budget is met. A step's saving counts the budgets still
+    # violated, each relative to its dense total.
+    while not all(fits(totals)):
+        ok = fits(totals)
         steps = []
         for g in groups:
             k = counts[g.gid]
             new = max(_step_down(g.size, k, multiple), minimum[g.gid])
-            saved = fm.delta(g.gid, counts, new) if new < k else 0.0
-            if saved > 0:
+            if new >= k:
+                continue
+            saved = [cm.delta(g.gid, counts, new) for cm, _ in models]
+            gain = sum(
+                s / cm.dense for s, (cm, _), o in zip(saved, models, ok, strict=True) if not o
+            )
+            if gain > 0:
                 block, cost = objective.drop(g, k - new)
-                steps.append((g, new, saved, block, cost))
+                steps.append((g, new, saved, gain, block, cost))
         if not steps:
             break
-        finishing = [st for st in steps if total - st[2] <= budget * (1 + 1e-9)]
-        # A last step that lands far below the budget wastes it: prefer those that land
+        after = {id(st): [t - s for t, s in zip(totals, st[2], strict=True)] for st in steps}
+        finishing = [st for st in steps if all(fits(after[id(st)]))]
+        # A last step that lands far below the FLOPs budget wastes it: prefer those that land
         # within ``slack`` of it, else the one that overshoots least.
-        close = [st for st in finishing if total - st[2] >= budget - slack * fm.dense]
+        close = [st for st in finishing if after[id(st)][0] >= models[0][1] - slack * fm.dense]
         if finishing and not close:
-            finishing = [max(finishing, key=lambda st: total - st[2])]
+            finishing = [max(finishing, key=lambda st: after[id(st)][0])]
         elif close:
             finishing = close
 
         def key(st, finishing=bool(finishing)):
-            g, new, saved, _, cost = st
+            g, new, saved, gain, _, cost = st
             if finishing:  # last step: least loss (global) or least overshoot (uniform)
-                return (cost if allocation == "global" else saved, g.gid)
+                return (cost if allocation == "global" else saved[0], g.gid)
             if allocation == "global":
-                return (cost / saved, g.gid)
-            return (-new / g.size, -saved, g.gid)
+                return (cost / gain, g.gid)
+            return (-new / g.size, -gain, g.gid)
 
-        g, new, saved, block, _ = min(finishing or steps, key=key)
+        g, new, saved, _, block, _ = min(finishing or steps, key=key)
         objective.remove(g, block)
         counts[g.gid] = new
-        total -= saved
-    # Add back what still fits.
+        totals = [t - s for t, s in zip(totals, saved, strict=True)]
+    # Add back what still fits every budget.
     while True:
         adds = []
         for g in groups:
@@ -197,26 +245,30 @@ def make_plan(
             if k >= g.size:
                 continue
             new = _step_up(g.size, k, multiple)
-            cost = -fm.delta(g.gid, counts, new)
-            if total + cost <= budget * (1 + 1e-9):
+            costs = [-cm.delta(g.gid, counts, new) for cm, _ in models]
+            if all(fits([t + c for t, c in zip(totals, costs, strict=True)])):
                 block, gain = objective.restore(g, new - k)
-                adds.append((g, new, cost, block, gain))
+                adds.append((g, new, costs, block, gain))
         if not adds:
             break
         if allocation == "global":
-            g, new, cost, block, _ = max(adds, key=lambda a: (a[4] / max(a[2], 1e-12), -a[0].gid))
+            g, new, costs, block, _ = max(
+                adds, key=lambda a: (a[4] / max(a[2][0] / fm.dense, 1e-12), -a[0].gid)
+            )
         else:
-            g, new, cost, block, _ = max(
-                adds, key=lambda a: (-counts[a[0].gid] / a[0].size, -a[2], -a[0].gid)
+            g, new, costs, block, _ = max(
+                adds, key=lambda a: (-counts[a[0].gid] / a[0].size, -a[2][0], -a[0].gid)
             )
         objective.add(g, block)
         counts[g.gid] = new
-        total += cost
+        totals = [t + c for t, c in zip(totals, costs, strict=True)]
     kept = {g.gid: objective.kept(g) for g in groups}
     assert all(len(kept[g.gid]) == counts[g.gid] for g in groups)
-    return Plan(
+    plan = Plan(
         groups, kept, keep, fm.total(counts) / fm.dense, allocation, "joint" if joint else "ranked"
     )
+    plan.param_fraction = CostModel.params(groups).total(counts) / CostModel.params(groups).dense
+    return plan
 
 
 def coverage_bonus(groups: GroupSet, coverage: dict[int, torch.Tensor], scale: float):
@@ -271,11 +323,19 @@ class JointObjective:
     with ``F = A'A/n`` from the per-sample terms ``A`` (``[n, channels]``, never formed as a
     matrix: ``F v = A'(A v)/n``). Keeps ``u = F 1_S`` up to date as S changes."""
 
-    def __init__(self, groups: GroupSet, scores: Scores):
+    def __init__(self, groups: GroupSet, scores: Scores, gradient: str = "signed"):
         a = scores.directional.to(torch.float64)
         self.a, self.n = a, a.shape[0]
-        first_order = scores.info.get("first_order", True)
-        self.gbar = a.mean(0) if first_order else torch.zeros(a.shape[1], dtype=torch.float64)
+        if not scores.info.get("first_order", True):
+            gradient = "off"
+        # signed: -g.1_S as in the expansion; absolute: +|g|.1_S, the bound |dL| <= |g.w| +
+        # 1/2 w'Fw per channel (removing a channel the loss is sensitive to costs, whatever
+        # the direction); off: curvature only
+        self.gbar = {
+            "signed": a.mean(0),
+            "absolute": -a.mean(0).abs(),
+            "off": torch.zeros(a.shape[1], dtype=torch.float64),
+        }[gradient]
         self.fdiag = (a * a).sum(0) / self.n
         self.u = torch.zeros(a.shape[1], dtype=torch.float64)
         self.removed = torch.zeros(a.shape[1], dtype=torch.bool)

@@ -42,7 +42,9 @@ while [ $# -gt 0 ]; do
 done
 
 [ -n "$BUNDLE" ] || die "--bundle is required"
-[ -f "$BUNDLE/client.env" ] && [ -f "$BUNDLE/ca.crt" ] || die "$BUNDLE is not a client bundle (client.env, ca.crt)"
+if [ ! -f "$BUNDLE/client.env" ] || [ ! -f "$BUNDLE/ca.crt" ]; then
+  die "$BUNDLE is not a client bundle (client.env, ca.crt)"
+fi
 case "$PLATFORM" in pi|jetson|x86) ;; *) die "--platform must be pi, jetson or x86" ;; esac
 if [ "$SKIP_INSTALL" -eq 0 ] && [ -z "$SOURCE" ]; then die "--source is required (or --skip-install)"; fi
 if [ "$PLATFORM" = jetson ] && [ "$INFERENCE_ONLY" -eq 0 ] && [ "$SKIP_INSTALL" -eq 0 ] && [ -z "$TORCH_WHEEL" ]; then
