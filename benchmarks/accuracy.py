@@ -36,7 +36,7 @@ PRUNING = ["heterofl", "fedrolex", "magnitude", "random", "taylor"]
 # name -> config overrides, for the CA-HFP ablations (main setting, seed 0)
 ABLATIONS: dict[str, dict] = {
     "cahfp (default)": {},
-    "score: curvature per channel (no interactions)": {"pruning.interactions": False},
+    "plan: joint set objective (interactions)": {"pruning.interactions": True},
     "score: no first-order term": {"pruning.first_order": False},
     "allocation: uniform": {"pruning.allocation": "uniform"},
     "refresh period 1": {"pruning.refresh_period": 1},

@@ -103,7 +103,7 @@ class PruningConfig(_Strict):
     allocation: Literal["auto", "global", "uniform"] = "auto"
     floor: float = Field(0.1, gt=0, le=1)
     multiple: int = Field(8, ge=1)
-    interactions: bool = True
+    interactions: bool = False
     first_order: bool = True
     amortize_scoring: bool = Field(
         True,

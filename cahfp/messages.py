@@ -41,7 +41,7 @@ class PlanSettings(BaseModel):
     score_batches: int = Field(4, ge=1)
     floor: float = Field(0.1, gt=0, le=1)
     multiple: int = Field(8, ge=1)
-    interactions: bool = True
+    interactions: bool = False
     first_order: bool = True
     gradient: str = "signed"
     refresh_period: int = Field(1, ge=1)

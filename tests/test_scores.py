@@ -166,8 +166,8 @@ def test_joint_objective_costs_match_the_second_order_set_formula():
 def test_joint_planning_can_be_switched_off():
     model = build_model("vgg11", 10, 1, 0.5, seed=0)
     scores = score_groups(model, [batch()], "curvature")
-    joint = make_plan(model, scores, 0.5)
-    ranked = make_plan(model, scores, 0.5, interactions=False)
+    joint = make_plan(model, scores, 0.5, interactions=True)
+    ranked = make_plan(model, scores, 0.5)
     assert joint.objective == "joint" and ranked.objective == "ranked"
     for g in ranked.groups:  # ranked keeps each layer's top-scored channels
         k = len(ranked.keep[g.gid])
@@ -217,5 +217,5 @@ def test_gradient_modes_of_the_joint_planner():
     with pytest.raises(UnknownName):
         make_plan(model, scores, 0.5, gradient="sideways")
     for mode in ("signed", "absolute", "off"):
-        plan = make_plan(model, scores, 0.5, gradient=mode)
+        plan = make_plan(model, scores, 0.5, gradient=mode, interactions=True)
         assert 0.42 <= plan.flops_fraction <= 0.52

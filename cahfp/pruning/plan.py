@@ -132,7 +132,7 @@ def make_plan(
     allocation: str = "global",
     floor: float = 0.1,
     multiple: int = 8,
-    interactions: bool = True,
+    interactions: bool = False,
     slack: float = 0.03,
     coverage: dict[int, torch.Tensor] | None = None,
     coverage_weight: float = 0.0,
