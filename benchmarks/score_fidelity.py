@@ -277,7 +277,7 @@ def report(results: list[dict], args, env: dict, seconds: float) -> str:
                 continue
             for allocation in ("global", "uniform", "global + BN re-estimated"):
 
-                def acc(method, a=allocation, k=keep):
+                def acc(method, a=allocation, k=keep, r=r):
                     if a.startswith("global +"):
                         return r["recal"][f"{method}|{k}"]
                     return mean_std(r["curves"][f"{a}|{method}|{k}"]["accuracy"])[0]
@@ -293,7 +293,8 @@ def report(results: list[dict], args, env: dict, seconds: float) -> str:
                     )
     secs = {m: mean_std(v)[0] for m, v in results[0]["score_seconds"].items()} if results else {}
     lines += [
-        "## Target check (keep 0.75 and 0.5; one-shot rows: mean over draws; BN re-estimated: first draw)",
+        "## Target check (keep 0.75 and 0.5; one-shot: mean over draws; BN re-estimated: "
+        "first draw)",
         "",
         *verdicts,
         "",
