@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -28,11 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import env_line, environment, md_table, write_results
+from cahfp.config import PruningConfig
 from cahfp.costs import training_flops
 from cahfp.models import build_model
 from cahfp.pruning import extract, make_plan, score_groups
 from cahfp.pruning.extract import slice_tensor
 from cahfp.wire import encode_state, encode_update
+from edge_client.swarm import MAX_CLIENTS
 
 KEEPS = (0.75, 0.5, 0.25)
 
@@ -152,15 +155,21 @@ def part_training_and_bytes(args) -> tuple[list, list]:
     return speed, wire
 
 
+SCORING_SAMPLES = (1000, 6000)
+
+
 def part_scoring(args) -> list[dict]:
-    """Default recipe: 1 epoch of batch 32 over a client's 1000 samples at keep 0.5, plus
-    scoring (4 batches of 32 on the dense model), planning and extraction."""
+    """Default recipe: 1 epoch of batch 32 over a client's 1000 or 6000 samples at keep 0.5,
+    plus scoring (4 batches of 32 on the dense model), planning and extraction."""
     from cahfp.data import load_dataset
     from cahfp.training import Recipe, train
 
-    data = load_dataset("fmnist", "train", args.data_dir).subset(range(1000))
+    full = load_dataset("fmnist", "train", args.data_dir)
     out = []
-    for name, width in (("vgg11", 0.25), ("resnet20", 0.5), ("vgg11", 0.5)):
+    for (name, width), n in itertools.product(
+        (("vgg11", 0.25), ("resnet20", 0.5), ("vgg11", 0.5)), SCORING_SAMPLES
+    ):
+        data = full.subset(range(n))
         model = build_model(name, 10, 1, width, seed=0)
         gen = torch.Generator().manual_seed(0)
         batches = data.batches(32, shuffle=True, generator=gen)
@@ -176,6 +185,7 @@ def part_scoring(args) -> list[dict]:
         out.append(
             {
                 "model": f"{name} x{width:g}",
+                "samples": n,
                 "score_s": t1 - t0,
                 "plan_s": t2 - t1,
                 "extract_s": t3 - t2,
@@ -202,27 +212,36 @@ def part_scale(args) -> list[dict]:
                 f'[data]\ndataset = "fmnist"\neval_samples = 1000\n'
                 + (f'data_dir = "{args.data_dir}"\n' if args.data_dir else "")
             )
-            swarm = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "edge_client.swarm",
-                    "--broker",
-                    broker.url,
-                    "--federation",
-                    fed,
-                    "--clients",
-                    str(n),
-                    "--width",
-                    "0.33",
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-            )
-            line = swarm.stdout.readline()
-            if "swarm ready" not in line:
-                raise RuntimeError(f"swarm did not start: {line}")
+            swarms = []  # several processes: see edge_client.swarm.MAX_CLIENTS
+            for k in range(0, n, MAX_CLIENTS):
+                swarms.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "edge_client.swarm",
+                            "--broker",
+                            broker.url,
+                            "--federation",
+                            fed,
+                            "--clients",
+                            str(min(MAX_CLIENTS, n - k)),
+                            "--prefix",
+                            f"v{k // MAX_CLIENTS}-",
+                            "--width",
+                            "0.33",
+                        ],
+                        stdout=subprocess.PIPE,
+                        stderr=open(Path(tmp) / f"swarm-{fed}-{k}.log", "w"),  # noqa: SIM115
+                        text=True,
+                    )
+                )
+            for swarm in swarms:
+                line = swarm.stdout.readline()
+                if "swarm ready" not in line:
+                    swarm.kill()
+                    logs = "".join(p.read_text()[-2000:] for p in Path(tmp).glob("swarm-*.log"))
+                    raise RuntimeError(f"swarm did not start: {line} {logs}")
             run = Path(tmp) / fed
             t0 = time.perf_counter()
             coord = subprocess.Popen(
@@ -246,8 +265,9 @@ def part_scale(args) -> list[dict]:
             _, status, usage = os.wait4(coord.pid, 0)
             coord.returncode = status
             wall = time.perf_counter() - t0
-            swarm.terminate()
-            swarm.wait(60)
+            for swarm in swarms:
+                swarm.terminate()
+                swarm.wait(60)
             lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
             rec = lines[-1]
             oks = sum(c["status"] == "ok" for c in rec["clients"])
@@ -289,6 +309,7 @@ def part_checkpoint() -> dict:
 
 def report(args, env, seconds, speed, wire, scoring, scale, ck) -> str:
     cmd = "python -m benchmarks.system" + (" --quick" if args.quick else "")
+    period = PruningConfig().refresh_period
     lines = [
         "# System performance and scale",
         "",
@@ -351,21 +372,33 @@ def report(args, env, seconds, speed, wire, scoring, scale, ck) -> str:
         "",
         "## 3. Scoring vs local training (default recipe)",
         "",
-        "One client, 1000 Fashion-MNIST images, keep 0.5: curvature scoring on 4 batches of "
-        "32 (dense model), planning, extraction, then 1 epoch of training (batch 32) of the "
-        "submodel. Target: scoring ≤ 10 % of training. Scoring only happens on plan-refresh "
-        "rounds (every 5 rounds by default), so per round it costs a fifth of this.",
+        "One client with 1000 or 6000 Fashion-MNIST images (6000: FMNIST over 10 clients), "
+        "keep 0.5: curvature scoring on 4 batches of 32 (dense model), planning, extraction, "
+        "then 1 epoch of training (batch 32) of the submodel. `refresh round` = (score + plan "
+        f"+ extract) / train; scoring only happens on plan-refresh rounds (every {period} "
+        f"rounds by default), so `per round` = that / {period}. Target: ≤ 10 %.",
         "",
         md_table(
-            ["model", "score s", "plan s", "extract s", "train s", "fraction"],
+            [
+                "model",
+                "images",
+                "score s",
+                "plan s",
+                "extract s",
+                "train s",
+                "refresh round",
+                "per round",
+            ],
             [
                 [
                     r["model"],
+                    str(r["samples"]),
                     f"{r['score_s']:.3f}",
                     f"{r['plan_s']:.3f}",
                     f"{r['extract_s']:.3f}",
                     f"{r['train_s']:.2f}",
                     f"{r['fraction']:.1%}",
+                    f"{r['fraction'] / period:.1%}",
                 ]
                 for r in scoring
             ],
@@ -377,11 +410,12 @@ def report(args, env, seconds, speed, wire, scoring, scale, ck) -> str:
             "## 4. Coordinator scale (one round, 1M-parameter model)",
             "",
             f"VGG-11 x0.33 ({ck['params']:,} parameters, {ck['model_mb']:.1f} MB). Lightweight "
-            "clients: real MQTT connections in one separate process, each answering its task "
-            "immediately with a valid random submodel (keep 0.25-1.0); the coordinator (its own "
-            "process) sends every client the dense model, then receives, reassembles, validates "
-            "and aggregates every update, evaluates on 1000 images and checkpoints. `CPU/update` "
-            "is the coordinator's process CPU time in the round divided by the updates; peak RSS "
+            "clients: real MQTT connections in separate processes (at most 250 each), each "
+            "answering its task immediately with a valid random submodel (keep 0.25-1.0); the "
+            "coordinator (its own process) sends every client the dense model, then receives, "
+            "reassembles, validates and aggregates every update, evaluates on 1000 images and "
+            "checkpoints. `CPU/update` is the coordinator's process CPU time in the round "
+            "divided by the updates; peak RSS "
             "is the coordinator process's maximum resident memory over its whole life.",
             "",
             md_table(

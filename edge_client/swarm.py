@@ -5,6 +5,10 @@ of the global model with random values), so that the coordinator does all its re
 
     python -m edge_client.swarm --broker mqtt://127.0.0.1:1883 --federation F --clients 100 \\
         --model vgg11 --width 0.33
+
+paho's network loop waits with select(), which cannot watch file descriptors above 1023, and
+every connection takes three: run at most MAX_CLIENTS per process and start several processes
+(distinct ``--prefix``) for more.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from edge_client.link import MqttLink
 from edge_client.task import architecture
 
 log = logging.getLogger("cahfp.swarm")
+MAX_CLIENTS = 250  # per process: 3 file descriptors each must stay below select()'s 1024
 
 
 def random_updates(spec: ModelSpec, count: int, seed: int = 0) -> list[tuple[bytes, str, float]]:
@@ -64,6 +69,12 @@ class Swarm:
         protocol: int = 5,
         seed: int = 0,
     ):
+        if n > MAX_CLIENTS:
+            raise ValueError(
+                f"{n} clients in one process: at most {MAX_CLIENTS} (paho waits with select(), "
+                "limited to file descriptors below 1024); start several swarms with distinct "
+                "prefixes"
+            )
         self.topics = Topics(fed)
         self.updates = random_updates(spec, distinct, seed)
         self.rng = random.Random(seed)

@@ -270,10 +270,15 @@ def test_bad_updates_are_rejected_and_change_nothing(broker, fmnist_root, tmp_pa
     for r in bad_m[1:]:
         assert [c["status"] for c in r["clients"]] == ["ok"] * 3, r
         assert r["aggregated"] == 3
+    # Updates arrive in another order, so float32 running means differ in rounding, which the
+    # next rounds' training amplifies a little; a leaked bad update (random, stale, NaN or
+    # oversized values) would move the weights by orders of magnitude more.
+    diffs = []
     for k, v in clean_state.items():
-        # updates arrive in another order: float32 running means differ in rounding only;
-        # a leaked bad update would move the weights by orders of magnitude more
-        torch.testing.assert_close(bad_state[k], v, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(bad_state[k], v, atol=1e-3, rtol=1e-2)
+        if v.is_floating_point():
+            diffs.append((bad_state[k] - v).abs().flatten())
+    assert torch.cat(diffs).mean() < 1e-5
     assert [r["accuracy"] for r in bad_m] == pytest.approx(
         [r["accuracy"] for r in clean_m], abs=2e-3
     )
