@@ -299,7 +299,13 @@ class RoundEngine:
         need = min(self.cfg.federation.min_updates, max(len(selected), 1))
         for attempt in range(2):  # the deadline, then one extension if too few updates came
             deadline = time.monotonic() + self.cfg.federation.deadline_s
-            pending = {t for t, (task, _) in sent.items() if task.client_id not in outcomes}
+            task_of = {task.client_id: t for t, (task, _) in sent.items()}
+            pending = {
+                t
+                for t, (task, _) in sent.items()
+                if outcomes.get(task.client_id) is None
+                or outcomes[task.client_id].status == "rejected"
+            }
             for item in self.transport.collect(pending, deadline):
                 t0 = time.perf_counter()
                 if isinstance(item, Rejected):
@@ -310,6 +316,8 @@ class RoundEngine:
                 if outcome is not None:
                     outcomes[outcome.client_id] = outcome
                     self.on_event("client_done", {"round": rnd, "outcome": outcome})
+                    if outcome.status != "rejected":  # a final answer; after a rejection the
+                        pending.discard(task_of[outcome.client_id])  # genuine one may follow
             if agg.count >= need or not selected or attempt == 1:
                 break
             if all(o.status in ("ok", "declined", "failed") for o in outcomes.values()) and len(

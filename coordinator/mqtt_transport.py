@@ -192,16 +192,15 @@ class MqttTransport(Transport):
             self.payloads.popitem(last=False)
 
     def collect(self, pending: set[str], deadline: float) -> Iterator[Received]:
-        waiting = set(pending)
         self.connects_seen = self.link.connects
-        while waiting and time.monotonic() < deadline:
+        while pending and time.monotonic() < deadline:
             if self.link.connects != self.connects_seen:  # reconnected meanwhile
                 self.connects_seen = self.link.connects
-                self._resend_unanswered(waiting)
+                self._resend_unanswered(set(pending))
             for item in self.poll(min(0.5, max(deadline - time.monotonic(), 0.0))):
-                if not isinstance(item, Rejected):
-                    waiting.discard(item[0].task_id)
                 yield item
+                if not pending:
+                    break
 
     def close(self) -> None:
         with contextlib.suppress(CAHFPError):

@@ -43,9 +43,12 @@ class Transport(ABC):
 
     @abstractmethod
     def collect(self, pending: set[str], deadline: float) -> Iterator[Received]:
-        """Yield answers to the tasks in ``pending`` (task ids) as they arrive, until all have
-        answered or ``time.monotonic()`` passes ``deadline``. May also yield messages that do
-        not belong to ``pending`` (late, duplicated or forged): the engine checks them."""
+        """Yield answers to the tasks in ``pending`` (task ids) as they arrive, until
+        ``pending`` is empty or ``time.monotonic()`` passes ``deadline``. The engine removes a
+        task from ``pending`` (the same set object) once it has accepted a final answer to it, so
+        a rejected (possibly forged) answer does not end the wait for the genuine one. May also
+        yield messages that do not belong to ``pending`` (late, duplicated or forged): the
+        engine checks them."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""

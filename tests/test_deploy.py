@@ -356,11 +356,12 @@ def test_testbed_slower_slice_chooses_smaller_keep(fmnist_root, tmp_path):
             "federation.name": "tb",
             "federation.rounds": 2,
             "federation.clients": 2,
-            # about 1.3 s of dense training for the fast slice, 7.5 s for the slow one
-            "federation.deadline_s": 6.0,
+            # about 2 s of dense training for the fast slice, 11 s for the slow one: the slow one
+            # must shrink, with room for the first round's prediction error
+            "federation.deadline_s": 12.0,
             "clients.budget": "profiles",
             "model.width": 0.25,
-            "data.train_samples": 4000,
+            "data.train_samples": 6000,
             "data.eval_samples": 500,
             "data.partition": "iid",
             "data.data_dir": str(fmnist_root),
