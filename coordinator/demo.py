@@ -53,6 +53,45 @@ def demo_config(args: argparse.Namespace):
     )
 
 
+def client_command(
+    cfg, url: str, client_id: str, index: int, num_clients: int, profile: str, *extra: str
+) -> list[str]:
+    """The `cahfp client` command line for client ``index`` of ``num_clients`` on the
+    configured dataset and partition."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "cahfp.cli",
+        "client",
+        "--broker",
+        url,
+        "--id",
+        client_id,
+        "--federation",
+        cfg.federation.name,
+        "--data",
+        cfg.data.dataset,
+        "--partition",
+        cfg.data.partition,
+        "--num-clients",
+        str(num_clients),
+        "--client-index",
+        str(index),
+        "--seed",
+        str(cfg.federation.seed),
+        "--profile",
+        profile,
+        *extra,
+    ]
+    if cfg.data.train_samples:
+        cmd += ["--train-samples", str(cfg.data.train_samples)]
+    if cfg.data.data_dir:
+        cmd += ["--data-dir", cfg.data.data_dir]
+    if cfg.data.download:
+        cmd += ["--download"]
+    return cmd
+
+
 def spawn_clients(
     cfg, url: str, protocol: int = 5, prefix: str = "demo", until_finished: bool = False
 ) -> list[subprocess.Popen]:
@@ -61,43 +100,10 @@ def spawn_clients(
     procs = []
     for i in range(cfg.federation.clients):
         profile = cfg.profile_of(i) if cfg.clients.budget == "profiles" else "none"
-        cmd = [
-            sys.executable,
-            "-m",
-            "cahfp.cli",
-            "client",
-            "--broker",
-            url,
-            "--id",
-            f"{prefix}-{i}",
-            "--federation",
-            cfg.federation.name,
-            "--data",
-            cfg.data.dataset,
-            "--partition",
-            cfg.data.partition,
-            "--num-clients",
-            str(cfg.federation.clients),
-            "--client-index",
-            str(i),
-            "--seed",
-            str(cfg.federation.seed),
-            "--profile",
-            profile,
-            "--mqtt-version",
-            "5" if protocol == 5 else "3.1.1",
-            "--threads",
-            "1",
-            "--quiet",
-        ]
+        extra = ["--mqtt-version", "5" if protocol == 5 else "3.1.1", "--threads", "1", "--quiet"]
         if until_finished:
-            cmd.append("--until-finished")
-        if cfg.data.train_samples:
-            cmd += ["--train-samples", str(cfg.data.train_samples)]
-        if cfg.data.data_dir:
-            cmd += ["--data-dir", cfg.data.data_dir]
-        if cfg.data.download:
-            cmd += ["--download"]
+            extra.append("--until-finished")
+        cmd = client_command(cfg, url, f"{prefix}-{i}", i, cfg.federation.clients, profile, *extra)
         procs.append(
             subprocess.Popen(
                 cmd,

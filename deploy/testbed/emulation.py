@@ -20,13 +20,13 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cahfp.config import Config
 from cahfp.errors import CAHFPError
+from coordinator.demo import client_command
 from device_profiles import DeviceProfile, load_profile
 
 log = logging.getLogger("cahfp.testbed")
@@ -191,36 +191,9 @@ class Testbed:
             log_dir.mkdir(parents=True, exist_ok=True)
         for s in self.slots:
             procs_files = " ".join(str(c / "cgroup.procs") for c in s.cgroups)
-            inner = [
-                sys.executable,
-                "-m",
-                "cahfp.cli",
-                "client",
-                "--broker",
-                url,
-                "--id",
-                s.name,
-                "--federation",
-                cfg.federation.name,
-                "--data",
-                cfg.data.dataset,
-                "--partition",
-                cfg.data.partition,
-                "--num-clients",
-                str(len(self.slots)),
-                "--client-index",
-                str(s.index),
-                "--seed",
-                str(cfg.federation.seed),
-                "--profile",
-                "auto",
-                "--until-finished",
-                *extra,
-            ]
-            if cfg.data.train_samples:
-                inner += ["--train-samples", str(cfg.data.train_samples)]
-            if cfg.data.data_dir:
-                inner += ["--data-dir", cfg.data.data_dir]
+            inner = client_command(
+                cfg, url, s.name, s.index, len(self.slots), "auto", "--until-finished", *extra
+            )
             # The shell moves itself into the cgroups, then becomes the client in the netns.
             # nsenter, not `ip netns exec`: the latter remounts /sys, which hides
             # /sys/fs/cgroup, and the client could no longer measure its own limits.
