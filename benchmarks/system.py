@@ -283,6 +283,8 @@ def part_scale(args) -> list[dict]:
                     "cpu_per_update_ms": rec["cpu_seconds"] / max(rec["aggregated"], 1) * 1e3,
                     "updates_per_s": rec["aggregated"] / max(rec["seconds"], 1e-9),
                     "peak_rss_mb": usage.ru_maxrss / 1024,
+                    "inbox_memory_mb": rec["transport"].get("inbox_peak_memory_mb", 0.0),
+                    "spooled_mb": rec["transport"].get("inbox_peak_spooled_mb", 0.0),
                     "process_wall_s": wall,
                     "process_cpu_s": usage.ru_utime + usage.ru_stime,
                 }
@@ -416,7 +418,9 @@ def report(args, env, seconds, speed, wire, scoring, scale, ck) -> str:
             "reassembles, validates and aggregates every update, evaluates on 1000 images and "
             "checkpoints. `CPU/update` is the coordinator's process CPU time in the round "
             "divided by the updates; peak RSS "
-            "is the coordinator process's maximum resident memory over its whole life.",
+            "is the coordinator process's maximum resident memory over its whole life; "
+            "`inbox MB` / `on disk MB`: the most received-but-unprocessed payload bytes held in "
+            "memory (budget 64 MiB) and spooled to disk at once (docs/scaling.md).",
             "",
             md_table(
                 [
@@ -428,6 +432,8 @@ def report(args, env, seconds, speed, wire, scoring, scale, ck) -> str:
                     "CPU/update ms",
                     "aggregation s",
                     "peak RSS MB",
+                    "inbox MB",
+                    "on disk MB",
                 ],
                 [
                     [
@@ -439,6 +445,8 @@ def report(args, env, seconds, speed, wire, scoring, scale, ck) -> str:
                         f"{r['cpu_per_update_ms']:.1f}",
                         f"{r['aggregate_s']:.2f}",
                         f"{r['peak_rss_mb']:.0f}",
+                        f"{r['inbox_memory_mb']:.0f}",
+                        f"{r['spooled_mb']:.0f}",
                     ]
                     for r in scale
                 ],

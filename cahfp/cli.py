@@ -340,6 +340,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         ca_file=args.ca,
         protocol=args.mqtt_version,
         on_event=view.event,
+        inbox_memory=int(args.inbox_memory_mb * (1 << 20)),
+        spool_dir=args.spool_dir,
     )
     import signal
 
@@ -488,6 +490,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for clients before round 1 (default: the deadline)",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--inbox-memory-mb",
+        type=float,
+        default=64,
+        help="received bytes held in memory before the backlog waits on disk (default 64)",
+    )
+    p.add_argument(
+        "--spool-dir",
+        help="directory for that backlog, in an unlinked file (default: the --out directory, "
+        "else the system temp directory)",
+    )
     _add_data_dir(p)
     p.set_defaults(handler=cmd_coordinator)
 

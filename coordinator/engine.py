@@ -74,6 +74,7 @@ class RoundRecord:
     coverage_mean: float | None = None
     cpu_seconds: float = 0.0  # coordinator process CPU time spent in this round
     peak_rss_mb: float = 0.0  # coordinator process peak resident memory so far
+    transport: dict = field(default_factory=dict)  # the transport's own counters (Transport.stats)
 
 
 class RoundEngine:
@@ -368,6 +369,7 @@ class RoundEngine:
             cov_mean,
             time.process_time() - cpu_start,
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            self.transport.stats(),
         )
         self.on_event("round_end", {"record": record})
         return record

@@ -125,7 +125,8 @@ class MqttTransport(Transport):
     # ------------------------------------------------------------------ receiving
 
     def poll(self, timeout: float) -> list[Received]:
-        """Process what arrived (waiting up to ``timeout`` for the first message)."""
+        """Process everything that arrived (waiting up to ``timeout`` for the first message).
+        For registrations: answers are collected one at a time by ``collect``."""
         out: list[Received] = []
         msg = self.link.get(timeout)
         while msg is not None:
@@ -197,10 +198,20 @@ class MqttTransport(Transport):
             if self.link.connects != self.connects_seen:  # reconnected meanwhile
                 self.connects_seen = self.link.connects
                 self._resend_unanswered(set(pending))
-            for item in self.poll(min(0.5, max(deadline - time.monotonic(), 0.0))):
-                yield item
-                if not pending:
-                    break
+            # one message at a time: the backlog stays in the link's (memory-bounded) inbox
+            # instead of being reassembled all at once
+            msg = self.link.get(min(0.5, max(deadline - time.monotonic(), 0.0)))
+            if msg is None:
+                continue
+            yield from self._handle(msg.topic, msg.payload)
+
+    def stats(self) -> dict:
+        inbox = self.link.inbox
+        return {
+            "inbox_peak_memory_mb": round(inbox.peak_in_memory / 2**20, 3),
+            "inbox_peak_spooled_mb": round(inbox.peak_spooled / 2**20, 3),
+            "inbox_spooled_total_mb": round(inbox.spooled_total / 2**20, 3),
+        }
 
     def close(self) -> None:
         with contextlib.suppress(CAHFPError):

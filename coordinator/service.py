@@ -19,6 +19,7 @@ from cahfp.wire import encode_state
 from coordinator.engine import RoundEngine, RoundRecord
 from coordinator.mqtt_transport import MqttTransport
 from coordinator.records import RunRecorder, load_checkpoint, record_dict, summarize
+from edge_client.inbox import DEFAULT_MEMORY
 from edge_client.link import MqttLink, read_credentials
 
 log = logging.getLogger("cahfp.coordinator")
@@ -36,6 +37,8 @@ class Coordinator:
         ca_file: str | None = None,
         protocol: int = 5,
         on_event=None,
+        inbox_memory: int = DEFAULT_MEMORY,
+        spool_dir: str | None = None,
     ):
         self.cfg = cfg
         self.topics = Topics(cfg.federation.name)
@@ -53,6 +56,10 @@ class Coordinator:
             ca_file=ca_file,
             protocol=protocol,
             will=(self.topics.status, stopped.model_dump_json().encode(), 1, True),
+            inbox_memory=inbox_memory,
+            # the backlog beyond the memory budget waits on disk: by default next to the run
+            # (the system temp directory may be RAM-backed tmpfs)
+            spool_dir=spool_dir or (str(self.out_dir) if self.out_dir else None),
         )
         self.transport = MqttTransport(self.link, self.topics)
         d = cfg.data

@@ -50,5 +50,9 @@ class Transport(ABC):
         yield messages that do not belong to ``pending`` (late, duplicated or forged): the
         engine checks them."""
 
+    def stats(self) -> dict:
+        """Counters worth recording with each round (e.g. inbound backlog); JSON-serializable."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""

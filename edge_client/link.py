@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import ssl
 import threading
 import time
@@ -23,6 +22,7 @@ from paho.mqtt.properties import Properties
 
 from cahfp.errors import CAHFPError
 from cahfp.protocol import DEFAULT_CHUNK, split_payload
+from edge_client.inbox import DEFAULT_MEMORY, Incoming, SpoolingInbox
 
 log = logging.getLogger("cahfp.link")
 HEADER_ROOM = 512  # chunk header + MQTT fixed header + topic, kept below the packet limit
@@ -73,13 +73,6 @@ def read_credentials(path: str | os.PathLike | None) -> tuple[str | None, str | 
     return os.environ.get("CAHFP_MQTT_USERNAME"), os.environ.get("CAHFP_MQTT_PASSWORD")
 
 
-@dataclass
-class Received:
-    topic: str
-    payload: bytes
-    retain: bool
-
-
 class MqttLink:
     def __init__(
         self,
@@ -93,6 +86,8 @@ class MqttLink:
         protocol: int = 5,
         keepalive: int = 20,
         session_expiry: int = 3600,
+        inbox_memory: int = DEFAULT_MEMORY,
+        spool_dir: str | None = None,
     ):
         self.address = BrokerAddress.parse(url)
         self.client_id = client_id
@@ -115,7 +110,7 @@ class MqttLink:
         self.client.max_inflight_messages_set(32)
         self.client.max_queued_messages_set(0)
         self.keepalive, self.session_expiry = keepalive, session_expiry
-        self.inbox: queue.Queue[Received] = queue.Queue()
+        self.inbox = SpoolingInbox(inbox_memory, spool_dir)
         self.subscriptions: dict[str, int] = {}
         self.connected = threading.Event()
         self.error: str | None = None
@@ -156,7 +151,7 @@ class MqttLink:
             )
 
     def _on_message(self, client, userdata, msg):
-        self.inbox.put(Received(msg.topic, bytes(msg.payload), bool(msg.retain)))
+        self.inbox.put(Incoming(msg.topic, bytes(msg.payload), bool(msg.retain)))
 
     # ------------------------------------------------------------------ API
 
@@ -222,11 +217,8 @@ class MqttLink:
         transfer, chunks = split_payload(data, self.chunk_size(chunk_size), transfer)
         return transfer, [self.publish(topic, c, qos=1) for c in chunks]
 
-    def get(self, timeout: float) -> Received | None:
-        try:
-            return self.inbox.get(timeout=max(timeout, 0.0))
-        except queue.Empty:
-            return None
+    def get(self, timeout: float) -> Incoming | None:
+        return self.inbox.get(timeout)
 
     def stop(self, final: list[tuple[str, bytes, bool]] | None = None) -> None:
         """Publish ``final`` messages (topic, payload, retain), then disconnect cleanly."""
@@ -239,3 +231,4 @@ class MqttLink:
             self.client.disconnect()
         finally:
             self.client.loop_stop()
+            self.inbox.close()
