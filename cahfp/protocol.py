@@ -30,8 +30,9 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -195,37 +196,54 @@ def split_payload(
 ) -> tuple[str, list[bytes]]:
     """Encode ``data`` as chunk messages; returns (transfer id, messages). ``digest`` (the
     payload's sha256, hex) may be passed when already known."""
+    transfer, chunks = iter_chunks(data, chunk_size, transfer, digest)
+    return transfer, list(chunks)
+
+
+def iter_chunks(
+    data: bytes,
+    chunk_size: int = DEFAULT_CHUNK,
+    transfer: str | None = None,
+    digest: str | None = None,
+) -> tuple[str, Iterator[bytes]]:
+    """Like ``split_payload``, but builds each chunk message only when asked for it (a sender
+    can publish the first chunk while the next is being built)."""
     if chunk_size < 1:
         raise ValueError("chunk_size must be positive")
     transfer = transfer or uuid.uuid4().hex
     digest = digest or hashlib.sha256(data).hexdigest()
     count = max(1, -(-len(data) // chunk_size))
     view = memoryview(data)
-    out = []
-    for i in range(count):
-        header = json.dumps(
-            {"transfer": transfer, "index": i, "count": count, "size": len(data), "sha256": digest}
-        ).encode()
-        out.append(
-            MAGIC
-            + len(header).to_bytes(4, "big")
-            + header
-            + bytes(view[i * chunk_size : (i + 1) * chunk_size])
-        )
-    return transfer, out
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(count):
+            header = json.dumps(
+                {
+                    "transfer": transfer,
+                    "index": i,
+                    "count": count,
+                    "size": len(data),
+                    "sha256": digest,
+                }
+            ).encode()
+            piece = view[i * chunk_size : (i + 1) * chunk_size]  # copied once, by the join
+            yield b"".join((MAGIC, len(header).to_bytes(4, "big"), header, piece))
+
+    return transfer, chunks()
 
 
-def decode_chunk(message: bytes) -> tuple[ChunkHeader, bytes]:
+def decode_chunk(message: bytes) -> tuple[ChunkHeader, memoryview]:
+    """The chunk's header and its data (a view into ``message``, not a copy)."""
     if not isinstance(message, (bytes, bytearray, memoryview)):
         raise ProtocolError("chunk must be bytes")
-    message = bytes(message)
-    if len(message) < 8 or message[:4] != MAGIC:
+    message = memoryview(message).cast("B")
+    if len(message) < 8 or bytes(message[:4]) != MAGIC:
         raise ProtocolError("not a CA-HFP chunk (bad magic)")
-    n = int.from_bytes(message[4:8], "big")
+    n = int.from_bytes(bytes(message[4:8]), "big")
     if n > 4096 or 8 + n > len(message):
         raise ProtocolError(f"chunk header length {n} is invalid")
     try:
-        header = ChunkHeader.model_validate_json(message[8 : 8 + n])
+        header = ChunkHeader.model_validate_json(bytes(message[8 : 8 + n]))
     except (ValidationError, ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"malformed chunk header: {str(exc).splitlines()[0]}") from None
     if header.index >= header.count:
@@ -236,8 +254,11 @@ def decode_chunk(message: bytes) -> tuple[ChunkHeader, bytes]:
 @dataclass
 class _Partial:
     header: ChunkHeader
-    parts: dict[int, bytes] = field(default_factory=dict)
+    data: bytearray = field(default_factory=bytearray)  # the contiguous prefix received so far
+    early: dict[int, memoryview] = field(default_factory=dict)  # chunks ahead of the prefix
+    next: int = 0  # index of the chunk that extends the prefix
     received: int = 0
+    hasher: Any = field(default_factory=hashlib.sha256)  # sha256 of the prefix
     started: float = field(default_factory=time.monotonic)
 
 
@@ -245,7 +266,11 @@ class Reassembler:
     """Collects chunks into payloads with bounded memory: a transfer larger than ``max_bytes``
     is refused up front, at most ``max_transfers`` are open at once (the oldest is dropped),
     incomplete transfers expire after ``timeout`` seconds, redelivered chunks are ignored, and a
-    completed payload must match its sha256."""
+    completed payload must match its sha256.
+
+    Chunks arriving in order (the usual case: QoS 1 from one publisher) are copied once, into
+    the payload, and hashed as they come, so the check at the end costs nothing extra; chunks
+    ahead of their turn wait until the gap is filled."""
 
     def __init__(self, max_bytes: int = 256 << 20, max_transfers: int = 8, timeout: float = 600.0):
         self.max_bytes, self.max_transfers, self.timeout = max_bytes, max_transfers, timeout
@@ -265,7 +290,7 @@ class Reassembler:
             del self.done[t]
         return old
 
-    def add(self, message: bytes) -> tuple[str, bytes] | None:
+    def add(self, message: bytes) -> tuple[str, bytearray] | None:
         """Feed one chunk message; returns (transfer id, payload) when a transfer completes."""
         header, data = decode_chunk(message)
         self.expire()
@@ -290,20 +315,26 @@ class Reassembler:
         ):
             del self.open[t]
             raise ProtocolError(f"transfer {t[:8]}: chunks disagree on count, size or hash")
-        if header.index in partial.parts:
+        if header.index < partial.next or header.index in partial.early:
             return None  # redelivered chunk
         if partial.received + len(data) > header.size:
             del self.open[t]
             raise ProtocolError(f"transfer {t[:8]}: more data than its declared size")
-        partial.parts[header.index] = data
         partial.received += len(data)
-        if len(partial.parts) < header.count:
+        partial.early[header.index] = data
+        while partial.next in partial.early:  # extend the prefix: copy once, hash as we go
+            piece = partial.early.pop(partial.next)
+            partial.data += piece
+            partial.hasher.update(piece)
+            partial.next += 1
+        if partial.next < header.count:
             return None
         del self.open[t]
-        payload = b"".join(partial.parts[i] for i in range(header.count))
-        if len(payload) != header.size:
-            raise ProtocolError(f"transfer {t[:8]}: {len(payload)} bytes, declared {header.size}")
-        if hashlib.sha256(payload).hexdigest() != header.sha256:
+        if len(partial.data) != header.size:
+            raise ProtocolError(
+                f"transfer {t[:8]}: {len(partial.data)} bytes, declared {header.size}"
+            )
+        if partial.hasher.hexdigest() != header.sha256:
             raise ProtocolError(f"transfer {t[:8]}: sha256 mismatch; payload discarded")
         self.done[t] = time.monotonic()
-        return t, payload
+        return t, partial.data

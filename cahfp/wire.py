@@ -47,11 +47,10 @@ def encode_state(
 def _load(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidUpdate("payload must be bytes")
+    data = bytes(data)  # safetensors reads bytes; a copy only if given a bytearray or view
     try:
-        tensors = load(bytes(data))
-        from safetensors import safe_open  # noqa: F401  (imported for its error type only)
-
-        raw_meta = _metadata(bytes(data))
+        tensors = load(data)
+        raw_meta = _metadata(data)
     except (SafetensorError, ValueError, OSError, RuntimeError) as exc:
         raise InvalidUpdate(f"payload is not valid safetensors: {exc}") from None
     try:

@@ -21,7 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from cahfp.errors import CAHFPError
-from cahfp.protocol import DEFAULT_CHUNK, split_payload
+from cahfp.protocol import DEFAULT_CHUNK, iter_chunks
 from edge_client.inbox import DEFAULT_MEMORY, Incoming, SpoolingInbox
 
 log = logging.getLogger("cahfp.link")
@@ -214,7 +214,7 @@ class MqttLink:
         self, topic: str, data: bytes, chunk_size: int = DEFAULT_CHUNK, transfer: str | None = None
     ) -> tuple[str, list[mqtt.MQTTMessageInfo]]:
         """Publish ``data`` as chunks (QoS 1); returns the transfer id and publish handles."""
-        transfer, chunks = split_payload(data, self.chunk_size(chunk_size), transfer)
+        transfer, chunks = iter_chunks(data, self.chunk_size(chunk_size), transfer)
         return transfer, [self.publish(topic, c, qos=1) for c in chunks]
 
     def get(self, timeout: float) -> Incoming | None:

@@ -50,6 +50,16 @@ def test_chunks_reassemble_in_any_order_with_duplicates():
     assert r.buffered_bytes == 0
 
 
+def test_redelivered_chunks_inside_an_open_transfer_are_ignored():
+    data = bytes(range(256)) * 100
+    transfer, chunks = split_payload(data, 1000)
+    r = Reassembler()
+    order = [0, 1, 0, 3, 1, 3, 2, *range(4, len(chunks))]  # repeats before and after the prefix
+    results = [r.add(chunks[i]) for i in order]
+    assert [x for x in results if x is not None] == [(transfer, data)]
+    assert results[-1] == (transfer, data)
+
+
 def test_reassembler_refuses_bad_transfers():
     data = b"x" * 5000
     _, chunks = split_payload(data, 1000)
