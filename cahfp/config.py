@@ -77,6 +77,11 @@ class DataConfig(_Strict):
     )
     min_samples: int = Field(10, ge=1)
     eval_samples: int | None = Field(2000, ge=1)
+    eval_split: Literal["test", "validation"] = Field(
+        "test",
+        description="evaluate on the test set, or on held-out training images that no client "
+        "holds (for choosing settings without looking at the test set)",
+    )
     data_dir: str | None = None
     download: bool = False
 

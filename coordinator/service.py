@@ -19,6 +19,7 @@ from cahfp.wire import encode_state
 from coordinator.engine import RoundEngine, RoundRecord
 from coordinator.mqtt_transport import MqttTransport
 from coordinator.records import RunRecorder, load_checkpoint, record_dict, summarize
+from coordinator.simulation import training_pool
 from edge_client.inbox import DEFAULT_MEMORY
 from edge_client.link import MqttLink, read_credentials
 
@@ -63,7 +64,11 @@ class Coordinator:
         )
         self.transport = MqttTransport(self.link, self.topics)
         d = cfg.data
-        test = load_dataset(d.dataset, "test", d.data_dir, d.download)
+        if d.eval_split == "validation":  # held-out training images, as in the simulation
+            train = load_dataset(d.dataset, "train", d.data_dir, d.download)
+            test = train.subset(training_pool(len(train), cfg)[1])
+        else:
+            test = load_dataset(d.dataset, "test", d.data_dir, d.download)
         if d.eval_samples and d.eval_samples < len(test):
             test = test.subset(range(d.eval_samples))
         self.spec = ModelSpec(

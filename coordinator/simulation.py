@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from cahfp.config import Config
+from cahfp.config import Config, ConfigError
 from cahfp.data import ImageData, load_dataset, partition
 from cahfp.errors import BudgetInfeasible
 from cahfp.messages import ModelSpec, TaskMessage
@@ -28,15 +28,34 @@ def client_id(i: int) -> str:
     return f"client-{i:03d}"
 
 
+def training_pool(n_train: int, cfg: Config) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Indices of the training images the clients share (seeded), and with
+    ``data.eval_split = "validation"`` the held-out training images to evaluate on instead of
+    the test set (the last ``eval_samples`` of the same permutation: no client holds them)."""
+    d = cfg.data
+    pool = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.federation.seed))
+    held_out = None
+    if d.eval_split == "validation":
+        n_eval = d.eval_samples or 10_000
+        if n_eval >= n_train:
+            raise ConfigError(
+                f"data.eval_split = validation needs fewer than {n_train} data.eval_samples"
+            )
+        pool, held_out = pool[: n_train - n_eval], pool[n_train - n_eval :]
+    if d.train_samples:
+        pool = pool[: d.train_samples]
+    return pool, held_out
+
+
 def federation_data(cfg: Config) -> tuple[list[ImageData], ImageData, ModelSpec]:
     """Client partitions of the training set, the held-out evaluation set, and the model spec."""
     d = cfg.data
     train_set = load_dataset(d.dataset, "train", d.data_dir, d.download)
-    test_set = load_dataset(d.dataset, "test", d.data_dir, d.download)
-    gen = torch.Generator().manual_seed(cfg.federation.seed)
-    pool = torch.randperm(len(train_set), generator=gen)
-    if d.train_samples:
-        pool = pool[: d.train_samples]
+    pool, held_out = training_pool(len(train_set), cfg)
+    if held_out is not None:
+        test_set = train_set.subset(held_out)
+    else:
+        test_set = load_dataset(d.dataset, "test", d.data_dir, d.download)
     parts = partition(
         train_set.targets[pool].numpy(),
         cfg.federation.clients,

@@ -3,12 +3,13 @@
 import json
 
 import pytest
+import torch
 
 from cahfp.config import ConfigError, load_config
 from cahfp.errors import DatasetUnavailable
 from cahfp.strategies import STRATEGIES
 from cahfp.wire import encode_state
-from coordinator.simulation import federation_data, simulate
+from coordinator.simulation import federation_data, simulate, training_pool
 
 TIME_KEYS = {
     "seconds",
@@ -174,3 +175,24 @@ def test_staggered_refreshes_and_coverage_records(fmnist_root, tmp_path):
     )
     for r in records:
         assert dense_share - 1e-9 <= r["coverage_min"] <= r["coverage_mean"] <= 1.0
+
+
+def test_validation_split_is_held_out_from_every_client(fmnist_root):
+    base = {"data.data_dir": str(fmnist_root), "data.train_samples": 2000}
+    cfg = load_config(None, {**base, "data.eval_samples": 500, "data.eval_split": "validation"})
+    pool, held_out = training_pool(60_000, cfg)
+    assert len(pool) == 2000 and len(held_out) == 500
+    assert not set(pool.tolist()) & set(held_out.tolist())
+    clients, evaluation, _ = federation_data(cfg)
+    assert len(evaluation) == 500 and sum(len(c) for c in clients) == 2000
+    # the default (test split) draws the clients' images as it always did: a seeded permutation
+    test_pool, none = training_pool(60_000, load_config(None, base))
+    expected = torch.randperm(60_000, generator=torch.Generator().manual_seed(0))[:2000]
+    assert none is None and torch.equal(test_pool, expected)
+    with pytest.raises(ConfigError, match="eval_samples"):
+        training_pool(
+            60_000,
+            load_config(
+                None, {**base, "data.eval_split": "validation", "data.eval_samples": 60_000}
+            ),
+        )
