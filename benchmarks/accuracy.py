@@ -44,16 +44,14 @@ ABLATIONS: dict[str, dict] = {
     "refresh period 10": {"pruning.refresh_period": 10},
     "refreshes not staggered": {"pruning.stagger_refresh": False},
     "coverage bonus 1": {"pruning.coverage_weight": 1.0},
-    "sampled plans (temperature 1)": {"pruning.temperature": 1.0},
+    "deterministic plans (temperature 0)": {"pruning.temperature": 0.0},
     "fill: uncovered weight 0.5": {"aggregation.uncovered_weight": 0.5},
     "BN statistics from all covering clients": {"aggregation.exact_stats": False},
-    "combined: temperature 1 + uncovered weight 0.5 + BN from all": {
-        "pruning.temperature": 1.0,
+    "uncovered weight 0.5 + BN from all": {
         "aggregation.uncovered_weight": 0.5,
         "aggregation.exact_stats": False,
     },
-    "combined + joint set objective": {
-        "pruning.temperature": 1.0,
+    "uncovered weight 0.5 + BN from all + joint set objective": {
         "aggregation.uncovered_weight": 0.5,
         "aggregation.exact_stats": False,
         "pruning.interactions": True,
