@@ -201,6 +201,7 @@ def report(results: list[dict], args, env: dict, seconds: float) -> str:
     cmd = (
         "python -m benchmarks.accuracy"
         + (" --ablations" if args.ablations else "")
+        + (f" --eval-samples {args.eval_samples}" if args.eval_samples != 2000 else "")
         + (" --quick" if args.quick else "")
     )
     lines = [
