@@ -202,6 +202,11 @@ def report(results: list[dict], args, env: dict, seconds: float) -> str:
         "python -m benchmarks.accuracy"
         + (" --ablations" if args.ablations else "")
         + (f" --eval-samples {args.eval_samples}" if args.eval_samples != 2000 else "")
+        + (
+            f" --ablation-seeds {args.ablation_seeds}"
+            if args.ablations and args.ablation_seeds != "0,1"
+            else ""
+        )
         + (" --quick" if args.quick else "")
     )
     lines = [
@@ -223,7 +228,7 @@ def report(results: list[dict], args, env: dict, seconds: float) -> str:
             else f"the first {args.eval_samples} test images"
         )
         + f". Models: {args.vgg} and {args.resnet} "
-        "(NAME:WIDTH). `final acc` is the mean of the last three rounds' test accuracy; FLOPs "
+        "(NAME:WIDTH). `final acc` is the mean of the last three rounds' accuracy; FLOPs "
         "and bytes are per participating client and round (FLOPs include CA-HFP's and "
         "Taylor's scoring passes; bytes are the safetensors payloads).",
         "",

@@ -284,7 +284,7 @@ def part_scale(args) -> list[dict]:
                     "updates_per_s": rec["aggregated"] / max(rec["seconds"], 1e-9),
                     "peak_rss_mb": usage.ru_maxrss / 1024,
                     "inbox_memory_mb": rec["transport"].get("inbox_peak_memory_mb", 0.0),
-                    "spooled_mb": rec["transport"].get("inbox_peak_spooled_mb", 0.0),
+                    "spooled_mb": rec["transport"].get("inbox_peak_on_disk_mb", 0.0),
                     "process_wall_s": wall,
                     "process_cpu_s": usage.ru_utime + usage.ru_stime,
                 }

@@ -524,6 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-samples", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--eval-split",
+        choices=("test", "validation"),
+        default="test",
+        help="with validation, leave out the coordinator's held-out images (--eval-samples of "
+        "them); must match its data.eval_split, data.eval_samples and federation.seed",
+    )
+    p.add_argument("--eval-samples", type=int)
+    p.add_argument(
         "--profile",
         default="auto",
         help="auto (measure this device), none (the "

@@ -13,17 +13,13 @@ from typing import Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cahfp.errors import CAHFPError
+from cahfp.errors import CAHFPError, ConfigError  # noqa: F401 (ConfigError re-exported)
 from cahfp.training import Recipe
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10 (Jetson images)
     import tomli as tomllib
-
-
-class ConfigError(CAHFPError):
-    """A configuration file or override is invalid."""
 
 
 class _Strict(BaseModel):

@@ -5,6 +5,10 @@ class CAHFPError(Exception):
     """Base class for every error the library raises on bad input."""
 
 
+class ConfigError(CAHFPError):
+    """A configuration file, override or option is invalid."""
+
+
 class DatasetUnavailable(CAHFPError):
     """A dataset is not on disk and could not (or may not) be downloaded."""
 

@@ -236,7 +236,9 @@ def decode_chunk(message: bytes) -> tuple[ChunkHeader, memoryview]:
     """The chunk's header and its data (a view into ``message``, not a copy)."""
     if not isinstance(message, (bytes, bytearray, memoryview)):
         raise ProtocolError("chunk must be bytes")
-    message = memoryview(message).cast("B")
+    if not isinstance(message, bytes):  # views into a mutable buffer could change under us
+        message = bytes(message)
+    message = memoryview(message)
     if len(message) < 8 or bytes(message[:4]) != MAGIC:
         raise ProtocolError("not a CA-HFP chunk (bad magic)")
     n = int.from_bytes(bytes(message[4:8]), "big")
@@ -254,7 +256,7 @@ def decode_chunk(message: bytes) -> tuple[ChunkHeader, memoryview]:
 @dataclass
 class _Partial:
     header: ChunkHeader
-    data: bytearray = field(default_factory=bytearray)  # the contiguous prefix received so far
+    pieces: list[memoryview] = field(default_factory=list)  # the contiguous prefix so far
     early: dict[int, memoryview] = field(default_factory=dict)  # chunks ahead of the prefix
     next: int = 0  # index of the chunk that extends the prefix
     received: int = 0
@@ -268,9 +270,10 @@ class Reassembler:
     incomplete transfers expire after ``timeout`` seconds, redelivered chunks are ignored, and a
     completed payload must match its sha256.
 
-    Chunks arriving in order (the usual case: QoS 1 from one publisher) are copied once, into
-    the payload, and hashed as they come, so the check at the end costs nothing extra; chunks
-    ahead of their turn wait until the gap is filled."""
+    Chunks arriving in order (the usual case: QoS 1 from one publisher) are hashed as they
+    come, so the check at the end costs nothing extra, and their data is copied once, into the
+    payload (``bytes``) when the last one arrives; chunks ahead of their turn wait until the gap
+    is filled."""
 
     def __init__(self, max_bytes: int = 256 << 20, max_transfers: int = 8, timeout: float = 600.0):
         self.max_bytes, self.max_transfers, self.timeout = max_bytes, max_transfers, timeout
@@ -290,7 +293,7 @@ class Reassembler:
             del self.done[t]
         return old
 
-    def add(self, message: bytes) -> tuple[str, bytearray] | None:
+    def add(self, message: bytes) -> tuple[str, bytes] | None:
         """Feed one chunk message; returns (transfer id, payload) when a transfer completes."""
         header, data = decode_chunk(message)
         self.expire()
@@ -322,19 +325,19 @@ class Reassembler:
             raise ProtocolError(f"transfer {t[:8]}: more data than its declared size")
         partial.received += len(data)
         partial.early[header.index] = data
-        while partial.next in partial.early:  # extend the prefix: copy once, hash as we go
+        while partial.next in partial.early:  # extend the prefix, hashing as we go
             piece = partial.early.pop(partial.next)
-            partial.data += piece
+            partial.pieces.append(piece)
             partial.hasher.update(piece)
             partial.next += 1
         if partial.next < header.count:
             return None
         del self.open[t]
-        if len(partial.data) != header.size:
+        if partial.received != header.size:
             raise ProtocolError(
-                f"transfer {t[:8]}: {len(partial.data)} bytes, declared {header.size}"
+                f"transfer {t[:8]}: {partial.received} bytes, declared {header.size}"
             )
         if partial.hasher.hexdigest() != header.sha256:
             raise ProtocolError(f"transfer {t[:8]}: sha256 mismatch; payload discarded")
         self.done[t] = time.monotonic()
-        return t, partial.data
+        return t, b"".join(partial.pieces)  # the one copy of the data

@@ -47,7 +47,7 @@ def encode_state(
 def _load(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidUpdate("payload must be bytes")
-    data = bytes(data)  # safetensors reads bytes; a copy only if given a bytearray or view
+    data = bytes(data)  # safetensors reads bytes (no copy when given bytes, as the protocol does)
     try:
         tensors = load(data)
         raw_meta = _metadata(data)

@@ -124,15 +124,22 @@ class MqttTransport(Transport):
 
     # ------------------------------------------------------------------ receiving
 
-    def poll(self, timeout: float) -> list[Received]:
-        """Process everything that arrived (waiting up to ``timeout`` for the first message).
-        For registrations: answers are collected one at a time by ``collect``."""
-        out: list[Received] = []
+    def poll(self, timeout: float) -> int:
+        """Process registrations and presence that arrived (waiting up to ``timeout`` for the
+        first message), one message at a time. Answers found here belong to no round being
+        collected (late ones, after their deadline): they are dropped as they complete, never
+        accumulated. Returns how many were dropped."""
+        dropped = 0
         msg = self.link.get(timeout)
         while msg is not None:
-            out.extend(self._handle(msg.topic, msg.payload))
+            for item in self._handle(msg.topic, msg.payload):
+                dropped += 1
+                if not isinstance(item, Rejected):
+                    log.info(
+                        "dropped a late answer from %s (round %d)", item[0].client_id, item[0].round
+                    )
             msg = self.link.get(0.0)
-        return out
+        return dropped
 
     def _handle(self, topic: str, payload: bytes) -> list[Received]:
         try:
@@ -207,11 +214,13 @@ class MqttTransport(Transport):
 
     def stats(self) -> dict:
         inbox = self.link.inbox
-        return {
+        out = {
             "inbox_peak_memory_mb": round(inbox.peak_in_memory / 2**20, 3),
-            "inbox_peak_spooled_mb": round(inbox.peak_spooled / 2**20, 3),
-            "inbox_spooled_total_mb": round(inbox.spooled_total / 2**20, 3),
+            "inbox_peak_on_disk_mb": round(inbox.peak_on_disk / 2**20, 3),
+            "inbox_spooled_mb": round(inbox.spooled_total / 2**20, 3),
         }
+        inbox.reset_peaks()
+        return out
 
     def close(self) -> None:
         with contextlib.suppress(CAHFPError):

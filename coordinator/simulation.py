@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from cahfp.config import Config, ConfigError
+from cahfp.config import Config
 from cahfp.data import ImageData, load_dataset, partition
+from cahfp.data import training_pool as data_training_pool
 from cahfp.errors import BudgetInfeasible
 from cahfp.messages import ModelSpec, TaskMessage
 from cahfp.training import evaluate
@@ -28,23 +29,12 @@ def client_id(i: int) -> str:
     return f"client-{i:03d}"
 
 
-def training_pool(n_train: int, cfg: Config) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Indices of the training images the clients share (seeded), and with
-    ``data.eval_split = "validation"`` the held-out training images to evaluate on instead of
-    the test set (the last ``eval_samples`` of the same permutation: no client holds them)."""
+def training_pool(n_train: int, cfg: Config):
+    """The clients' training images and the validation hold-out, for this config."""
     d = cfg.data
-    pool = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.federation.seed))
-    held_out = None
-    if d.eval_split == "validation":
-        n_eval = d.eval_samples or 10_000
-        if n_eval >= n_train:
-            raise ConfigError(
-                f"data.eval_split = validation needs fewer than {n_train} data.eval_samples"
-            )
-        pool, held_out = pool[: n_train - n_eval], pool[n_train - n_eval :]
-    if d.train_samples:
-        pool = pool[: d.train_samples]
-    return pool, held_out
+    return data_training_pool(
+        n_train, cfg.federation.seed, d.train_samples, d.eval_split, d.eval_samples
+    )
 
 
 def federation_data(cfg: Config) -> tuple[list[ImageData], ImageData, ModelSpec]:

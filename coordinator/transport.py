@@ -51,7 +51,8 @@ class Transport(ABC):
         engine checks them."""
 
     def stats(self) -> dict:
-        """Counters worth recording with each round (e.g. inbound backlog); JSON-serializable."""
+        """Counters worth recording with each round (e.g. inbound backlog), measured since the
+        previous call (the engine calls it once at the end of every round); JSON-serializable."""
         return {}
 
     def close(self) -> None:  # noqa: B027 - optional hook

@@ -55,19 +55,28 @@ class SpoolingInbox:
         self._file = None
         self._end = 0  # bytes written to the spool file since it was last emptied
         self._waiting_on_disk = 0  # spooled messages not taken yet
+        self._closed = False
         self.in_memory = 0  # payload bytes held in memory now
+        self.on_disk = 0  # payload bytes waiting in the spool file now
+        # high-water marks and totals since the last reset_peaks()
         self.peak_in_memory = 0
-        self.peak_spooled = 0
-        self.spooled_total = 0  # bytes ever written to the spool file
+        self.peak_on_disk = 0
+        self.spooled_total = 0
 
     def __len__(self) -> int:
         with self._cond:
             return len(self._items)
 
+    def reset_peaks(self) -> None:
+        """Start a new measurement period for the high-water marks and the spooled total."""
+        with self._cond:
+            self.peak_in_memory, self.peak_on_disk = self.in_memory, self.on_disk
+            self.spooled_total = 0
+
     def put(self, item: Incoming) -> None:
         size = len(item.payload)
         with self._cond:
-            if self.in_memory + size > self.memory_bytes and size > 0:
+            if self.in_memory + size > self.memory_bytes and size > 0 and not self._closed:
                 spooled = self._spool(item)
                 if spooled is not None:
                     self._items.append(spooled)
@@ -93,6 +102,7 @@ class SpoolingInbox:
                     self.in_memory -= len(item.payload)
                     return item
                 self._waiting_on_disk -= 1
+                self.on_disk -= item.length
                 try:
                     data = self._read(item)
                 except OSError as exc:  # the spool file was damaged under us: say so, skip it
@@ -105,7 +115,11 @@ class SpoolingInbox:
             return None
 
     def close(self) -> None:
+        """Drop what waits on disk and release the file; later messages stay in memory."""
         with self._cond:
+            self._closed = True
+            self._items = collections.deque(i for i in self._items if isinstance(i, Incoming))
+            self._waiting_on_disk = self.on_disk = self._end = 0
             if self._file is not None:
                 self._file.close()
                 self._file = None
@@ -122,7 +136,7 @@ class SpoolingInbox:
             while view:
                 n = os.pwrite(fd, view, offset)
                 view, offset = view[n:], offset + n
-        except OSError as exc:
+        except (OSError, AttributeError) as exc:  # AttributeError: no os.pwrite (Windows)
             log.error(
                 "cannot spool a %d-byte message to disk (%s); keeping it in memory",
                 len(item.payload),
@@ -132,8 +146,9 @@ class SpoolingInbox:
         spooled = _Spooled(item.topic, self._end, len(item.payload), item.retain)
         self._end += spooled.length
         self._waiting_on_disk += 1
+        self.on_disk += spooled.length
         self.spooled_total += spooled.length
-        self.peak_spooled = max(self.peak_spooled, self._end)
+        self.peak_on_disk = max(self.peak_on_disk, self.on_disk)
         return spooled
 
     def _read(self, item: _Spooled) -> bytes:
@@ -146,6 +161,8 @@ class SpoolingInbox:
         return data
 
     def _reset_file(self) -> None:
+        """Empty the file once nothing in it is waiting (under a backlog that never drains the
+        file keeps growing: the inbox bounds memory, not disk)."""
         try:
             self._file.truncate(0)
         except OSError as exc:

@@ -9,7 +9,7 @@ import signal
 
 import torch
 
-from cahfp.data import load_dataset, partition
+from cahfp.data import load_dataset, partition, training_pool
 from cahfp.errors import CAHFPError
 from cahfp.messages import ModelSpec
 from cahfp.protocol import Topics, check_name
@@ -30,10 +30,13 @@ def local_data(args: argparse.Namespace):
         return data
     if not 0 <= args.client_index < args.num_clients:
         raise CAHFPError(f"--client-index must be in [0, {args.num_clients})")
-    gen = torch.Generator().manual_seed(args.seed)
-    pool = torch.randperm(len(data), generator=gen)
-    if args.train_samples:
-        pool = pool[: args.train_samples]
+    pool, _ = training_pool(
+        len(data),
+        args.seed,
+        args.train_samples,
+        args.eval_split,
+        args.eval_samples,
+    )
     parts = partition(
         data.targets[pool].numpy(), args.num_clients, args.partition, seed=args.seed, min_samples=10
     )

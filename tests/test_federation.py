@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cahfp.config import ConfigError, load_config
+from cahfp.data import load_dataset
 from cahfp.errors import DatasetUnavailable
 from cahfp.strategies import STRATEGIES
 from cahfp.wire import encode_state
@@ -185,6 +186,8 @@ def test_validation_split_is_held_out_from_every_client(fmnist_root):
     assert not set(pool.tolist()) & set(held_out.tolist())
     clients, evaluation, _ = federation_data(cfg)
     assert len(evaluation) == 500 and sum(len(c) for c in clients) == 2000
+    train = load_dataset("fmnist", "train", str(fmnist_root))
+    assert torch.equal(evaluation.images, train.subset(held_out).images)  # not the test set
     # the default (test split) draws the clients' images as it always did: a seeded permutation
     test_pool, none = training_pool(60_000, load_config(None, base))
     expected = torch.randperm(60_000, generator=torch.Generator().manual_seed(0))[:2000]
@@ -194,5 +197,18 @@ def test_validation_split_is_held_out_from_every_client(fmnist_root):
             60_000,
             load_config(
                 None, {**base, "data.eval_split": "validation", "data.eval_samples": 60_000}
+            ),
+        )
+    with pytest.raises(ConfigError, match="after the validation hold-out"):
+        training_pool(
+            60_000,
+            load_config(
+                None,
+                {
+                    **base,
+                    "data.train_samples": 59_000,
+                    "data.eval_split": "validation",
+                    "data.eval_samples": 2000,
+                },
             ),
         )

@@ -26,7 +26,22 @@ def test_order_and_bytes_survive_spooling_and_memory_stays_bounded(tmp_path):
     assert inbox.get(0) is None
     assert inbox.peak_in_memory <= 20_000
     assert inbox.spooled_total > 0.5 * sum(len(m.payload) for m in sent)
+    assert 0 < inbox.peak_on_disk <= inbox.spooled_total and inbox.on_disk == 0
+    inbox.reset_peaks()
+    assert inbox.peak_on_disk == inbox.spooled_total == 0
     inbox.close()
+
+
+def test_close_drops_the_spool_and_keeps_later_messages_in_memory(tmp_path):
+    inbox = SpoolingInbox(memory_bytes=100, spool_dir=str(tmp_path))
+    first = Incoming("a", b"a" * 80, False)
+    inbox.put(first)
+    inbox.put(Incoming("b", b"b" * 80, False))  # spooled
+    inbox.close()
+    late = Incoming("c", b"c" * 80, False)
+    inbox.put(late)  # after close: in memory, never a new file
+    assert inbox._file is None
+    assert [inbox.get(0), inbox.get(0), inbox.get(0)] == [first, late, None]
 
 
 def test_spool_file_is_emptied_when_the_backlog_drains(tmp_path):

@@ -1,7 +1,7 @@
 """Datasets, data-root resolution and client partitioning."""
 
 from cahfp.data.datasets import DATASETS, ImageData, load_dataset
-from cahfp.data.partition import label_histograms, partition, skew
+from cahfp.data.partition import label_histograms, partition, skew, training_pool
 from cahfp.data.paths import resolve_data_dir
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "partition",
     "resolve_data_dir",
     "skew",
+    "training_pool",
 ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cahfp.errors import UnknownName
+from cahfp.errors import ConfigError, UnknownName
 
 PARTITIONERS = ("iid", "dirichlet:<alpha>", "shards:<k>")
 
@@ -113,3 +113,37 @@ def skew(histograms: np.ndarray) -> float:
     glob = h.sum(0) / h.sum()
     local = h / np.maximum(h.sum(1, keepdims=True), 1)
     return float(0.5 * np.abs(local - glob).sum(1).mean())
+
+
+def training_pool(
+    n_train: int,
+    seed: int,
+    train_samples: int | None = None,
+    eval_split: str = "test",
+    eval_samples: int | None = None,
+):
+    """Indices (a torch tensor) of the training images the clients share, from a seeded
+    permutation, and with ``eval_split="validation"`` the held-out training images to evaluate
+    on instead of the test set: the last ``eval_samples`` of the same permutation, which no
+    client holds. The simulation, the coordinator and ``cahfp client`` all split this way."""
+    import torch
+
+    if eval_split not in ("test", "validation"):
+        raise ConfigError(f"eval split must be test or validation, got {eval_split!r}")
+    pool = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
+    held_out = None
+    if eval_split == "validation":
+        if not eval_samples or eval_samples >= n_train:
+            raise ConfigError(
+                f"data.eval_split = validation needs data.eval_samples between 1 and {n_train - 1}"
+            )
+        pool, held_out = pool[: n_train - eval_samples], pool[n_train - eval_samples :]
+    if train_samples:
+        if train_samples > len(pool):
+            raise ConfigError(
+                f"data.train_samples = {train_samples} exceeds the {len(pool)} training images "
+                "left for clients"
+                + (" after the validation hold-out" if held_out is not None else "")
+            )
+        pool = pool[:train_samples]
+    return pool, held_out
