@@ -44,7 +44,8 @@ ABLATIONS: dict[str, dict] = {
     "refresh period 10": {"pruning.refresh_period": 10},
     "refreshes not staggered": {"pruning.stagger_refresh": False},
     "coverage bonus 1": {"pruning.coverage_weight": 1.0},
-    "deterministic plans (temperature 0)": {"pruning.temperature": 0.0},
+    "sampled plans (temperature 1)": {"pruning.temperature": 1.0},
+    "sampled plans (temperature 0.5)": {"pruning.temperature": 0.5},
     "fill: uncovered weight 0.5": {"aggregation.uncovered_weight": 0.5},
     "BN statistics from all covering clients": {"aggregation.exact_stats": False},
     "uncovered weight 0.5 + BN from all": {

@@ -127,10 +127,10 @@ class PruningConfig(_Strict):
         "losses) of dropping under-covered channels; 0 = off",
     )
     temperature: float = Field(
-        1.0,
+        0.0,
         ge=0,
         description="CA-HFP: Gumbel noise on channel costs, "
-        "in typical channel losses (0 = deterministic plans; 1 chosen on validation data)",
+        "in typical channel losses (0 = deterministic plans; see docs/method.md section 5)",
     )
     stagger_refresh: bool = Field(
         True, description="spread clients' plan refreshes evenly over the refresh period"
