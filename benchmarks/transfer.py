@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--size-mb", type=int, default=50)
     p.add_argument("--chunk-kib", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=11)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--data-dir")
     p.add_argument("--out-dir")
     args = p.parse_args(argv)
