@@ -125,37 +125,9 @@ class Testbed:
             sh(*ns, "ip", "link", "set", s.veth_ns, "up")
             sh(*ns, "ip", "link", "set", "lo", "up")
             # uplink (the client's egress) and downlink (the host side's egress)
-            sh(
-                *ns,
-                "tc",
-                "qdisc",
-                "add",
-                "dev",
-                s.veth_ns,
-                "root",
-                "tbf",
-                "rate",
-                rate,
-                "burst",
-                "64kb",
-                "latency",
-                "400ms",
-            )
-            sh(
-                "tc",
-                "qdisc",
-                "add",
-                "dev",
-                s.veth_host,
-                "root",
-                "tbf",
-                "rate",
-                rate,
-                "burst",
-                "64kb",
-                "latency",
-                "400ms",
-            )
+            tbf = ("root", "tbf", "rate", rate, "burst", "64kb", "latency", "400ms")
+            sh(*ns, "tc", "qdisc", "add", "dev", s.veth_ns, *tbf)
+            sh("tc", "qdisc", "add", "dev", s.veth_host, *tbf)
 
     # ------------------------------------------------------------------ cgroups
 
