@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 from cahfp.config import Config
-from cahfp.data import load_dataset
 from cahfp.errors import CAHFPError
 from cahfp.messages import ModelSpec
 from cahfp.protocol import ModelAnnouncement, Status, Topics
@@ -19,7 +18,7 @@ from cahfp.wire import encode_state
 from coordinator.engine import RoundEngine, RoundRecord
 from coordinator.mqtt_transport import MqttTransport
 from coordinator.records import RunRecorder, load_checkpoint, record_dict, summarize
-from coordinator.simulation import training_pool
+from coordinator.simulation import evaluation_data
 from edge_client.inbox import DEFAULT_MEMORY
 from edge_client.link import MqttLink, read_credentials
 
@@ -63,14 +62,7 @@ class Coordinator:
             spool_dir=spool_dir or (str(self.out_dir) if self.out_dir else None),
         )
         self.transport = MqttTransport(self.link, self.topics)
-        d = cfg.data
-        if d.eval_split == "validation":  # held-out training images, as in the simulation
-            train = load_dataset(d.dataset, "train", d.data_dir, d.download)
-            test = train.subset(training_pool(len(train), cfg)[1])
-        else:
-            test = load_dataset(d.dataset, "test", d.data_dir, d.download)
-        if d.eval_samples and d.eval_samples < len(test):
-            test = test.subset(range(d.eval_samples))
+        test = evaluation_data(cfg)  # the same set the simulation evaluates on
         self.spec = ModelSpec(
             name=cfg.model.name,
             width=cfg.model.width,

@@ -37,15 +37,32 @@ def training_pool(n_train: int, cfg: Config):
     )
 
 
+def evaluation_data(
+    cfg: Config, train_set: ImageData | None = None, held_out: torch.Tensor | None = None
+) -> ImageData:
+    """The coordinator's evaluation set: the first ``eval_samples`` test images, or with
+    ``data.eval_split = "validation"`` the held-out training images (``train_set`` and
+    ``held_out`` are loaded and computed here unless the caller already has them)."""
+    d = cfg.data
+    if d.eval_split == "validation":
+        if train_set is None:
+            train_set = load_dataset(d.dataset, "train", d.data_dir, d.download)
+        if held_out is None:
+            held_out = training_pool(len(train_set), cfg)[1]
+        data = train_set.subset(held_out)
+    else:
+        data = load_dataset(d.dataset, "test", d.data_dir, d.download)
+    if d.eval_samples and d.eval_samples < len(data):
+        data = data.subset(range(d.eval_samples))
+    return data
+
+
 def federation_data(cfg: Config) -> tuple[list[ImageData], ImageData, ModelSpec]:
     """Client partitions of the training set, the held-out evaluation set, and the model spec."""
     d = cfg.data
     train_set = load_dataset(d.dataset, "train", d.data_dir, d.download)
     pool, held_out = training_pool(len(train_set), cfg)
-    if held_out is not None:
-        test_set = train_set.subset(held_out)
-    else:
-        test_set = load_dataset(d.dataset, "test", d.data_dir, d.download)
+    test_set = evaluation_data(cfg, train_set, held_out)
     parts = partition(
         train_set.targets[pool].numpy(),
         cfg.federation.clients,
@@ -54,8 +71,6 @@ def federation_data(cfg: Config) -> tuple[list[ImageData], ImageData, ModelSpec]
         min_samples=d.min_samples,
     )
     clients = [train_set.subset(pool[torch.as_tensor(p)]) for p in parts]
-    if d.eval_samples and d.eval_samples < len(test_set):
-        test_set = test_set.subset(range(d.eval_samples))
     spec = ModelSpec(
         name=cfg.model.name,
         width=cfg.model.width,
