@@ -266,7 +266,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     if config is None or checkpoint is None:
         raise CAHFPError("give --run RUN_DIR, or --config and --checkpoint")
     result = export_checkpoint(
-        config, checkpoint, args.keep, args.out, scorer=args.scorer, data_dir=args.data_dir
+        config,
+        checkpoint,
+        args.keep,
+        args.out,
+        scorer=args.scorer,
+        data_dir=args.data_dir,
+        calibration_batches=args.calibration_batches,
     )
     print(
         f"wrote {result.path} ({result.bytes / 1e6:.2f} MB), keep {args.keep:g}, "
@@ -606,6 +612,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True)
     p.add_argument("--data-dir")
+    p.add_argument(
+        "--calibration-batches",
+        type=int,
+        default=8,
+        help="batches of training data (64 images) to recompute a pruned model's BatchNorm "
+        "statistics from; 0 keeps the inherited ones and, with a data-free scorer, needs no data",
+    )
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("infer", help="classify images with an exported model (onnxruntime only)")

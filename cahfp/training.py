@@ -117,5 +117,46 @@ def evaluate(model: nn.Module, data: ImageData, batch_size: int = 256) -> EvalRe
     return EvalResult(loss / n, correct / n, len(data))
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, data: ImageData, num_batches: int = 8, batch_size: int = 64, seed: int = 0
+) -> int:
+    """Recompute every BatchNorm layer's running statistics from ``num_batches`` batches of
+    ``data`` (plain average, no augmentation); everything else stays in eval mode and no weight
+    changes. Returns the number of images used (0 when the model has no BatchNorm or ``data``
+    has fewer than two images, and then nothing is touched).
+
+    A submodel cut out of a larger model inherits statistics measured with the removed channels
+    still feeding each layer; they no longer describe its activations, and a pruned model can
+    fall to chance accuracy until they are recomputed."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or len(data) < 2 or num_batches <= 0:
+        return 0
+    was_training = model.training
+    model.eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+        m.train()
+    seen = 0
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        for i, (x, _) in enumerate(
+            data.batches(batch_size, shuffle=True, generator=gen, augment=False)
+        ):
+            if i >= num_batches:
+                break
+            if len(x) < 2:
+                continue
+            model(x)
+            seen += len(x)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+    return seen
+
+
 def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

@@ -16,11 +16,11 @@ from rich.console import Console
 from rich.table import Table
 
 from cahfp.config import load_config
-from cahfp.data import load_dataset
 from cahfp.pruning import build_compact
-from cahfp.training import evaluate
+from cahfp.training import evaluate, recalibrate_batchnorm
 from coordinator.broker import EmbeddedBroker
 from coordinator.service import Coordinator
+from coordinator.simulation import federation_data
 from coordinator.view import ProgressView
 
 PROFILES = ["raspberry-pi-4", "raspberry-pi-5", "jetson-nano", "jetson-orin-nano"]
@@ -182,9 +182,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def print_table(console: Console, cfg, coord: Coordinator, args) -> None:
     """Per client: profile, keep, the accuracy of its own submodel of the final global model
-    (what it would run on-device), bytes and time."""
-    d = cfg.data
-    test = load_dataset(d.dataset, "test", d.data_dir).subset(range(d.eval_samples or 2000))
+    with BatchNorm statistics recomputed on its own data (what it would run on-device), bytes
+    and time."""
+    parts, test, _ = federation_data(cfg)
     records = [r for r in coord.records if r.round > 0]
     table = Table(title="clients")
     for col in (
@@ -201,13 +201,15 @@ def print_table(console: Console, cfg, coord: Coordinator, args) -> None:
     for cid, rec in sorted(coord.engine.clients.items()):
         outs = [c for r in records for c in r.clients if c.client_id == cid]
         ok = [c for c in outs if c.status == "ok"]
+        i = int(cid.rsplit("-", 1)[-1]) if cid.rsplit("-", 1)[-1].isdigit() else rec.index
         acc = "-"
         if rec.index_map is not None:
             sub = build_compact(coord.engine.model, rec.index_map)
+            if _size(sub) < _size(coord.engine.model):  # channels removed: stale statistics
+                recalibrate_batchnorm(sub, parts[i % len(parts)])
             acc = f"{evaluate(sub, test).accuracy:.4f}"
         elif ok:
             acc = f"{evaluate(coord.engine.model, test).accuracy:.4f}"
-        i = int(cid.rsplit("-", 1)[-1]) if cid.rsplit("-", 1)[-1].isdigit() else rec.index
         table.add_row(
             cid,
             cfg.profile_of(i),
@@ -219,3 +221,7 @@ def print_table(console: Console, cfg, coord: Coordinator, args) -> None:
             f"{sum(c.train_seconds + c.score_seconds for c in ok) / max(len(ok), 1):.1f}",
         )
     console.print(table)
+
+
+def _size(module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -271,10 +271,14 @@ class Agent:
         import hashlib
 
         from cahfp.data.datasets import DatasetInfo
+        from cahfp.training import recalibrate_batchnorm
         from edge_client.exporting import export_submodel
 
         d = self.state.data
         info = DatasetInfo(d.classes, d.mean, d.std, d.in_channels, d.image_size)
+        # Statistics averaged over the whole pass under the final weights, not the running
+        # average that trailed the weights through training.
+        calibrated = recalibrate_batchnorm(result.submodel, d, seed=task.round)
         try:
             export_submodel(
                 result.submodel,
@@ -282,6 +286,7 @@ class Agent:
                 self.export_dir / "model.onnx",
                 keep=result.message.metrics.keep_achieved,
                 round=task.round,
+                bn_calibration_images=calibrated,
                 global_hash=hashlib.sha256(payload).hexdigest(),
                 model=f"{task.model.name} x{task.model.width:g}",
             )

@@ -17,6 +17,7 @@ from cahfp.errors import CAHFPError
 from cahfp.export import Exported, export_onnx
 from cahfp.models import build_model
 from cahfp.pruning import extract, make_plan, score_groups
+from cahfp.training import recalibrate_batchnorm
 from cahfp.wire import decode_state
 
 
@@ -35,8 +36,17 @@ def export_submodel(module: nn.Module, info: DatasetInfo, path, **provenance) ->
 
 
 def export_checkpoint(
-    config_path, checkpoint, keep: float, out, scorer: str = "curvature", data_dir=None
+    config_path,
+    checkpoint,
+    keep: float,
+    out,
+    scorer: str = "curvature",
+    data_dir=None,
+    calibration_batches: int = 8,
 ) -> Exported:
+    """Prune a global checkpoint to ``keep`` of its training FLOPs and export it. A pruned model's
+    BatchNorm statistics are recomputed from ``calibration_batches`` batches of the config's
+    training data (0: keep the inherited ones; a data-free scorer then needs no dataset)."""
     cfg = load_config(config_path)
     data_dir = data_dir or cfg.data.data_dir
     info = dataset_info(cfg.data.dataset, data_dir)
@@ -53,10 +63,12 @@ def export_checkpoint(
     model.eval()
     x = torch.zeros(2, info.channels, info.image_size, info.image_size)
     fraction = 1.0
+    calibrated = 0
     if keep < 1:
         batches = None
+        needs_data = scorer in ("curvature", "taylor") or calibration_batches > 0
+        data = load_dataset(cfg.data.dataset, "train", data_dir) if needs_data else None
         if scorer in ("curvature", "taylor"):
-            data = load_dataset(cfg.data.dataset, "train", data_dir)
             gen = torch.Generator().manual_seed(0)
             batches = data.batches(cfg.train.batch_size, shuffle=True, generator=gen, augment=False)
         scores = score_groups(
@@ -67,6 +79,8 @@ def export_checkpoint(
         )
         model = extract(model, plan).module.eval()
         fraction = plan.flops_fraction
+        if data is not None:
+            calibrated = recalibrate_batchnorm(model, data, calibration_batches)
     dense = build_model(cfg.model.name, len(info.classes), info.channels, cfg.model.width)
     return export_submodel(
         model,
@@ -77,6 +91,7 @@ def export_checkpoint(
         round=meta.get("round", "final"),
         model=f"{cfg.model.name} x{cfg.model.width:g}",
         scorer=scorer,
+        bn_calibration_images=calibrated,
         global_hash=hashlib.sha256(raw).hexdigest(),
         train_flops_ratio=training_flops(model, x[:1]) / training_flops(dense, x[:1]),
     )

@@ -17,7 +17,8 @@ from cahfp.inference import InputError, ModelFileError, OnnxClassifier
 from cahfp.models import build_model
 from cahfp.pruning import extract, make_plan, score_groups
 from cahfp.training import Recipe, train
-from edge_client.exporting import export_submodel
+from cahfp.wire import encode_state
+from edge_client.exporting import export_checkpoint, export_submodel
 
 INFO = dataset_info("fmnist")
 
@@ -137,3 +138,38 @@ def test_benchmark_reports_latency(trained_export):
     _, path, _ = trained_export
     b = OnnxClassifier(path, threads=1).benchmark(batch=4, iterations=5, warmup=1)
     assert b["p95_ms"] >= b["p50_ms"] > 0 and b["throughput"] > 0
+
+
+def test_pruned_checkpoint_export_recalibrates_batchnorm(trained_export, fmnist_root, tmp_path):
+    """`cahfp export` of a trained global model at keep 0.5: cut out as it is, the submodel's
+    inherited BatchNorm statistics sink it towards chance; recomputed on training data, it stays
+    close to the dense model. The ONNX file is what is measured."""
+    model, _, test = trained_export
+    test = test.subset(range(2000))
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(encode_state(model.state_dict()))
+    config = tmp_path / "fed.toml"
+    config.write_text(
+        '[model]\nname = "vgg11"\nwidth = 0.25\n'
+        f'[data]\ndataset = "fmnist"\ndata_dir = "{fmnist_root}"\n'
+    )
+    images = test.images.numpy()
+    dense = (OnnxClassifier(trained_export[1]).logits(_normalised(images)).argmax(1)).tolist()
+    dense_acc = np.mean(np.array(dense) == test.targets.numpy())
+    accuracy = {}
+    for batches in (0, 8):
+        out = export_checkpoint(
+            config, checkpoint, 0.5, tmp_path / f"m{batches}.onnx", calibration_batches=batches
+        )
+        clf = OnnxClassifier(out.path)
+        assert clf.metadata["cahfp.bn_calibration_images"] == str(64 * batches)
+        pred = clf.logits(_normalised(images)).argmax(1)
+        accuracy[batches] = float(np.mean(pred == test.targets.numpy()))
+    assert dense_acc > 0.6
+    assert accuracy[8] > dense_acc - 0.1, (dense_acc, accuracy)
+    assert accuracy[8] > accuracy[0] + 0.1, (dense_acc, accuracy)
+
+
+def _normalised(images_u8):
+    x = images_u8.astype(np.float32) / 255
+    return (x - INFO.mean[0]) / INFO.std[0]

@@ -3,7 +3,7 @@ import torch
 from pydantic import ValidationError
 
 from cahfp.models import build_model
-from cahfp.training import Recipe, evaluate, train
+from cahfp.training import Recipe, evaluate, recalibrate_batchnorm, train
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +45,33 @@ def test_recipe_validation_and_steps():
         Recipe(epochs=None, steps=None)
     with pytest.raises(ValidationError, match="extra"):
         Recipe(learning_rate=0.1)
+
+
+def test_batchnorm_recalibration_recomputes_statistics_and_nothing_else(small_fmnist):
+    train_set, _ = small_fmnist
+    data = train_set.subset(range(256))
+    model = build_model("vgg11", 10, 1, 0.25, seed=0)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in norms:
+        bn.running_mean.fill_(5.0)
+        bn.running_var.fill_(9.0)
+    weights = {k: v.clone() for k, v in model.named_parameters()}
+    seen_inputs = []
+    hook = norms[0].register_forward_pre_hook(lambda m, inp: seen_inputs.append(inp[0]))
+    model.train()
+    assert recalibrate_batchnorm(model, data, num_batches=2, batch_size=64, seed=3) == 128
+    hook.remove()
+    assert model.training and all(bn.momentum == 0.1 for bn in norms)
+    assert all(torch.equal(v, dict(model.named_parameters())[k]) for k, v in weights.items())
+    # a plain average of the two batches' statistics, taken with the model's weights as they are
+    assert len(seen_inputs) == 2
+    means = [x.mean((0, 2, 3)) for x in seen_inputs]
+    variances = [x.var((0, 2, 3), unbiased=True) for x in seen_inputs]
+    torch.testing.assert_close(norms[0].running_mean, (means[0] + means[1]) / 2)
+    torch.testing.assert_close(norms[0].running_var, (variances[0] + variances[1]) / 2)
+    assert all(bn.running_mean.abs().max() < 5 for bn in norms)
+    # nothing to do: no BatchNorm, or too little data; then nothing is touched
+    assert recalibrate_batchnorm(torch.nn.Sequential(torch.nn.Flatten()), data) == 0
+    before = norms[1].running_var.clone()
+    assert recalibrate_batchnorm(model, data.subset(range(1))) == 0
+    assert torch.equal(norms[1].running_var, before)
