@@ -132,6 +132,11 @@ class PruningConfig(_Strict):
         description="CA-HFP: Gumbel noise on channel costs, "
         "in typical channel losses (0 = deterministic plans; see docs/method.md section 5)",
     )
+    temperature_schedule: Literal["constant", "linear"] = Field(
+        "constant",
+        description="CA-HFP: linear lowers the temperature from its value in round 1 to 0 in "
+        "the last round (sample early, settle late)",
+    )
     stagger_refresh: bool = Field(
         True, description="spread clients' plan refreshes evenly over the refresh period"
     )

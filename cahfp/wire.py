@@ -1,8 +1,9 @@
 """Bytes on the wire: safetensors only (no pickle), with JSON metadata.
 
 * a *state* (global model or a slice of it): tensors by state-dict key;
-* an *update*: the compact tensors of a submodel plus its index map. Index vectors are int32 and
-  stored once however many tensors share them (a conv's output indices also index its bias and
+* an *update*: the compact tensors of a submodel plus its index map, packed (one blob per dtype,
+  tensors by position, not by name; see ``encode_update``). Index vectors are int32 and stored
+  once however many tensors share them (a conv's output indices also index its bias and
   BatchNorm), so the overhead over the kept parameters alone stays small.
 
 Decoding validates structure and raises ``InvalidUpdate`` with the reason; it never executes
@@ -11,7 +12,9 @@ code from the payload.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from collections.abc import Mapping
 
 import torch
@@ -22,7 +25,7 @@ from cahfp.errors import InvalidUpdate
 from cahfp.pruning.extract import IndexMap
 
 STATE_FORMAT = "cahfp.state/1"
-UPDATE_FORMAT = "cahfp.update/1"
+UPDATE_FORMAT = "cahfp.update/2"
 
 
 def _tensor(t: torch.Tensor) -> torch.Tensor:
@@ -88,38 +91,131 @@ def decode_state(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
 def encode_update(
     compact: Mapping[str, torch.Tensor], imap: IndexMap, meta: dict | None = None
 ) -> bytes:
-    tensors = {f"t:{k}": _tensor(v) for k, v in compact.items()}
-    index: dict[str, dict[str, str]] = {}
-    seen: dict[bytes, str] = {}
-    for key, dims in imap.items():
-        for dim, idx in dims.items():
-            vec = idx.to(torch.int32).contiguous()
+    """Pack a compact state and its index map (``cahfp.update/2``).
+
+    Tensors go in sorted-key order into one flat blob per dtype (``d:float32``, ...); the keys and
+    shapes are not sent: the receiver derives them from its own copy of the model (``layout`` in
+    ``decode_update``), each sliced dimension taking the length of its index vector. The distinct
+    index vectors are concatenated into one int32 blob ``i`` with offsets ``o``; ``m`` has one row
+    ``(tensor position, dim, vector)`` per sliced dimension. The header stays a few hundred bytes
+    whatever the number of tensors."""
+    keys = sorted(compact)
+    position = {k: i for i, k in enumerate(keys)}
+    blobs: dict[str, list[torch.Tensor]] = {}
+    for k in keys:
+        t = compact[k].detach().to("cpu")
+        blobs.setdefault(_dtype_name(t.dtype), []).append(t.reshape(-1))
+    tensors = {f"d:{name}": torch.cat(parts).contiguous() for name, parts in blobs.items()}
+    vectors: list[torch.Tensor] = []
+    seen: dict[bytes, int] = {}
+    rows: list[tuple[int, int, int]] = []
+    for key in sorted(imap):
+        if key not in position:
+            raise ValueError(f"index map entry {key!r} has no tensor in the update")
+        for dim, idx in sorted(imap[key].items()):
+            vec = idx.detach().to("cpu", torch.int32).contiguous()
             fingerprint = vec.numpy().tobytes()
             if fingerprint not in seen:
-                seen[fingerprint] = f"i:{len(seen)}"
-                tensors[seen[fingerprint]] = vec.clone()
-            index.setdefault(key, {})[str(dim)] = seen[fingerprint]
-    header = {"format": UPDATE_FORMAT, "index": index, **(meta or {})}
+                seen[fingerprint] = len(vectors)
+                vectors.append(vec)
+            rows.append((position[key], int(dim), seen[fingerprint]))
+    lengths = torch.tensor([0] + [len(v) for v in vectors], dtype=torch.int64)
+    tensors["i"] = torch.cat(vectors) if vectors else torch.zeros(0, dtype=torch.int32)
+    tensors["o"] = lengths.cumsum(0).to(torch.int32)
+    small = all(max(r) < 2**15 for r in rows)
+    tensors["m"] = torch.tensor(rows, dtype=torch.int16 if small else torch.int32).reshape(-1, 3)
+    header = {
+        "format": UPDATE_FORMAT,
+        "tensors": len(keys),
+        "keys": _fingerprint(keys),
+        **(meta or {}),
+    }
     return save(tensors, metadata={"cahfp": json.dumps(header)})
 
 
-def decode_update(data: bytes) -> tuple[dict[str, torch.Tensor], IndexMap, dict]:
+def decode_update(
+    data: bytes, layout: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], IndexMap, dict]:
+    """Unpack an update against ``layout``, the receiver's state dict of the dense model (only
+    its keys, shapes and dtypes are read; a ``meta``-device model will do). Raises
+    ``InvalidUpdate`` naming what does not fit: another model, blobs too short or too long, a
+    dtype the model lacks, index tables pointing outside themselves, indices out of range or
+    repeated."""
     tensors, meta = _load(data)
     if meta.get("format") != UPDATE_FORMAT:
         raise InvalidUpdate(f"expected a {UPDATE_FORMAT} payload, got {meta.get('format')!r}")
-    index = meta.pop("index", None)
-    if not isinstance(index, dict):
-        raise InvalidUpdate("update metadata lacks its index map")
-    compact = {k[2:]: v for k, v in tensors.items() if k.startswith("t:")}
-    imap: IndexMap = {}
-    try:
-        for key, dims in index.items():
-            imap[key] = {}
-            for dim, name in dims.items():
-                vec = tensors[name]
-                if vec.dtype != torch.int32 or vec.dim() != 1:
-                    raise InvalidUpdate(f"index vector {name} must be 1-D int32")
-                imap[key][int(dim)] = vec.to(torch.int64)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise InvalidUpdate(f"malformed index map in update: {exc!r}") from None
+    keys = sorted(layout)
+    count, fingerprint = meta.pop("tensors", None), meta.pop("keys", None)
+    if count != len(keys) or fingerprint != _fingerprint(keys):
+        raise InvalidUpdate(
+            f"update was packed for a different model: it holds {count!r} tensors, the model "
+            f"has {len(keys)} (or their names differ)"
+        )
+    imap = _unpack_index(tensors, keys, layout)
+    compact: dict[str, torch.Tensor] = {}
+    offsets: dict[str, int] = {}
+    for k in keys:
+        ref = layout[k]
+        shape = list(ref.shape)
+        for dim, idx in imap.get(k, {}).items():
+            shape[dim] = len(idx)
+        name = _dtype_name(ref.dtype)
+        blob = tensors.get(f"d:{name}")
+        n = math.prod(shape)
+        at = offsets.get(name, 0)
+        if blob is None or blob.dim() != 1 or blob.dtype != ref.dtype or at + n > len(blob):
+            have = "none" if blob is None else f"{blob.numel()} {blob.dtype}"
+            raise InvalidUpdate(
+                f"update's {name} data ({have}) is too short for {k} of shape {shape}"
+            )
+        compact[k] = blob[at : at + n].view(shape)
+        offsets[name] = at + n
+    for name, blob in tensors.items():
+        if name.startswith("d:") and offsets.get(name[2:], 0) != blob.numel():
+            raise InvalidUpdate(
+                f"update's {name[2:]} data holds {blob.numel()} values, the shapes of the "
+                f"model's tensors take {offsets.get(name[2:], 0)}"
+            )
     return compact, imap, meta
+
+
+def _unpack_index(
+    tensors: dict[str, torch.Tensor], keys: list[str], layout: Mapping[str, torch.Tensor]
+) -> IndexMap:
+    flat, offsets, rows = tensors.get("i"), tensors.get("o"), tensors.get("m")
+    if flat is None or offsets is None or rows is None:
+        raise InvalidUpdate("update lacks its index map (tensors i, o, m)")
+    if flat.dtype != torch.int32 or flat.dim() != 1:
+        raise InvalidUpdate("index vectors (i) must be 1-D int32")
+    if offsets.dtype != torch.int32 or offsets.dim() != 1 or len(offsets) < 1:
+        raise InvalidUpdate("index offsets (o) must be a non-empty 1-D int32 tensor")
+    if rows.dtype not in (torch.int16, torch.int32) or rows.dim() != 2 or rows.shape[1] != 3:
+        raise InvalidUpdate("index rows (m) must be an [n, 3] int16 or int32 tensor")
+    bounds = offsets.to(torch.int64)
+    if bounds[0] != 0 or bounds[-1] != len(flat) or bool((bounds[1:] < bounds[:-1]).any()):
+        raise InvalidUpdate("index offsets (o) do not partition the index vectors")
+    imap: IndexMap = {}
+    for pos, dim, vec in rows.tolist():
+        if not (0 <= pos < len(keys) and 0 <= vec < len(bounds) - 1):
+            raise InvalidUpdate(f"index row ({pos}, {dim}, {vec}) points outside the update")
+        key = keys[pos]
+        if not 0 <= dim < len(layout[key].shape) or dim in imap.get(key, {}):
+            raise InvalidUpdate(f"index row for {key} names dimension {dim} twice or out of range")
+        idx = flat[bounds[vec] : bounds[vec + 1]].to(torch.int64)
+        size = layout[key].shape[dim]
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= size):
+            raise InvalidUpdate(f"index vector for {key} dim {dim} leaves the range [0, {size})")
+        if len(torch.unique(idx)) != len(idx):
+            raise InvalidUpdate(f"index vector for {key} dim {dim} repeats an index")
+        imap.setdefault(key, {})[dim] = idx
+    return imap
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _fingerprint(keys: list[str]) -> str:
+    """A short hash of the sorted tensor names, so that an update packed for another model is
+    refused instead of misread."""
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]

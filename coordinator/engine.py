@@ -200,6 +200,14 @@ class RoundEngine:
             self._ordered_plans[rec.keep] = (rec.index_map, rec.keep_achieved)
         self._mark_planned(rec, rnd)
 
+    def _temperature(self, rnd: int) -> float:
+        """The plan temperature for round ``rnd`` (1-based) under the configured schedule."""
+        p = self.cfg.pruning
+        if p.temperature_schedule == "linear":
+            rounds = self.cfg.federation.rounds
+            return p.temperature * max(0.0, (rounds - rnd) / max(rounds - 1, 1))
+        return p.temperature
+
     def _plan_due(self, rec: ClientRecord, rnd: int) -> bool:
         if rec.index_map is None or rec.planned_round is None:
             return True
@@ -250,7 +258,7 @@ class RoundEngine:
                     amortize_scoring=p.amortize_scoring,
                     budget_uplink=p.budget_uplink and strat.name == "cahfp",
                     coverage_weight=p.coverage_weight if strat.name == "cahfp" else 0.0,
-                    temperature=p.temperature if strat.name == "cahfp" else 0.0,
+                    temperature=self._temperature(rnd) if strat.name == "cahfp" else 0.0,
                 )
         else:  # between refreshes: the slice of the client's current plan
             keep = rec.keep_achieved
@@ -440,7 +448,7 @@ class RoundEngine:
         try:
             if payload is None:
                 raise InvalidUpdate("status ok but no payload")
-            compact, imap, _ = decode_update(payload)
+            compact, imap, _ = decode_update(payload, self.state)
             if m.samples < 1:
                 raise InvalidUpdate("an update must report at least one sample")
             agg.add_compact(compact, imap, weight=m.samples)

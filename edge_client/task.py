@@ -76,11 +76,12 @@ def _load_exact(module: nn.Module, tensors: dict[str, torch.Tensor], what: str) 
     return module
 
 
-def submodel_from_slice(spec: ModelSpec, imap: IndexMap, tensors: dict) -> nn.Module:
-    """Build the compact submodel directly from a received slice, without ever allocating the
-    dense model."""
+def submodel_from_slice(spec: ModelSpec, payload: bytes) -> tuple[nn.Module, IndexMap, dict]:
+    """Build the compact submodel directly from a received slice (with its index map and
+    metadata), without ever allocating the dense model."""
     skeleton = architecture(spec, "meta")
-    return _load_exact(build_compact(skeleton, imap), tensors, "model slice")
+    tensors, imap, meta = decode_update(payload, skeleton.state_dict())
+    return _load_exact(build_compact(skeleton, imap), tensors, "model slice"), imap, meta
 
 
 def _dense_flops(state: ClientState, spec: ModelSpec) -> float:
@@ -219,8 +220,7 @@ def _run(
             module, imap, achieved = model, {}, 1.0
         state.index_map, state.keep_achieved = imap, achieved
     else:
-        tensors, imap, meta = decode_update(payload)
-        module = submodel_from_slice(spec, imap, tensors)
+        module, imap, meta = submodel_from_slice(spec, payload)
         achieved = float(meta.get("keep_achieved", state.keep_achieved))
         state.index_map, state.keep_achieved = imap, achieved
     result = train(module, data, task.recipe, seed=task.seed, should_stop=should_stop)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from cahfp.errors import InvalidUpdate
 from cahfp.messages import Metrics, TaskMessage, UpdateMessage
+from cahfp.models import build_model
 from cahfp.protocol import (
     Ack,
     Hello,
@@ -24,6 +25,7 @@ from cahfp.protocol import (
 from cahfp.wire import decode_state, decode_update
 
 MESSAGES = [TaskMessage, UpdateMessage, Hello, Presence, Ack, Status]
+LAYOUT = build_model("vgg11", 10, 1, 0.125, seed=0).state_dict()
 
 
 def test_topics_round_trip_and_reject_foreign_ones():
@@ -144,7 +146,7 @@ def test_message_decoders_only_raise_protocol_errors(blob, model):
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=600))
 def test_payload_decoders_only_raise_invalid_update(blob):
-    for decode in (decode_state, decode_update):
+    for decode in (decode_state, lambda b: decode_update(b, LAYOUT)):
         with contextlib.suppress(InvalidUpdate):
             decode(blob)
 
