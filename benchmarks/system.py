@@ -138,7 +138,7 @@ def part_training_and_bytes(args) -> tuple[list, list]:
                 }
             )
         dense_params = sum(p.numel() * 4 for p in model.parameters())
-        full = len(encode_state(model.state_dict()))
+        full = len(encode_update(model.state_dict(), {}))  # the dense model, both ways
         wire.append(
             {
                 "model": label,

@@ -89,7 +89,10 @@ def decode_state(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def encode_update(
-    compact: Mapping[str, torch.Tensor], imap: IndexMap, meta: dict | None = None
+    compact: Mapping[str, torch.Tensor],
+    imap: IndexMap,
+    meta: dict | None = None,
+    extras: Mapping[str, torch.Tensor] | None = None,
 ) -> bytes:
     """Pack a compact state and its index map (``cahfp.update/2``).
 
@@ -98,7 +101,8 @@ def encode_update(
     ``decode_update``), each sliced dimension taking the length of its index vector. The distinct
     index vectors are concatenated into one int32 blob ``i`` with offsets ``o``; ``m`` has one row
     ``(tensor position, dim, vector)`` per sliced dimension. The header stays a few hundred bytes
-    whatever the number of tensors."""
+    whatever the number of tensors. With an empty index map it carries a whole state (the dense
+    model sent to a client). ``extras`` travel as named side tensors ``x:<name>``."""
     keys = sorted(compact)
     position = {k: i for i, k in enumerate(keys)}
     blobs: dict[str, list[torch.Tensor]] = {}
@@ -122,8 +126,10 @@ def encode_update(
     lengths = torch.tensor([0] + [len(v) for v in vectors], dtype=torch.int64)
     tensors["i"] = torch.cat(vectors) if vectors else torch.zeros(0, dtype=torch.int32)
     tensors["o"] = lengths.cumsum(0).to(torch.int32)
-    small = all(max(r) < 2**15 for r in rows)
-    tensors["m"] = torch.tensor(rows, dtype=torch.int16 if small else torch.int32).reshape(-1, 3)
+    top = max((max(r) for r in rows), default=0)
+    dtype = torch.uint8 if top < 2**8 else torch.int16 if top < 2**15 else torch.int32
+    tensors["m"] = torch.tensor(rows, dtype=dtype).reshape(-1, 3)
+    tensors.update({EXTRA + k: _tensor(v) for k, v in (extras or {}).items()})
     header = {
         "format": UPDATE_FORMAT,
         "tensors": len(keys),
@@ -140,7 +146,7 @@ def decode_update(
     its keys, shapes and dtypes are read; a ``meta``-device model will do). Raises
     ``InvalidUpdate`` naming what does not fit: another model, blobs too short or too long, a
     dtype the model lacks, index tables pointing outside themselves, indices out of range or
-    repeated."""
+    repeated. Side tensors are returned in ``meta["extras"]``."""
     tensors, meta = _load(data)
     if meta.get("format") != UPDATE_FORMAT:
         raise InvalidUpdate(f"expected a {UPDATE_FORMAT} payload, got {meta.get('format')!r}")
@@ -151,6 +157,10 @@ def decode_update(
             f"update was packed for a different model: it holds {count!r} tensors, the model "
             f"has {len(keys)} (or their names differ)"
         )
+    unknown = [n for n in tensors if n not in _PACKED and not n.startswith(("d:", EXTRA))]
+    if unknown:
+        raise InvalidUpdate(f"update holds unexpected tensors {sorted(unknown)[:5]}")
+    meta["extras"] = {n[len(EXTRA) :]: t for n, t in tensors.items() if n.startswith(EXTRA)}
     imap = _unpack_index(tensors, keys, layout)
     compact: dict[str, torch.Tensor] = {}
     offsets: dict[str, int] = {}
@@ -189,8 +199,8 @@ def _unpack_index(
         raise InvalidUpdate("index vectors (i) must be 1-D int32")
     if offsets.dtype != torch.int32 or offsets.dim() != 1 or len(offsets) < 1:
         raise InvalidUpdate("index offsets (o) must be a non-empty 1-D int32 tensor")
-    if rows.dtype not in (torch.int16, torch.int32) or rows.dim() != 2 or rows.shape[1] != 3:
-        raise InvalidUpdate("index rows (m) must be an [n, 3] int16 or int32 tensor")
+    if rows.dtype not in _ROW_DTYPES or rows.dim() != 2 or rows.shape[1] != 3:
+        raise InvalidUpdate("index rows (m) must be an [n, 3] uint8, int16 or int32 tensor")
     bounds = offsets.to(torch.int64)
     if bounds[0] != 0 or bounds[-1] != len(flat) or bool((bounds[1:] < bounds[:-1]).any()):
         raise InvalidUpdate("index offsets (o) do not partition the index vectors")
@@ -209,6 +219,10 @@ def _unpack_index(
             raise InvalidUpdate(f"index vector for {key} dim {dim} repeats an index")
         imap.setdefault(key, {})[dim] = idx
     return imap
+
+
+_ROW_DTYPES = (torch.uint8, torch.int16, torch.int32)
+_PACKED = ("i", "o", "m")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -23,7 +23,7 @@ from cahfp.pruning import find_groups, index_map_for, make_plan, score_groups
 from cahfp.pruning.extract import IndexMap, kept_channels, slice_tensor
 from cahfp.strategies import get_strategy
 from cahfp.training import EvalResult
-from cahfp.wire import decode_update, encode_state, encode_update
+from cahfp.wire import decode_update, encode_update
 from coordinator.transport import Rejected, Transport
 
 
@@ -153,7 +153,7 @@ class RoundEngine:
                 if with_coverage
                 else None
             )
-            self._dense_cache = (key, encode_state(self.state, extras=extras))
+            self._dense_cache = (key, encode_update(self.state, {}, extras=extras))
         return self._dense_cache[1]
 
     def _slice(self, rec: ClientRecord) -> bytes:

@@ -23,7 +23,7 @@ from cahfp.models import build_model
 from cahfp.pruning import build_compact, extract, make_plan, score_groups
 from cahfp.pruning.extract import IndexMap
 from cahfp.training import TrainingCancelled, train
-from cahfp.wire import decode_state, decode_update, encode_update
+from cahfp.wire import decode_update, encode_update
 from edge_client.budget import BudgetModel, Constraints
 
 
@@ -168,8 +168,11 @@ def _run(
     refreshed = False
     keep, reason = task.keep, ""
     if task.payload == "state":
-        tensors, meta = decode_state(payload)
-        model = _load_exact(architecture(spec, "meta"), tensors, "global model")
+        skeleton = architecture(spec, "meta")
+        tensors, imap, meta = decode_update(payload, skeleton.state_dict())
+        if imap:
+            raise InvalidUpdate("the dense model arrived with an index map")
+        model = _load_exact(skeleton, tensors, "global model")
         if task.plan is not None and keep is None and state.budget is not None:
             score_samples = task.plan.score_batches * task.recipe.batch_size
             elapsed = (time.perf_counter() - start) * state.time_scale

@@ -9,7 +9,7 @@ from cahfp.config import ConfigError, load_config
 from cahfp.data import load_dataset
 from cahfp.errors import DatasetUnavailable
 from cahfp.strategies import STRATEGIES
-from cahfp.wire import encode_state
+from cahfp.wire import encode_update
 from coordinator.simulation import federation_data, simulate, training_pool
 
 TIME_KEYS = {
@@ -60,7 +60,7 @@ def test_every_strategy_trains_and_accounts_consistently(fmnist_root, tmp_path, 
     from coordinator.inprocess import InProcessTransport
 
     engine = RoundEngine(cfg, spec, InProcessTransport({}), lambda m: None, {})
-    dense_bytes = len(encode_state(engine.state))
+    dense_bytes = len(encode_update(engine.state, {}))
     values_bytes = sum(v.numel() * v.element_size() for v in engine.state.values())
     for r in records[1:]:
         expected_clients = 1 if strategy == "fedavg-fit" else 4

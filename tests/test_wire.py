@@ -28,7 +28,7 @@ def test_round_trip_is_exact_and_the_header_stays_small(name):
     state = sub.module.state_dict()
     data = encode_update(state, sub.index_map, {"round": 4, "client": "pi-01"})
     compact, imap, meta = decode_update(data, model.state_dict())
-    assert meta == {"format": "cahfp.update/2", "round": 4, "client": "pi-01"}
+    assert meta == {"format": "cahfp.update/2", "round": 4, "client": "pi-01", "extras": {}}
     assert compact.keys() == state.keys()
     for k, v in state.items():
         assert compact[k].dtype == v.dtype and torch.equal(compact[k], v), k
@@ -44,10 +44,24 @@ def test_round_trip_is_exact_and_the_header_stays_small(name):
     assert len(data) - values - header - 8 < 4 * index + 64 * 8 + 6 * index
 
 
-def test_dense_update_without_index_map():
+def test_dense_state_with_side_tensors():
+    """The dense model sent to a client: no index map, the planner's coverage alongside."""
     model = build_model("vgg11", 10, 1, 0.25, seed=0)
-    compact, imap, _ = decode_update(encode_update(model.state_dict(), {}), model.state_dict())
+    coverage = {"coverage/features.0": torch.rand(16)}
+    data = encode_update(model.state_dict(), {}, {"round": 2}, extras=coverage)
+    compact, imap, meta = decode_update(data, model.state_dict())
     assert imap == {} and all(torch.equal(compact[k], v) for k, v in model.state_dict().items())
+    assert meta["round"] == 2 and torch.equal(
+        meta["extras"]["coverage/features.0"], coverage["coverage/features.0"]
+    )
+    tensors = load(data)
+    tensors["z"] = torch.zeros(1)
+    with pytest.raises(InvalidUpdate, match="unexpected tensors"):
+        decode_update(save(tensors, {"cahfp": _meta(data)}), model.state_dict())
+
+
+def _meta(data: bytes) -> str:
+    return json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]["cahfp"]
 
 
 def test_mismatched_updates_are_refused_with_the_reason():
@@ -102,12 +116,9 @@ def test_tampered_index_tables_only_raise_invalid_update(name, at, value, trunca
     if truncate:
         t = t[: at % (len(t) + 1)]
     elif len(t):
-        t[at % len(t)] = value
+        t[at % len(t)] = value % 256 if t.dtype == torch.uint8 else value
     tensors[name] = t.reshape(-1, 3) if name == "m" and len(t) % 3 == 0 else t
-    meta = json.loads(
-        json.loads(PACKED[8 : 8 + int.from_bytes(PACKED[:8], "little")])["__metadata__"]["cahfp"]
-    )
-    data = save(tensors, {"cahfp": json.dumps(meta)})
+    data = save(tensors, {"cahfp": _meta(PACKED)})
     with contextlib.suppress(InvalidUpdate):
         layout = SMALL.state_dict()
         compact, imap, _ = decode_update(data, layout)
