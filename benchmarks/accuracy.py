@@ -46,6 +46,11 @@ ABLATIONS: dict[str, dict] = {
     "coverage bonus 1": {"pruning.coverage_weight": 1.0},
     "sampled plans (temperature 1)": {"pruning.temperature": 1.0},
     "sampled plans (temperature 0.5)": {"pruning.temperature": 0.5},
+    "sampled plans (temperature 1, falling linearly)": {
+        "pruning.temperature": 1.0,
+        "pruning.temperature_schedule": "linear",
+    },
+    "federation-wide anchor 0.5": {"pruning.anchor_weight": 0.5},
     "fill: uncovered weight 0.5": {"aggregation.uncovered_weight": 0.5},
     "BN statistics from all covering clients": {"aggregation.exact_stats": False},
     "uncovered weight 0.5 + BN from all": {

@@ -132,6 +132,13 @@ class PruningConfig(_Strict):
         description="CA-HFP: Gumbel noise on channel costs, "
         "in typical channel losses (0 = deterministic plans; see docs/method.md section 5)",
     )
+    anchor_weight: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="CA-HFP: weight of the federation-wide average of the clients' normalised "
+        "channel scores in each client's plan (0 = local scores only; docs/method.md section 5)",
+    )
     temperature_schedule: Literal["constant", "linear"] = Field(
         "constant",
         description="CA-HFP: linear lowers the temperature from its value in round 1 to 0 in "
@@ -141,7 +148,11 @@ class PruningConfig(_Strict):
         True, description="spread clients' plan refreshes evenly over the refresh period"
     )
     coverage_decay: float = Field(
-        0.5, gt=0, le=1, description="weight of the latest round in the coverage average"
+        0.5,
+        gt=0,
+        le=1,
+        description="weight of the latest round in the federation-wide averages (coverage, "
+        "anchor scores)",
     )
 
     @field_validator("tiers")

@@ -49,6 +49,7 @@ class PlanSettings(BaseModel):
     budget_uplink: bool = False
     coverage_weight: float = Field(0.0, ge=0)
     temperature: float = Field(0.0, ge=0)
+    anchor_weight: float = Field(0.0, ge=0, le=1)
 
 
 class TaskMessage(_Message):

@@ -109,6 +109,10 @@ class RoundEngine:
         self.groups = None if self.strategy.dense else find_groups(self.model, self.example)
         self.coverage: dict[int, torch.Tensor] | None = None  # decayed average share per channel
         self._round_cover: dict[int, torch.Tensor] | None = None
+        # CA-HFP anchor: decayed, sample-weighted average of the clients' normalised scores
+        self.anchor: dict[int, torch.Tensor] | None = None
+        self._round_scores: dict[int, torch.Tensor] = {}
+        self._round_score_weight = 0.0
         self._dense_cache: tuple[tuple, bytes] = ((), b"")
         self._ordered_plans: dict[float, tuple[IndexMap, float]] = {}
 
@@ -144,15 +148,24 @@ class RoundEngine:
         alloc = self.cfg.pruning.allocation
         return self.strategy.allocation if alloc == "auto" else alloc
 
-    def _dense_payload(self, rnd: int, with_coverage: bool) -> bytes:
-        """The dense global model, encoded once per round (every dense task shares it)."""
-        key = (rnd, with_coverage)
+    def _sides(self, plan: PlanSettings | None) -> tuple[str, ...]:
+        """The per-channel side tensors a dense task's planner asks for and the coordinator has."""
+        if plan is None:
+            return ()
+        sides = []
+        if plan.coverage_weight > 0 and self.coverage is not None:
+            sides.append("coverage")
+        if plan.anchor_weight > 0 and self.anchor is not None:
+            sides.append("anchor")
+        return tuple(sides)
+
+    def _dense_payload(self, rnd: int, sides: tuple[str, ...]) -> bytes:
+        """The dense global model with the requested side tensors, encoded once per round
+        (every dense task shares it)."""
+        key = (rnd, sides)
         if self._dense_cache[0] != key:
-            extras = (
-                {f"coverage/{g.name}": self.coverage[g.gid] for g in self.groups}
-                if with_coverage
-                else None
-            )
+            source = {"coverage": self.coverage, "anchor": self.anchor}
+            extras = {f"{s}/{g.name}": source[s][g.gid].float() for s in sides for g in self.groups}
             self._dense_cache = (key, encode_update(self.state, {}, extras=extras))
         return self._dense_cache[1]
 
@@ -165,10 +178,8 @@ class RoundEngine:
         rec = self.clients[task.client_id]
         if task.payload == "slice":
             return lambda: self._slice(rec)
-        with_coverage = (
-            task.plan is not None and task.plan.coverage_weight > 0 and (self.coverage is not None)
-        )
-        return lambda: self._dense_payload(task.round, with_coverage)
+        sides = self._sides(task.plan)
+        return lambda: self._dense_payload(task.round, sides)
 
     def _coordinator_plan(self, rec: ClientRecord, rnd: int) -> None:
         p = self.cfg.pruning
@@ -259,16 +270,14 @@ class RoundEngine:
                     budget_uplink=p.budget_uplink and strat.name == "cahfp",
                     coverage_weight=p.coverage_weight if strat.name == "cahfp" else 0.0,
                     temperature=self._temperature(rnd) if strat.name == "cahfp" else 0.0,
+                    anchor_weight=p.anchor_weight if strat.name == "cahfp" else 0.0,
                 )
         else:  # between refreshes: the slice of the client's current plan
             keep = rec.keep_achieved
             if rec.index_map:
                 kind, payload = "slice", self._slice(rec)
         if payload is None:
-            with_coverage = (
-                plan is not None and plan.coverage_weight > 0 and self.coverage is not None
-            )
-            payload = self._dense_payload(rnd, with_coverage)
+            payload = self._dense_payload(rnd, self._sides(plan))
         task = TaskMessage(
             task_id=uuid.uuid4().hex,
             round=rnd,
@@ -303,6 +312,10 @@ class RoundEngine:
             self._round_cover = {
                 g.gid: torch.zeros(g.size, dtype=torch.float64) for g in self.groups
             }
+            self._round_scores = {
+                g.gid: torch.zeros(g.size, dtype=torch.float64) for g in self.groups
+            }
+            self._round_score_weight = 0.0
         outcomes: dict[str, ClientOutcome] = {}
         agg_seconds = 0.0
         need = min(self.cfg.federation.min_updates, max(len(selected), 1))
@@ -344,6 +357,7 @@ class RoundEngine:
                     bytes_down=down,
                 )
         cov_min, cov_mean = self._update_coverage(agg.total_weight)
+        self._update_anchor()
         skipped = ""
         if agg.count >= need and agg.count:
             t0 = time.perf_counter()
@@ -448,15 +462,20 @@ class RoundEngine:
         try:
             if payload is None:
                 raise InvalidUpdate("status ok but no payload")
-            compact, imap, _ = decode_update(payload, self.state)
+            compact, imap, meta = decode_update(payload, self.state)
             if m.samples < 1:
                 raise InvalidUpdate("an update must report at least one sample")
+            reported = self._reported_scores(meta["extras"])
             agg.add_compact(compact, imap, weight=m.samples)
         except CAHFPError as exc:
             out.status, out.reason = "rejected", str(exc)
             self._refuse(msg, str(exc))
             return out
         self.transport.acknowledge(msg, True)
+        if reported is not None:
+            for gid, s in reported.items():
+                self._round_scores[gid] += m.samples * s.to(torch.float64)
+            self._round_score_weight += m.samples
         if self._round_cover is not None:
             for gid, kept in kept_channels(self.model, self.groups, imap).items():
                 self._round_cover[gid][kept] += m.samples
@@ -469,6 +488,35 @@ class RoundEngine:
                 rec.planned_keep = m.keep_target if m.keep_target is not None else rec.keep
                 self._mark_planned(rec, task.round)
         return out
+
+    def _reported_scores(self, extras: dict) -> dict[int, torch.Tensor] | None:
+        """A client's normalised channel scores (``score/<group root>``), checked in full
+        before anything is folded in; None when it sent none."""
+        if not any(k.startswith("score/") for k in extras) or self.groups is None:
+            return None
+        out = {}
+        for g in self.groups:
+            s = extras.get(f"score/{g.name}")
+            if s is None or s.shape != (g.size,) or not s.dtype.is_floating_point:
+                raise InvalidUpdate(
+                    f"reported scores for channel group {g.name} are missing or mis-shaped"
+                )
+            if not torch.isfinite(s).all():
+                raise InvalidUpdate(f"reported scores for channel group {g.name} are not finite")
+            out[g.gid] = s
+        return out
+
+    def _update_anchor(self) -> None:
+        """Fold this round's reported scores into the decayed federation-wide anchor."""
+        if self._round_score_weight <= 0:
+            return
+        decay = self.cfg.pruning.coverage_decay
+        mean = {gid: v / self._round_score_weight for gid, v in self._round_scores.items()}
+        if self.anchor is None:
+            self.anchor = mean
+        else:
+            self.anchor = {gid: (1 - decay) * self.anchor[gid] + decay * mean[gid] for gid in mean}
+        self._round_score_weight = 0.0
 
     def _update_coverage(self, total: float) -> tuple[float | None, float | None]:
         """Fold this round's covering shares into the decayed average; report min and mean."""

@@ -20,7 +20,7 @@ from cahfp.data import ImageData
 from cahfp.errors import BudgetInfeasible, CAHFPError, InvalidUpdate
 from cahfp.messages import Metrics, ModelSpec, TaskMessage, UpdateMessage
 from cahfp.models import build_model
-from cahfp.pruning import build_compact, extract, make_plan, score_groups
+from cahfp.pruning import build_compact, extract, make_plan, normalised_scores, score_groups
 from cahfp.pruning.extract import IndexMap
 from cahfp.training import TrainingCancelled, train
 from cahfp.wire import decode_update, encode_update
@@ -92,14 +92,15 @@ def _dense_flops(state: ClientState, spec: ModelSpec) -> float:
     return state.dense_flops[key]
 
 
-def _coverage(groups, extras: dict) -> dict | None:
-    """The coordinator's per-channel coverage (sent as ``coverage/<group root>``), if any."""
-    if not extras:
+def _side(groups, extras: dict, kind: str) -> dict | None:
+    """A per-channel side tensor the coordinator sent with the dense model (``coverage`` or
+    ``anchor``, as ``<kind>/<group root>``), if any."""
+    if not any(k.startswith(kind + "/") for k in extras):
         return None
-    cov = {g.gid: extras.get(f"coverage/{g.name}") for g in groups}
-    if any(v is None or v.shape != (g.size,) for g, v in zip(groups, cov.values(), strict=True)):
-        raise InvalidUpdate("coverage side tensors do not match the model's channel groups")
-    return cov
+    side = {g.gid: extras.get(f"{kind}/{g.name}") for g in groups}
+    if any(v is None or v.shape != (g.size,) for g, v in zip(groups, side.values(), strict=True)):
+        raise InvalidUpdate(f"{kind} side tensors do not match the model's channel groups")
+    return side
 
 
 def run_task(state: ClientState, task: TaskMessage, payload: bytes, should_stop=None) -> Result:
@@ -166,6 +167,7 @@ def _run(
     dense_flops = _dense_flops(state, spec)
     score_seconds = score_flops = 0.0
     refreshed = False
+    reported: dict[str, torch.Tensor] = {}
     keep, reason = task.keep, ""
     if task.payload == "state":
         skeleton = architecture(spec, "meta")
@@ -207,7 +209,9 @@ def _run(
                 floor=task.plan.floor,
                 multiple=task.plan.multiple,
                 interactions=task.plan.interactions,
-                coverage=_coverage(scores.groups, meta["extras"]),
+                coverage=_side(scores.groups, meta["extras"], "coverage"),
+                anchor=_side(scores.groups, meta["extras"], "anchor"),
+                anchor_weight=task.plan.anchor_weight,
                 coverage_weight=task.plan.coverage_weight,
                 temperature=task.plan.temperature,
                 gradient=task.plan.gradient,
@@ -219,6 +223,9 @@ def _run(
             score_flops = dense_flops * scores.info.get("samples", 0)
             module, imap, achieved = sub.module, sub.index_map, plan.flops_fraction
             refreshed = True
+            if task.plan.anchor_weight > 0:  # the client's view, for the federation's anchor
+                report = normalised_scores(scores)
+                reported = {f"score/{g.name}": report[g.gid] for g in scores.groups}
         else:
             module, imap, achieved = model, {}, 1.0
         state.index_map, state.keep_achieved = imap, achieved
@@ -228,7 +235,8 @@ def _run(
         state.index_map, state.keep_achieved = imap, achieved
     result = train(module, data, task.recipe, seed=task.seed, should_stop=should_stop)
     train_seconds = result.seconds * state.time_scale
-    up = encode_update(module.state_dict(), imap, {"round": task.round, "client": task.client_id})
+    sender = {"round": task.round, "client": task.client_id}
+    up = encode_update(module.state_dict(), imap, sender, extras=reported)
     other = (time.perf_counter() - start - result.seconds) * state.time_scale - score_seconds
     upload = len(up) / state.uplink_bytes_per_s if state.uplink_bytes_per_s else 0.0
     total = other + score_seconds + train_seconds + upload

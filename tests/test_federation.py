@@ -7,7 +7,7 @@ import torch
 
 from cahfp.config import ConfigError, load_config
 from cahfp.data import load_dataset
-from cahfp.errors import DatasetUnavailable
+from cahfp.errors import DatasetUnavailable, InvalidUpdate
 from cahfp.strategies import STRATEGIES
 from cahfp.wire import encode_update
 from coordinator.simulation import federation_data, simulate, training_pool
@@ -228,3 +228,35 @@ def test_linear_temperature_schedule_settles_by_the_last_round(fmnist_root):
         engine = RoundEngine(cfg, spec, InProcessTransport({}), lambda m: None, {})
         temps[schedule] = [engine._temperature(r) for r in range(1, 6)]
     assert temps == {"constant": [2.0] * 5, "linear": [2.0, 1.5, 1.0, 0.5, 0.0]}
+
+
+def test_anchor_scores_travel_both_ways_and_bad_ones_are_refused(fmnist_root, tmp_path):
+    """With ``pruning.anchor_weight``, refreshing clients report their normalised channel
+    scores with their update and later refreshes receive the federation's average."""
+    from coordinator.engine import RoundEngine
+    from coordinator.inprocess import InProcessTransport
+
+    cfg = small_config(fmnist_root, "cahfp", rounds=3, **{"pruning.anchor_weight": 0.5})
+    simulate(cfg, tmp_path / "run", quiet=True)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    _, _, spec = federation_data(cfg)
+    engine = RoundEngine(cfg, spec, InProcessTransport({}), lambda m: None, {})
+    dense_bytes = len(encode_update(engine.state, {}))
+    channels = sum(g.size for g in engine.groups)
+    refreshes = [(r["round"], c) for r in records[1:] for c in r["clients"] if c["refreshed"]]
+    assert {rnd for rnd, _ in refreshes} == {1, 3}  # refresh period 2, not staggered
+    for rnd, c in refreshes:
+        # round 1: nobody has reported yet; round 3: the anchor (float32 per channel) goes down
+        extra = c["bytes_down"] - dense_bytes
+        assert extra == 0 if rnd == 1 else 4 * channels <= extra < 4 * channels + 4096
+    good = {f"score/{g.name}": torch.ones(g.size) for g in engine.groups}
+    assert set(engine._reported_scores(good)) == {g.gid for g in engine.groups}
+    assert engine._reported_scores({}) is None
+    first = next(iter(engine.groups))
+    name = first.name
+    for bad, reason in (
+        ({**good, f"score/{name}": torch.full((first.size,), float("nan"))}, "finite"),
+        ({**good, f"score/{name}": torch.ones(3)}, "mis-shaped"),
+    ):
+        with pytest.raises(InvalidUpdate, match=reason):
+            engine._reported_scores(bad)

@@ -5,7 +5,7 @@ from torch.func import functional_call, grad, vmap
 
 from cahfp.errors import UnknownName
 from cahfp.models import build_model
-from cahfp.pruning import find_groups, make_plan, score_groups
+from cahfp.pruning import find_groups, make_plan, normalised_scores, score_groups
 from cahfp.pruning.curvature import channel_dims, directional_terms
 from tests.nets import CustomResidualNet, randomize_bn
 
@@ -195,6 +195,26 @@ def test_coverage_bonus_steers_plans_toward_under_covered_channels(interactions)
     assert abs(steered.flops_fraction - plain.flops_fraction) < 0.05
     with pytest.raises(ValueError, match="coverage"):
         make_plan(model, scores, 0.3, coverage={0: torch.ones(3)}, coverage_weight=1.0)
+
+
+def test_anchor_blends_federation_scores_into_the_local_ranking():
+    model = build_model("vgg11", 10, 1, 0.5, seed=0)
+    scores = score_groups(model, [batch()], "curvature")
+    norm = normalised_scores(scores)
+    assert float(torch.cat(list(norm.values())).abs().mean()) == pytest.approx(1.0, rel=1e-5)
+    # the federation ranks every layer's channels the opposite way to this client
+    anchor = {gid: -v for gid, v in norm.items()}
+    local = make_plan(model, scores, 0.4)
+    anchored = make_plan(model, scores, 0.4, anchor=anchor, anchor_weight=1.0)
+    half = make_plan(model, scores, 0.4, anchor=anchor, anchor_weight=0.0)
+    assert all(torch.equal(half.keep[g], local.keep[g]) for g in local.keep)
+    for g in scores.groups:
+        k = len(anchored.keep[g.gid])
+        if k < g.size:  # a pruned layer keeps the federation's best, i.e. this client's worst
+            worst = torch.argsort(scores.values[g.gid], stable=True)[:k]
+            assert sorted(worst.tolist()) == anchored.keep[g.gid].tolist(), g.name
+    with pytest.raises(ValueError, match="anchor"):
+        make_plan(model, scores, 0.4, anchor={0: torch.ones(3)}, anchor_weight=0.5)
 
 
 def test_gradient_modes_of_the_joint_planner():

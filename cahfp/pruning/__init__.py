@@ -8,7 +8,7 @@ upd = reconstruct(sub, model.state_dict())
 
 from cahfp.pruning.extract import IndexMap, Submodel, build_compact, extract, index_map_for
 from cahfp.pruning.groups import ChannelGroup, GroupSet, find_groups
-from cahfp.pruning.plan import ALLOCATIONS, Plan, make_plan
+from cahfp.pruning.plan import ALLOCATIONS, Plan, make_plan, normalised_scores
 from cahfp.pruning.reconstruct import Update, check_compact, reconstruct, reconstruct_compact
 from cahfp.pruning.scores import METHODS, Scores, score_groups
 
@@ -28,6 +28,7 @@ __all__ = [
     "find_groups",
     "index_map_for",
     "make_plan",
+    "normalised_scores",
     "reconstruct",
     "reconstruct_compact",
     "score_groups",

@@ -140,12 +140,16 @@ def make_plan(
     seed: int = 0,
     gradient: str = "signed",
     param_keep: float | None = None,
+    anchor: dict[int, torch.Tensor] | None = None,
+    anchor_weight: float = 0.0,
 ) -> Plan:
     """Keep the channels ``scores`` rank highest so that training FLOPs are at most ``keep`` of
     the dense model's (and, after rounding, not far below), and, with ``param_keep``, the
     parameters (what an update carries) at most that fraction of the dense model's. With
     ``interactions`` and curvature scores that carry per-sample terms, channels are chosen
-    jointly (see module docstring)."""
+    jointly (see module docstring). With ``anchor`` (federation-wide channel scores in units
+    of the typical channel score, see ``normalised_scores``) a channel's value becomes
+    ``(1 - anchor_weight) * local + anchor_weight * anchor * scale``."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     if allocation not in ALLOCATIONS:
@@ -183,6 +187,14 @@ def make_plan(
     if coverage is not None and coverage_weight > 0:
         cb = coverage_bonus(groups, coverage, coverage_weight * objective.scale)
         bonus = {gid: bonus[gid] + cb[gid] for gid in bonus}
+    if anchor is not None and anchor_weight > 0:
+        scale = float(scores.flat().abs().mean())
+        for g in groups:
+            a = anchor.get(g.gid)
+            if a is None or a.shape != (g.size,) or not torch.isfinite(a).all():
+                raise ValueError(f"anchor scores for group {g.name} are missing or mis-sized")
+            local = scores.values[g.gid]
+            bonus[g.gid] += anchor_weight * (a.to(torch.float64) * scale - local)
     if temperature > 0:  # Gumbel perturbation: sample plans, more likely the better ones
         gen = torch.Generator().manual_seed(seed)
         for g in groups:
@@ -281,6 +293,14 @@ def coverage_bonus(groups: GroupSet, coverage: dict[int, torch.Tensor], scale: f
             raise ValueError(f"coverage of group {g.name} is missing or mis-sized")
     flat = torch.cat([coverage[g.gid].double() for g in groups])
     return {g.gid: scale * (flat.mean() - coverage[g.gid].double()) for g in groups}
+
+
+def normalised_scores(scores: Scores) -> dict[int, torch.Tensor]:
+    """Channel scores divided by their mean magnitude over all channels: comparable between
+    clients whose losses differ in scale (what a client reports for the federation's anchor)."""
+    scale = float(scores.flat().abs().mean())
+    scale = scale if scale > 0 and math.isfinite(scale) else 1.0
+    return {gid: (v / scale).to(torch.float32) for gid, v in scores.values.items()}
 
 
 class RankedObjective:
