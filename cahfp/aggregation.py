@@ -12,6 +12,11 @@ the dense model. With ``exact_stats`` (and the names of the statistics buffers),
 taken from the updates that trained the dense model whenever at least one did, and from all
 covering updates otherwise.
 
+With ``pooled_variance``, a BatchNorm variance is aggregated as the variance of the clients'
+pooled activations, not the mean of their variances: the aggregator averages second moments
+``var + mean^2`` (with the same weights as the means) and returns ``E[var + mean^2] - E[mean]^2``,
+which adds the spread of the clients' means (large under label skew) that a plain average drops.
+
 ``uncovered_weight`` (lambda, default 0) lets a client's *uncovered* coordinates count as votes
 for the current global value with lambda times its weight: 0 is the coverage-weighted mean used
 by HeteroFL-style methods, 1 is FedAvg over reconstructed dense models. It is an ablation knob.
@@ -41,10 +46,22 @@ class Aggregator:
         uncovered_weight: float = 0.0,
         stat_keys: set[str] | None = None,
         exact_stats: bool = False,
+        pooled_variance: bool = False,
     ):
         if not 0 <= uncovered_weight <= 1:
             raise ValueError(f"uncovered_weight must be in [0, 1], got {uncovered_weight}")
         self.base = {k: v.detach().clone() for k, v in global_state.items()}
+        # running_var key -> its running_mean key, when variances are pooled
+        self.pairs = (
+            {
+                k: k[: -len("var")] + "mean"
+                for k in self.base
+                if k.endswith(".running_var") and k[: -len("var")] + "mean" in self.base
+            }
+            if pooled_variance
+            else {}
+        )
+        self.folded = self._moments(self.base)  # what uncovered coordinates vote with
         self.lam = uncovered_weight
         self.mean: dict[str, torch.Tensor] = {}
         self.weight: dict[str, torch.Tensor] = {}
@@ -66,6 +83,15 @@ class Aggregator:
             raise InvalidUpdate(f"update weight must be a positive number, got {weight}")
         return w
 
+    def _moments(self, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """``state`` with each pooled variance replaced by its second moment ``var + mean^2``."""
+        if not self.pairs:
+            return state
+        out = dict(state)
+        for var, mean in self.pairs.items():
+            out[var] = state[var].to(torch.float32) + state[mean].to(torch.float32) ** 2
+        return out
+
     def add(self, update: Update, weight: float) -> None:
         """Fold in a reconstructed (global-shaped, masked) update. Validated first."""
         w = self._check_weight(weight)
@@ -78,8 +104,9 @@ class Aggregator:
             if t.is_floating_point() and not bool(torch.isfinite(t[m]).all()):
                 raise InvalidUpdate(f"{k}: contains NaN or infinite values")
         dense = all(bool(m.all()) for m in update.mask.values())
-        for k, ref in self.base.items():
-            t, m = update.state[k], update.mask[k]
+        state = self._moments(update.state)
+        for k, ref in self.folded.items():
+            t, m = state[k], update.mask[k]
             if dense and k in self.dense_mean:
                 _fold(
                     self.dense_mean[k],
@@ -105,7 +132,8 @@ class Aggregator:
         a time. Validated before anything is touched."""
         w = self._check_weight(weight)
         check_compact(compact, imap, self.base)
-        for k, ref in self.base.items():
+        compact = self._moments(compact)
+        for k, ref in self.folded.items():
             dims = imap.get(k, {})
             t = compact[k].detach()
             if not imap and k in self.dense_mean:
@@ -177,18 +205,23 @@ class Aggregator:
 
     def result(self) -> dict[str, torch.Tensor]:
         """The new global state (previous values where nobody covered a coordinate)."""
-        out = {}
+        out: dict[str, torch.Tensor] = {}
+        covered: dict[str, torch.Tensor] = {}
         for k, ref in self.base.items():
             if k in self.dense_mean and bool((self.dense_weight[k] > 0).any()):
-                out[k] = self.dense_mean[k].to(ref.dtype)
+                covered[k] = self.dense_weight[k] > 0
+                out[k] = self.dense_mean[k]
             elif k in self.mean:
-                covered = self.weight[k] > 0
-                out[k] = torch.where(covered, self.mean[k], ref.to(torch.float32)).to(ref.dtype)
+                covered[k] = self.weight[k] > 0
+                out[k] = torch.where(covered[k], self.mean[k], ref.to(torch.float32))
             elif k in self.int_max:
-                out[k] = self.int_max[k].reshape(ref.shape).to(ref.dtype)
+                out[k] = self.int_max[k].reshape(ref.shape)
             else:
                 out[k] = ref.clone()
-        return out
+        for var, mean in self.pairs.items():  # second moments back to variances
+            pooled = (out[var] - out[mean].to(torch.float32) ** 2).clamp_min(0)
+            out[var] = torch.where(covered[var], pooled, self.base[var].to(torch.float32))
+        return {k: v.to(self.base[k].dtype) for k, v in out.items()}
 
 
 @dataclass

@@ -205,6 +205,11 @@ class AggregationConfig(_Strict):
     exact_stats: bool = Field(
         True, description="BatchNorm statistics from dense updates when any arrived"
     )
+    pooled_variance: bool = Field(
+        False,
+        description="BatchNorm variances as the variance of the clients' pooled activations "
+        "(mean of variances + spread of means) instead of the mean of their variances",
+    )
 
 
 class Config(_Strict):

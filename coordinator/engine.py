@@ -307,7 +307,9 @@ class RoundEngine:
             sent[task.task_id] = (task, len(payload))
             del payload
         a = self.cfg.aggregation
-        agg = Aggregator(self.state, a.uncovered_weight, self.stat_keys, a.exact_stats)
+        agg = Aggregator(
+            self.state, a.uncovered_weight, self.stat_keys, a.exact_stats, a.pooled_variance
+        )
         if self.groups is not None:
             self._round_cover = {
                 g.gid: torch.zeros(g.size, dtype=torch.float64) for g in self.groups

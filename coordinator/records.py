@@ -134,6 +134,9 @@ def summarize(records: list[dict], config: Config, dense_flops: float, wall: flo
         "initial_accuracy": evaluated[0]["accuracy"] if evaluated else None,
         "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
         "final3_accuracy": statistics.fmean(r["accuracy"] for r in tail) if tail else None,
+        "final10_accuracy": (
+            statistics.fmean(r["accuracy"] for r in evaluated[-10:]) if evaluated else None
+        ),
         "best_accuracy": max(r["accuracy"] for r in evaluated) if evaluated else None,
         "final_loss": evaluated[-1]["loss"] if evaluated else None,
         "mean_client_flops_vs_dense": statistics.fmean(rel_flops) if rel_flops else None,

@@ -293,6 +293,52 @@ def test_running_statistics_come_from_dense_updates_when_any():
     torch.testing.assert_close(agg.result()[key][covered], (g[key] + 1.0)[covered])
 
 
+@pytest.mark.parametrize("exact", [True, False])
+def test_pooled_variance_is_the_variance_of_the_pooled_activations(exact):
+    """Two clients whose channels see shifted activations: the pooled variance is the mixture's
+    variance (mean of variances plus the spread of the means), on covered channels only; it
+    composes through partial aggregates like everything else."""
+    model = build_model("vgg11", 10, 1, 0.25)
+    x, y = batch()
+    g = model.state_dict()
+    stats = {k for k, b in model.named_buffers() if b.is_floating_point()}
+    sub = extract(model, make_plan(model, score_groups(model, [(x, y)], "random"), 0.5))
+    key, mkey = "features.5.running_var", "features.5.running_mean"
+    covered = reconstruct(sub, g).mask[key]
+    a = {k: v.clone() for k, v in sub.module.state_dict().items()}
+    a[mkey], a[key] = a[mkey] * 0 + 2.0, a[key] * 0 + 1.0
+    b = {k: v.clone() for k, v in g.items()}
+    b[mkey], b[key] = b[mkey] * 0 - 1.0, b[key] * 0 + 4.0
+    for split in (False, True):
+        agg = Aggregator(g, stat_keys=stats, exact_stats=exact, pooled_variance=True)
+        if split:  # the same two updates through two edge aggregators
+            edge = Aggregator(g, stat_keys=stats, exact_stats=exact, pooled_variance=True)
+            edge.add_compact(a, sub.index_map, 1.0)
+            agg.add_compact(b, {}, 3.0)
+            agg.add_partial(edge.partial())
+        else:
+            agg.add_compact(a, sub.index_map, 1.0)
+            agg.add_compact(b, {}, 3.0)
+        out = agg.result()
+        if exact:  # statistics from the dense update alone
+            torch.testing.assert_close(out[key], torch.full_like(g[key], 4.0))
+            continue
+        # covered: weights 1 and 3, means 2 and -1, variances 1 and 4
+        mean = (1 * 2.0 + 3 * -1.0) / 4
+        var = (1 * (1.0 + 4.0) + 3 * (4.0 + 1.0)) / 4 - mean**2
+        torch.testing.assert_close(out[mkey][covered], torch.full_like(g[mkey], mean)[covered])
+        torch.testing.assert_close(out[key][covered], torch.full_like(g[key], var)[covered])
+        # channels only the dense update covered: its variance, exactly
+        torch.testing.assert_close(out[key][~covered], torch.full_like(g[key], 4.0)[~covered])
+    plain = Aggregator(g)
+    plain.add_compact(a, sub.index_map, 1.0)
+    plain.add_compact(b, {}, 3.0)
+    torch.testing.assert_close(plain.result()[key][covered], torch.full_like(g[key], 3.25)[covered])
+    untouched = Aggregator(g, pooled_variance=True)
+    untouched.add_compact(a, sub.index_map, 1.0)
+    torch.testing.assert_close(untouched.result()[key][~covered], g[key][~covered])
+
+
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
 def test_parameter_budget_is_met_as_well(allocation):
     model = build_model("vgg11", 10, 1, 0.5)
