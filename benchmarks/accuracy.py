@@ -53,6 +53,7 @@ ABLATIONS: dict[str, dict] = {
     "federation-wide anchor 0.5": {"pruning.anchor_weight": 0.5},
     "fill: uncovered weight 0.5": {"aggregation.uncovered_weight": 0.5},
     "BN statistics from all covering clients": {"aggregation.exact_stats": False},
+    "BN variance of the pooled activations": {"aggregation.pooled_variance": True},
     "uncovered weight 0.5 + BN from all": {
         "aggregation.uncovered_weight": 0.5,
         "aggregation.exact_stats": False,
