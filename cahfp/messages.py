@@ -13,12 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cahfp.training import Recipe
 
-PROTOCOL = 1
+MAX_SAMPLES = 10**12  # far above any board's data; keeps the weights finite floats
+PROTOCOL = 2  # 2: model payloads packed as cahfp.update/2; plan settings gained anchor_weight
 
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    v: Literal[1] = PROTOCOL
+    v: Literal[2] = PROTOCOL
 
 
 class ModelSpec(BaseModel):
@@ -71,9 +72,13 @@ class TaskMessage(_Message):
 
 
 class Metrics(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    samples: int = Field(ge=0, description="local dataset size (the aggregation weight)")
-    samples_trained: int = Field(0, ge=0, description="samples processed in training")
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    samples: int = Field(
+        ge=0, le=MAX_SAMPLES, description="local dataset size (the aggregation weight)"
+    )
+    samples_trained: int = Field(
+        0, ge=0, le=MAX_SAMPLES * 1000, description="samples processed in training"
+    )
     steps: int = Field(0, ge=0)
     train_loss: float | None = None
     keep_target: float | None = None

@@ -135,6 +135,7 @@ def recalibrate_batchnorm(
     was_training = model.training
     model.eval()
     momenta = [m.momentum for m in norms]
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the calibration batches
@@ -152,8 +153,10 @@ def recalibrate_batchnorm(
             model(x)
             seen += len(x)
     finally:
-        for m, momentum in zip(norms, momenta, strict=True):
+        for m, momentum, old in zip(norms, momenta, saved, strict=True):
             m.momentum = momentum
+            if seen == 0:  # no usable batch (or an error): keep the statistics it had
+                m.load_state_dict(old)
         model.train(was_training)
     return seen
 

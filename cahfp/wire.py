@@ -2,8 +2,8 @@
 
 * a *state* (global model or a slice of it): tensors by state-dict key;
 * an *update*: the compact tensors of a submodel plus its index map, packed (one blob per dtype,
-  tensors by position, not by name; see ``encode_update``). Index vectors are int32 and stored
-  once however many tensors share them (a conv's output indices also index its bias and
+  tensors by position, not by name; see ``encode_update``). Index vectors are small integers,
+  stored once however many tensors share them (a conv's output indices also index its bias and
   BatchNorm), so the overhead over the kept parameters alone stays small.
 
 Decoding validates structure and raises ``InvalidUpdate`` with the reason; it never executes
@@ -41,7 +41,7 @@ def encode_state(
     meta: dict | None = None,
     extras: Mapping[str, torch.Tensor] | None = None,
 ) -> bytes:
-    header = {"format": STATE_FORMAT, **(meta or {})}
+    header = {**(meta or {}), "format": STATE_FORMAT}
     tensors = {k: _tensor(v) for k, v in state.items()}
     tensors.update({EXTRA + k: _tensor(v) for k, v in (extras or {}).items()})
     return save(tensors, metadata={"cahfp": json.dumps(header)})
@@ -54,8 +54,9 @@ def _load(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         tensors = load(data)
         raw_meta = _metadata(data)
-    except (SafetensorError, ValueError, OSError, RuntimeError) as exc:
-        raise InvalidUpdate(f"payload is not valid safetensors: {exc}") from None
+    except (SafetensorError, ValueError, OSError, RuntimeError, KeyError, TypeError) as exc:
+        # KeyError: a dtype the safetensors format names but torch's loader lacks (e.g. F8_E8M0)
+        raise InvalidUpdate(f"payload is not valid safetensors: {exc!r}") from None
     try:
         meta = json.loads(raw_meta.get("cahfp", ""))
     except json.JSONDecodeError:
@@ -99,8 +100,9 @@ def encode_update(
     Tensors go in sorted-key order into one flat blob per dtype (``d:float32``, ...); the keys and
     shapes are not sent: the receiver derives them from its own copy of the model (``layout`` in
     ``decode_update``), each sliced dimension taking the length of its index vector. The distinct
-    index vectors are concatenated into one int32 blob ``i`` with offsets ``o``; ``m`` has one row
-    ``(tensor position, dim, vector)`` per sliced dimension. The header stays a few hundred bytes
+    index vectors are concatenated into one blob ``i`` with offsets ``o``; ``m`` has one row
+    ``(tensor position, dim, vector)`` per sliced dimension; each of the three is stored in the
+    narrowest of uint8, int16 and int32 that holds its values. The header stays a few hundred bytes
     whatever the number of tensors. With an empty index map it carries a whole state (the dense
     model sent to a client). ``extras`` travel as named side tensors ``x:<name>``."""
     keys = sorted(compact)
@@ -123,18 +125,18 @@ def encode_update(
                 seen[fingerprint] = len(vectors)
                 vectors.append(vec)
             rows.append((position[key], int(dim), seen[fingerprint]))
-    lengths = torch.tensor([0] + [len(v) for v in vectors], dtype=torch.int64)
-    tensors["i"] = torch.cat(vectors) if vectors else torch.zeros(0, dtype=torch.int32)
-    tensors["o"] = lengths.cumsum(0).to(torch.int32)
+    flat = torch.cat(vectors) if vectors else torch.zeros(0, dtype=torch.int32)
+    offsets = torch.tensor([0] + [len(v) for v in vectors], dtype=torch.int64).cumsum(0)
+    tensors["i"] = flat.to(_small_int(int(flat.max()) if len(flat) else 0))
+    tensors["o"] = offsets.to(_small_int(int(offsets[-1])))
     top = max((max(r) for r in rows), default=0)
-    dtype = torch.uint8 if top < 2**8 else torch.int16 if top < 2**15 else torch.int32
-    tensors["m"] = torch.tensor(rows, dtype=dtype).reshape(-1, 3)
+    tensors["m"] = torch.tensor(rows, dtype=_small_int(top)).reshape(-1, 3)
     tensors.update({EXTRA + k: _tensor(v) for k, v in (extras or {}).items()})
     header = {
+        **(meta or {}),
         "format": UPDATE_FORMAT,
         "tensors": len(keys),
         "keys": _fingerprint(keys),
-        **(meta or {}),
     }
     return save(tensors, metadata={"cahfp": json.dumps(header)})
 
@@ -195,12 +197,18 @@ def _unpack_index(
     flat, offsets, rows = tensors.get("i"), tensors.get("o"), tensors.get("m")
     if flat is None or offsets is None or rows is None:
         raise InvalidUpdate("update lacks its index map (tensors i, o, m)")
-    if flat.dtype != torch.int32 or flat.dim() != 1:
-        raise InvalidUpdate("index vectors (i) must be 1-D int32")
-    if offsets.dtype != torch.int32 or offsets.dim() != 1 or len(offsets) < 1:
-        raise InvalidUpdate("index offsets (o) must be a non-empty 1-D int32 tensor")
-    if rows.dtype not in _ROW_DTYPES or rows.dim() != 2 or rows.shape[1] != 3:
+    if flat.dtype not in _INDEX_DTYPES or flat.dim() != 1:
+        raise InvalidUpdate("index vectors (i) must be a 1-D uint8, int16 or int32 tensor")
+    if offsets.dtype not in _INDEX_DTYPES or offsets.dim() != 1 or len(offsets) < 1:
+        raise InvalidUpdate(
+            "index offsets (o) must be a non-empty 1-D uint8, int16 or int32 tensor"
+        )
+    if rows.dtype not in _INDEX_DTYPES or rows.dim() != 2 or rows.shape[1] != 3:
         raise InvalidUpdate("index rows (m) must be an [n, 3] uint8, int16 or int32 tensor")
+    if len(rows) > sum(t.dim() for t in layout.values()):
+        raise InvalidUpdate(f"index map has {len(rows)} rows, more than the model has dimensions")
+    if len(offsets) > len(rows) + 1:
+        raise InvalidUpdate(f"index map has {len(offsets) - 1} vectors for {len(rows)} rows")
     bounds = offsets.to(torch.int64)
     if bounds[0] != 0 or bounds[-1] != len(flat) or bool((bounds[1:] < bounds[:-1]).any()):
         raise InvalidUpdate("index offsets (o) do not partition the index vectors")
@@ -221,7 +229,14 @@ def _unpack_index(
     return imap
 
 
-_ROW_DTYPES = (torch.uint8, torch.int16, torch.int32)
+_INDEX_DTYPES = (torch.uint8, torch.int16, torch.int32)
+
+
+def _small_int(top: int) -> torch.dtype:
+    """The narrowest index dtype that holds 0..``top``."""
+    return torch.uint8 if top < 2**8 else torch.int16 if top < 2**15 else torch.int32
+
+
 _PACKED = ("i", "o", "m")
 
 

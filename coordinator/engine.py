@@ -467,7 +467,7 @@ class RoundEngine:
             compact, imap, meta = decode_update(payload, self.state)
             if m.samples < 1:
                 raise InvalidUpdate("an update must report at least one sample")
-            reported = self._reported_scores(meta["extras"])
+            reported = self._reported_scores(meta["extras"], m.refreshed)
             agg.add_compact(compact, imap, weight=m.samples)
         except CAHFPError as exc:
             out.status, out.reason = "rejected", str(exc)
@@ -491,21 +491,32 @@ class RoundEngine:
                 self._mark_planned(rec, task.round)
         return out
 
-    def _reported_scores(self, extras: dict) -> dict[int, torch.Tensor] | None:
+    def _reported_scores(self, extras: dict, refreshed: bool) -> dict[int, torch.Tensor] | None:
         """A client's normalised channel scores (``score/<group root>``), checked in full
-        before anything is folded in; None when it sent none."""
+        before anything is folded in; None when it sent none, or when they were not asked for
+        (no anchor configured, or the client did not re-plan this round): those are ignored."""
         if not any(k.startswith("score/") for k in extras) or self.groups is None:
+            return None
+        if self.cfg.pruning.anchor_weight <= 0 or not refreshed:
             return None
         out = {}
         for g in self.groups:
             s = extras.get(f"score/{g.name}")
-            if s is None or s.shape != (g.size,) or not s.dtype.is_floating_point:
+            if s is None or s.shape != (g.size,) or s.dtype != torch.float32:
                 raise InvalidUpdate(
-                    f"reported scores for channel group {g.name} are missing or mis-shaped"
+                    f"reported scores for channel group {g.name} are missing, mis-shaped or "
+                    "not float32"
                 )
             if not torch.isfinite(s).all():
                 raise InvalidUpdate(f"reported scores for channel group {g.name} are not finite")
             out[g.gid] = s
+        # normalised_scores makes the mean magnitude over all channels 1 (or all scores 0)
+        total = sum(float(s.abs().sum(dtype=torch.float64)) for s in out.values())
+        if total > 1.001 * self.groups.num_channels:
+            raise InvalidUpdate(
+                f"reported scores are not normalised: mean magnitude "
+                f"{total / self.groups.num_channels:.3g}, expected at most 1"
+            )
         return out
 
     def _update_anchor(self) -> None:

@@ -276,8 +276,9 @@ class Agent:
 
         d = self.state.data
         info = DatasetInfo(d.classes, d.mean, d.std, d.in_channels, d.image_size)
-        # Statistics averaged over the whole pass under the final weights, not the running
-        # average that trailed the weights through training.
+        # Statistics averaged over up to 8 batches of 64 local images under the final weights,
+        # not the running average that trailed the weights through training (for a pruned
+        # submodel, not those inherited from the dense model either).
         calibrated = recalibrate_batchnorm(result.submodel, d, seed=task.round)
         try:
             export_submodel(

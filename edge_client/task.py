@@ -98,8 +98,11 @@ def _side(groups, extras: dict, kind: str) -> dict | None:
     if not any(k.startswith(kind + "/") for k in extras):
         return None
     side = {g.gid: extras.get(f"{kind}/{g.name}") for g in groups}
-    if any(v is None or v.shape != (g.size,) for g, v in zip(groups, side.values(), strict=True)):
-        raise InvalidUpdate(f"{kind} side tensors do not match the model's channel groups")
+    for g, v in zip(groups, side.values(), strict=True):
+        if v is None or v.shape != (g.size,) or not v.dtype.is_floating_point:
+            raise InvalidUpdate(f"{kind} side tensors do not match the model's channel groups")
+        if not torch.isfinite(v).all():
+            raise InvalidUpdate(f"{kind} side tensor for channel group {g.name} is not finite")
     return side
 
 

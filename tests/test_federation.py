@@ -250,13 +250,25 @@ def test_anchor_scores_travel_both_ways_and_bad_ones_are_refused(fmnist_root, tm
         extra = c["bytes_down"] - dense_bytes
         assert extra == 0 if rnd == 1 else 4 * channels <= extra < 4 * channels + 4096
     good = {f"score/{g.name}": torch.ones(g.size) for g in engine.groups}
-    assert set(engine._reported_scores(good)) == {g.gid for g in engine.groups}
-    assert engine._reported_scores({}) is None
+    assert set(engine._reported_scores(good, True)) == {g.gid for g in engine.groups}
+    assert engine._reported_scores({}, True) is None
+    assert engine._reported_scores(good, False) is None  # not re-planned: not asked for
     first = next(iter(engine.groups))
     name = first.name
     for bad, reason in (
         ({**good, f"score/{name}": torch.full((first.size,), float("nan"))}, "finite"),
         ({**good, f"score/{name}": torch.ones(3)}, "mis-shaped"),
+        ({**good, f"score/{name}": torch.ones(first.size, dtype=torch.float64)}, "float32"),
+        ({**good, f"score/{name}": torch.full((first.size,), 1e30)}, "not normalised"),
     ):
         with pytest.raises(InvalidUpdate, match=reason):
-            engine._reported_scores(bad)
+            engine._reported_scores(bad, True)
+    # what a board does with a bad anchor from the coordinator: a typed error, so that the task
+    # is answered "failed" with the reason instead of the agent's loop dying in the planner
+    from edge_client.task import _side
+
+    anchor = {f"anchor/{g.name}": torch.ones(g.size) for g in engine.groups}
+    assert set(_side(engine.groups, anchor, "anchor")) == {g.gid for g in engine.groups}
+    inf = {**anchor, f"anchor/{name}": torch.full((first.size,), float("inf"))}
+    with pytest.raises(InvalidUpdate, match="not finite"):
+        _side(engine.groups, inf, "anchor")

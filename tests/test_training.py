@@ -75,3 +75,6 @@ def test_batchnorm_recalibration_recomputes_statistics_and_nothing_else(small_fm
     before = norms[1].running_var.clone()
     assert recalibrate_batchnorm(model, data.subset(range(1))) == 0
     assert torch.equal(norms[1].running_var, before)
+    # batches of one image cannot estimate a variance: skipped, and the statistics stay
+    assert recalibrate_batchnorm(model, data, num_batches=3, batch_size=1) == 0
+    assert torch.equal(norms[1].running_var, before)

@@ -127,3 +127,15 @@ def test_tampered_index_tables_only_raise_invalid_update(name, at, value, trunca
             for d, idx in dims.items():
                 assert len(set(idx.tolist())) == len(idx) and idx.min() >= 0
                 assert idx.max() < layout[k].shape[d]
+
+
+@pytest.mark.parametrize(("rows", "dtype"), [(200, torch.uint8), (300, torch.int16)])
+def test_index_tables_take_the_narrowest_dtype(rows, dtype):
+    layout = {"w": torch.zeros(rows, 4), "b": torch.zeros(rows)}
+    idx = torch.tensor([0, 7, rows - 1])
+    imap = {"w": {0: idx}, "b": {0: idx}}
+    compact = {"w": torch.arange(12.0).reshape(3, 4), "b": torch.ones(3)}
+    data = encode_update(compact, imap)
+    assert load(data)["i"].dtype == dtype and len(load(data)["i"]) == 3  # shared vector, once
+    out, back, _ = decode_update(data, layout)
+    assert torch.equal(back["w"][0], idx) and torch.equal(out["w"], compact["w"])
