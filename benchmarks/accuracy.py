@@ -54,6 +54,11 @@ ABLATIONS: dict[str, dict] = {
     "fill: uncovered weight 0.5": {"aggregation.uncovered_weight": 0.5},
     "BN statistics from all covering clients": {"aggregation.exact_stats": False},
     "BN variance of the pooled activations": {"aggregation.pooled_variance": True},
+    "reference: Taylor (no uplink cap, its default)": {"federation.strategy": "taylor"},
+    "reference: Taylor with the uplink cap": {
+        "federation.strategy": "taylor",
+        "pruning.budget_uplink": True,
+    },
     "uncovered weight 0.5 + BN from all": {
         "aggregation.uncovered_weight": 0.5,
         "aggregation.exact_stats": False,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cahfp.errors import CAHFPError, ConfigError  # noqa: F401 (ConfigError re-exported)
 from cahfp.training import Recipe
@@ -112,10 +112,10 @@ class PruningConfig(_Strict):
         "the scoring passes, spread over the refresh period, in "
         "their FLOPs budget",
     )
-    budget_uplink: bool = Field(
-        True,
-        description="CA-HFP: the plan's parameters (what the "
-        "update carries) also stay within the keep fraction",
+    budget_uplink: bool | None = Field(
+        None,
+        description="the plan's parameters (what the update carries) also stay within the keep "
+        "fraction; unset: on for cahfp, off for the others; true also applies it to taylor",
     )
     gradient: Literal["signed", "absolute", "off"] = Field(
         "signed", description="how the joint planner uses the first-order term"
@@ -212,6 +212,9 @@ class AggregationConfig(_Strict):
     )
 
 
+UPLINK_CAPPED = ("cahfp", "taylor")  # strategies whose clients plan with a loss-based score
+
+
 class Config(_Strict):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -220,6 +223,20 @@ class Config(_Strict):
     pruning: PruningConfig = Field(default_factory=PruningConfig)
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     clients: ClientsConfig = Field(default_factory=ClientsConfig)
+
+    @model_validator(mode="after")
+    def _uplink_cap_needs_client_plans(self) -> Config:
+        if self.pruning.budget_uplink and self.federation.strategy not in UPLINK_CAPPED:
+            raise ValueError(
+                f"pruning.budget_uplink = true applies to strategies whose clients plan "
+                f"({', '.join(UPLINK_CAPPED)}), not {self.federation.strategy!r}"
+            )
+        return self
+
+    def uplink_capped(self) -> bool:
+        """Whether plans keep each update's parameters within the client's keep fraction."""
+        cap = self.pruning.budget_uplink
+        return self.federation.strategy == "cahfp" if cap is None else cap
 
     def profile_of(self, client_index: int) -> str:
         """The device profile of a simulated client (profiles cycle over clients)."""
@@ -239,7 +256,8 @@ def _describe(err: ValidationError) -> str:
         loc = ".".join(str(p) for p in e["loc"])
         value = e.get("input")
         shown = "" if isinstance(value, dict) else f" = {value!r}"
-        lines.append(f"{loc}{shown}: {e['msg']}")
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}{shown}: {msg}" if loc else msg)
     return "; ".join(lines)
 
 

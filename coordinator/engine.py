@@ -267,7 +267,7 @@ class RoundEngine:
                     gradient=p.gradient,
                     refresh_period=p.refresh_period,
                     amortize_scoring=p.amortize_scoring,
-                    budget_uplink=p.budget_uplink and strat.name == "cahfp",
+                    budget_uplink=self.cfg.uplink_capped(),
                     coverage_weight=p.coverage_weight if strat.name == "cahfp" else 0.0,
                     temperature=self._temperature(rnd) if strat.name == "cahfp" else 0.0,
                     anchor_weight=p.anchor_weight if strat.name == "cahfp" else 0.0,

@@ -131,6 +131,13 @@ def test_bad_configs_fail_fast_with_clear_messages(tmp_path, isolated_cache):
         load_config(None, {"pruning.tiers": [1.0, 1.5]})
     with pytest.raises(ConfigError, match=r"train\.lr"):
         load_config(None, {"train.lr": 0})
+    with pytest.raises(ConfigError, match=r"budget_uplink = true applies to .* not 'heterofl'"):
+        load_config(None, {"federation.strategy": "heterofl", "pruning.budget_uplink": True})
+    # the uplink cap: CA-HFP's by default, Taylor's on request
+    assert load_config(None, {"federation.strategy": "cahfp"}).uplink_capped()
+    assert not load_config(None, {"federation.strategy": "taylor"}).uplink_capped()
+    capped = {"federation.strategy": "taylor", "pruning.budget_uplink": True}
+    assert load_config(None, capped).uplink_capped()
     bad = tmp_path / "bad.toml"
     bad.write_text("[federation]\nrounds = 'many'\nunknown_key = 1\n")
     with pytest.raises(ConfigError, match=r"bad\.toml.*federation\.rounds.*unknown_key"):
