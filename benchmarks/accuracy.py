@@ -275,29 +275,22 @@ def report(results: list[dict], args, env: dict, seconds: float) -> str:
         rows = [[s, *row_values(by_strategy[s])] for s in STRATEGY_ORDER if s in by_strategy]
         lines += [md_table(HEADERS, rows), ""]
         if "cahfp" in by_strategy and "fedavg" in by_strategy:
-            acc = {
-                s: mean_std([r["summary"]["final3_accuracy"] for r in v])[0]
-                for s, v in by_strategy.items()
-            }
-            acc10 = {
-                s: mean_std([r["summary"]["final10_accuracy"] for r in v])[0]
-                for s, v in by_strategy.items()
-            }
+            acc = _means(by_strategy, "final3_accuracy")
+            acc10 = _means(by_strategy, "final10_accuracy")
             flops = mean_std(
                 [r["summary"]["mean_client_flops_vs_dense"] for r in by_strategy["cahfp"]]
             )[0]
             up = mean_std([r["summary"]["mean_uplink_mb"] for r in by_strategy["cahfp"]])[0]
             up_fa = mean_std([r["summary"]["mean_uplink_mb"] for r in by_strategy["fedavg"]])[0]
-            others = {s: a for s, a in acc.items() if s in PRUNING}
-            best = max(others, key=others.get) if others else None
+            best, best10 = _best_pruning(acc), _best_pruning(acc10)
             gap = (acc["fedavg"] - acc["cahfp"]) * 100
             verdict.append(
                 f"- {setting}: cahfp {acc['cahfp']:.4f}; fedavg {acc['fedavg']:.4f} "
                 f"({gap:+.1f} points behind; target ≤ 1.5)"
                 + (
-                    f"; best other pruning strategy {best} {others[best]:.4f} ("
-                    + ("cahfp ahead" if acc["cahfp"] > others[best] else "cahfp behind")
-                    + f" by {abs(acc['cahfp'] - others[best]) * 100:.1f} points)"
+                    f"; best other pruning strategy {best} {acc[best]:.4f} ("
+                    + ("cahfp ahead" if acc["cahfp"] > acc[best] else "cahfp behind")
+                    + f" by {abs(acc['cahfp'] - acc[best]) * 100:.1f} points)"
                     if best
                     else ""
                 )
@@ -305,15 +298,21 @@ def report(results: list[dict], args, env: dict, seconds: float) -> str:
                 "(target ≤ 0.60); over the last 10 rounds cahfp "
                 f"{acc10['cahfp']:.4f}, fedavg {acc10['fedavg']:.4f} "
                 f"({(acc10['fedavg'] - acc10['cahfp']) * 100:+.1f}), best other "
-                + (
-                    f"{max((s for s in acc10 if s in PRUNING), key=acc10.get)} "
-                    f"{max(a for s, a in acc10.items() if s in PRUNING):.4f}"
-                    if others
-                    else "none"
-                )
+                + (f"{best10} {acc10[best10]:.4f}" if best10 else "none")
             )
     lines += ["## Target check", "", *verdict, ""]
     return "\n".join(lines)
+
+
+def _means(by_strategy: dict[str, list[dict]], key: str) -> dict[str, float]:
+    """Each strategy's mean of the summary value ``key`` over its runs (seeds)."""
+    return {s: mean_std([r["summary"][key] for r in v])[0] for s, v in by_strategy.items()}
+
+
+def _best_pruning(acc: dict[str, float]) -> str | None:
+    """The most accurate pruning strategy other than CA-HFP, if any ran."""
+    others = {s: a for s, a in acc.items() if s in PRUNING}
+    return max(others, key=others.get) if others else None
 
 
 def main(argv=None) -> int:

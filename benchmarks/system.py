@@ -83,17 +83,21 @@ def _stepper(module, x, y):
 BURSTS = 10  # alternations between the timed models
 
 
-def interleaved_step_times(modules, x, y, steps: int, bursts: int = BURSTS) -> list[float]:
-    """Median step seconds of each module, measured in alternating bursts so that all see the
-    same machine conditions (a shared host's speed drifts by 20 % within a minute; timing one
-    model after the other turns that drift into the ratio)."""
-    runners = [_stepper(m, x, y) for m in modules]
-    times: list[list[float]] = [[] for _ in modules]
-    per = max(1, steps // bursts)
-    for _ in range(bursts):
+def interleaved_medians(runners, steps: int) -> list[float]:
+    """Median seconds of each runner (a timed step), measured in alternating bursts so that all
+    see the same machine conditions (a shared host's speed drifts by 20 % within a minute;
+    timing one model after the other turns that drift into the ratio)."""
+    times: list[list[float]] = [[] for _ in runners]
+    per = max(1, steps // BURSTS)
+    for _ in range(BURSTS):
         for run, ts in zip(runners, times, strict=True):
             ts += [run() for _ in range(per)]
     return [statistics.median(ts) for ts in times]
+
+
+def interleaved_step_times(modules, x, y, steps: int) -> list[float]:
+    """Median training-step seconds of each module on the same batch, interleaved."""
+    return interleaved_medians([_stepper(m, x, y) for m in modules], steps)
 
 
 def fixed_step_share(model, x, y, steps: int) -> float:
@@ -101,14 +105,7 @@ def fixed_step_share(model, x, y, steps: int) -> float:
     batch 2 and at the full batch, ``t(b) = fixed + b * per_sample`` solved for ``fixed`` (op
     dispatch, allocation, the optimizer's per-tensor loop), over the full step. Pruning cannot
     remove it, so it bounds the speed-up of small models."""
-    small, full = _stepper(model, x[:2], y[:2]), _stepper(model, x, y)
-    ts: list[float] = []
-    tf: list[float] = []
-    per = max(1, steps // BURSTS)
-    for _ in range(BURSTS):
-        ts += [small() for _ in range(per)]
-        tf += [full() for _ in range(per)]
-    t2, tb = statistics.median(ts), statistics.median(tf)
+    t2, tb = interleaved_medians([_stepper(model, x[:2], y[:2]), _stepper(model, x, y)], steps)
     per_sample = max(tb - t2, 0.0) / (len(x) - 2)
     return min(max(t2 - 2 * per_sample, 0.0), tb) / tb
 

@@ -205,7 +205,7 @@ def print_table(console: Console, cfg, coord: Coordinator, args) -> None:
         acc = "-"
         if rec.index_map is not None:
             sub = build_compact(coord.engine.model, rec.index_map)
-            if _size(sub) < _size(coord.engine.model):  # channels removed: stale statistics
+            if rec.index_map:  # channels removed: the inherited statistics are stale
                 recalibrate_batchnorm(sub, parts[i % len(parts)])
             acc = f"{evaluate(sub, test).accuracy:.4f}"
         elif ok:
@@ -221,7 +221,3 @@ def print_table(console: Console, cfg, coord: Coordinator, args) -> None:
             f"{sum(c.train_seconds + c.score_seconds for c in ok) / max(len(ok), 1):.1f}",
         )
     console.print(table)
-
-
-def _size(module) -> int:
-    return sum(p.numel() for p in module.parameters())
