@@ -152,10 +152,13 @@ def recalibrate_batchnorm(
                 continue
             model(x)
             seen += len(x)
+    except BaseException:
+        seen = 0  # an interrupted pass: put back the statistics it had
+        raise
     finally:
         for m, momentum, old in zip(norms, momenta, saved, strict=True):
             m.momentum = momentum
-            if seen == 0:  # no usable batch (or an error): keep the statistics it had
+            if seen == 0:  # no usable batch, or interrupted: keep the statistics it had
                 m.load_state_dict(old)
         model.train(was_training)
     return seen

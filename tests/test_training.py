@@ -78,3 +78,24 @@ def test_batchnorm_recalibration_recomputes_statistics_and_nothing_else(small_fm
     # batches of one image cannot estimate a variance: skipped, and the statistics stay
     assert recalibrate_batchnorm(model, data, num_batches=3, batch_size=1) == 0
     assert torch.equal(norms[1].running_var, before)
+
+
+def test_interrupted_recalibration_keeps_the_old_statistics(small_fmnist):
+    train_set, _ = small_fmnist
+    data = train_set.subset(range(256))
+    model = build_model("vgg11", 10, 1, 0.25, seed=0)
+    norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    norm.running_var.fill_(9.0)
+    calls = []
+
+    def fail_on_second_batch(module, inputs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    hook = model.register_forward_pre_hook(fail_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        recalibrate_batchnorm(model, data, num_batches=4, batch_size=64)
+    hook.remove()
+    assert torch.equal(norm.running_var, torch.full_like(norm.running_var, 9.0))
+    assert norm.momentum == 0.1
