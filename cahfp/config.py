@@ -205,6 +205,13 @@ class AggregationConfig(_Strict):
     exact_stats: bool = Field(
         True, description="BatchNorm statistics from dense updates when any arrived"
     )
+    size_exponent: float = Field(
+        0.0,
+        ge=0,
+        le=4,
+        description="an update's weight is its samples x (its share of the model's parameters) "
+        "to this power (0 = samples alone)",
+    )
     pooled_variance: bool = Field(
         False,
         description="BatchNorm variances as the variance of the clients' pooled activations "

@@ -97,6 +97,8 @@ class RoundEngine:
         )
         self.state = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.stat_keys = {k for k, b in self.model.named_buffers() if b.is_floating_point()}
+        self.param_keys = {k for k, _ in self.model.named_parameters()}
+        self.param_count = sum(p.numel() for p in self.model.parameters())
         self.example = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size)
         self.dense_flops = training_flops(self.model, self.example[:1])
         self.clients = {
@@ -468,7 +470,7 @@ class RoundEngine:
             if m.samples < 1:
                 raise InvalidUpdate("an update must report at least one sample")
             reported = self._reported_scores(meta["extras"], m.refreshed)
-            agg.add_compact(compact, imap, weight=m.samples)
+            agg.add_compact(compact, imap, weight=self._weight(compact, m.samples))
         except CAHFPError as exc:
             out.status, out.reason = "rejected", str(exc)
             self._refuse(msg, str(exc))
@@ -490,6 +492,15 @@ class RoundEngine:
                 rec.planned_keep = m.keep_target if m.keep_target is not None else rec.keep
                 self._mark_planned(rec, task.round)
         return out
+
+    def _weight(self, compact: dict[str, torch.Tensor], samples: int) -> float:
+        """Aggregation weight: samples x (share of the parameters the update carries)^gamma
+        (``aggregation.size_exponent``), the share counted from the decoded tensors themselves."""
+        gamma = self.cfg.aggregation.size_exponent
+        if gamma == 0:
+            return float(samples)
+        carried = sum(t.numel() for k, t in compact.items() if k in self.param_keys)
+        return samples * (carried / self.param_count) ** gamma
 
     def _reported_scores(self, extras: dict, refreshed: bool) -> dict[int, torch.Tensor] | None:
         """A client's normalised channel scores (``score/<group root>``), checked in full

@@ -25,3 +25,28 @@ def test_system_benchmark_quick_run_reports_every_part(fmnist_root, tmp_path, br
     assert {r["samples"] for r in raw["scoring"]} == {1000, 6000}
     (scale,) = raw["scale"]
     assert scale["clients"] == scale["aggregated"] == scale["ok"] == 10
+
+
+def test_shaped_link_transfer_is_limited_by_the_link_and_cleans_up(broker):
+    """The transfer benchmark's emulated-link part: a sender in its own namespace behind a
+    tbf-limited veth gets both payloads through at about the link's rate, and nothing of the
+    emulation is left behind."""
+    import os
+
+    from benchmarks.shaped_link import bench_link
+    from deploy.testbed.emulation import sh
+    from tests.conftest import missing
+
+    if os.geteuid() != 0:
+        out = bench_link(1 << 20, 1 << 18, 1, rates=(50,))
+        assert "root" in out["skipped"]
+        missing("the emulated link needs root")
+    size = 2 * 1024 * 1024
+    out = bench_link(size, 1 << 18, 1, rates=(50,))
+    r = out["rates"][50]
+    assert out["size"] == size
+    for mode in ("raw", "protocol"):
+        # 2 MiB at 50 Mbit/s take at least 0.3 s (the bucket's 64 kB burst aside)
+        assert 0.3 < r["median"][mode] < 5, r
+    assert 0.5 < r["ratio"] < 1.5, r
+    assert "cahfp-tb" not in sh("ip", "netns", "list", check=False).stdout

@@ -279,3 +279,29 @@ def test_anchor_scores_travel_both_ways_and_bad_ones_are_refused(fmnist_root, tm
     inf = {**anchor, f"anchor/{name}": torch.full((first.size,), float("inf"))}
     with pytest.raises(InvalidUpdate, match="not finite"):
         _side(engine.groups, inf, "anchor")
+
+
+def test_size_exponent_weights_updates_by_the_share_of_parameters_they_carry(fmnist_root):
+    """``aggregation.size_exponent`` gamma: weight = samples x (carried parameters / all)^gamma,
+    counted from the decoded tensors (not from what the client claims)."""
+    from cahfp.pruning import extract, make_plan, score_groups
+    from coordinator.engine import RoundEngine
+    from coordinator.inprocess import InProcessTransport
+
+    cfg = small_config(fmnist_root, "cahfp", **{"aggregation.size_exponent": 1.0})
+    _, _, spec = federation_data(cfg)
+    engine = RoundEngine(cfg, spec, InProcessTransport({}), lambda m: None, {})
+    x = torch.randn(8, spec.in_channels, spec.image_size, spec.image_size)
+    y = torch.randint(0, spec.num_classes, (8,))
+    plan = make_plan(engine.model, score_groups(engine.model, [(x, y)], "magnitude"), 0.4)
+    sub = extract(engine.model, plan).module
+    share = sum(p.numel() for p in sub.parameters()) / sum(
+        p.numel() for p in engine.model.parameters()
+    )
+    assert 0.1 < share < 0.9
+    assert engine._weight(dict(engine.state), 120) == pytest.approx(120.0)
+    assert engine._weight(sub.state_dict(), 120) == pytest.approx(120 * share)
+    cfg.aggregation.size_exponent = 0.5
+    assert engine._weight(sub.state_dict(), 120) == pytest.approx(120 * share**0.5)
+    cfg.aggregation.size_exponent = 0.0
+    assert engine._weight(sub.state_dict(), 120) == 120.0
