@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.transfer import _receiver, payload, publish
+from benchmarks.transfer import payload, publish, receiver
 from edge_client.link import MqttLink
 
 RATES_MBPS = (1000, 100)  # a server's gigabit link; a board on Fast Ethernet
@@ -76,7 +76,7 @@ def _send_from(netns: str, url: str, size: int, chunk: int, protocol: bool) -> f
     mode = "protocol" if protocol else "raw"
     topic = f"bench/link/{mode}/{time.monotonic_ns()}"
     done, result = threading.Event(), {}
-    rx = _receiver(url, topic, size, protocol, done, result)
+    rx = receiver(url, topic, size, protocol, done, result)
     cmd = ["nsenter", f"--net=/var/run/netns/{netns}", sys.executable, "-m", __spec__.name]
     proc = subprocess.Popen(
         [*cmd, "--send", url, topic, mode, str(size), str(chunk)],

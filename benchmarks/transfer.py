@@ -27,7 +27,7 @@ from coordinator.broker import EmbeddedBroker
 from edge_client.link import MqttLink
 
 
-def _receiver(
+def receiver(
     url: str, topic: str, expect_bytes: int, protocol: bool, done: threading.Event, result: dict
 ) -> MqttLink:
     link = MqttLink(url, f"rx-{time.monotonic_ns()}")
@@ -59,6 +59,7 @@ def _receiver(
 
 
 def payload(size: int) -> bytes:
+    """The benchmark's test payload: ``size`` rounded down to whole 256-byte patterns."""
     return bytes(range(256)) * (size // 256)
 
 
@@ -75,7 +76,7 @@ def publish(tx: MqttLink, topic: str, data: bytes, protocol: bool, chunk: int) -
 def send_once(url: str, data: bytes, protocol: bool, chunk: int) -> float:
     topic = f"bench/{'proto' if protocol else 'raw'}/{time.monotonic_ns()}"
     done, result = threading.Event(), {}
-    rx = _receiver(url, topic, len(data), protocol, done, result)
+    rx = receiver(url, topic, len(data), protocol, done, result)
     tx = MqttLink(url, f"tx-{time.monotonic_ns()}")
     tx.start(10)
     time.sleep(0.3)  # let the subscription settle
