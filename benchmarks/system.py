@@ -154,13 +154,16 @@ def part_training_and_bytes(args) -> tuple[list, list]:
             )
             compact = sub.module.state_dict()
             params = sum(p.numel() * p.element_size() for p in sub.module.parameters())
-            up = len(encode_update(compact, sub.index_map, {"round": 1, "client": "x"}))
             g = model.state_dict()
-            down = len(
-                encode_update(
-                    {k: slice_tensor(v, sub.index_map.get(k, {})) for k, v in g.items()},
-                    sub.index_map,
-                    {"keep_achieved": plan.flops_fraction},
+            sliced = {k: slice_tensor(v, sub.index_map.get(k, {})) for k, v in g.items()}
+            up, down = (
+                [
+                    len(encode_update(state, sub.index_map, meta, statistics=stats))
+                    for stats in (True, False)
+                ]
+                for state, meta in (
+                    (compact, {"round": 1, "client": "x"}),
+                    (sliced, {"keep_achieved": plan.flops_fraction}),
                 )
             )
             buffers = sum(b.numel() * b.element_size() for b in sub.module.buffers())
@@ -169,11 +172,14 @@ def part_training_and_bytes(args) -> tuple[list, list]:
                     "model": label,
                     "keep": keep,
                     "param_bytes": params,
-                    "up": up,
-                    "down": down,
+                    "up": up[0],
+                    "down": down[0],
                     "buffers": buffers,
-                    "up_overhead": up / params - 1,
-                    "down_overhead": down / params - 1,
+                    "up_overhead": up[0] / params - 1,
+                    "down_overhead": down[0] / params - 1,
+                    "lean_up": up[1],
+                    "lean_up_overhead": up[1] / params - 1,
+                    "lean_down_overhead": down[1] / params - 1,
                 }
             )
         dense_params = sum(p.numel() * 4 for p in model.parameters())
@@ -188,6 +194,10 @@ def part_training_and_bytes(args) -> tuple[list, list]:
                 "buffers": sum(b.numel() * b.element_size() for b in model.buffers()),
                 "up_overhead": full / dense_params - 1,
                 "down_overhead": full / dense_params - 1,
+                # a dense update always carries its statistics
+                "lean_up": full,
+                "lean_up_overhead": full / dense_params - 1,
+                "lean_down_overhead": full / dense_params - 1,
             }
         )
         print(f"{label}: training speed-ups and bytes measured", flush=True)
@@ -407,21 +417,25 @@ def report(args, env, seconds, speed, wire, scoring, scale, ck) -> str:
         "## 2. Bytes on the wire vs the kept parameters alone",
         "",
         "`up`: the client's update (compact tensors + index map + header); `down`: the slice "
-        "the coordinator sends between plan refreshes (keep 1.0: the dense state). The "
-        "payload also carries BatchNorm running statistics (`buffers`), which the "
-        "aggregation needs but which are not parameters; `of which framing` is the rest "
-        "(header and index tables). Target: overhead ≤ 2 %.",
+        "the coordinator sends between plan refreshes (keep 1.0: the dense state). "
+        "`statistics`: the BatchNorm running statistics (buffers, not parameters). "
+        "`with statistics`: what travels in a round where no participant trains the dense "
+        "model (the aggregate then needs the pruned clients' statistics); `framing` is the "
+        "header and index tables alone. `default`: a round with a dense participant, where "
+        "pruned clients leave the statistics out (`aggregation.omit_pruned_stats`, "
+        "docs/protocol.md; a dense update always carries them). Target: overhead ≤ 2 %.",
         "",
         md_table(
             [
                 "model",
                 "keep",
                 "param bytes",
-                "buffers",
-                "up bytes",
+                "statistics",
+                "with statistics: up",
+                "down",
+                "framing",
+                "default: up bytes",
                 "up overhead",
-                "of which framing",
-                "down bytes",
                 "down overhead",
             ],
             [
@@ -430,11 +444,12 @@ def report(args, env, seconds, speed, wire, scoring, scale, ck) -> str:
                     f"{r['keep']:g}",
                     f"{r['param_bytes']:,}",
                     f"{r['buffers']:,}",
-                    f"{r['up']:,}",
                     f"{r['up_overhead']:+.2%}",
-                    f"{(r['up'] - r['param_bytes'] - r['buffers']) / r['param_bytes']:+.2%}",
-                    f"{r['down']:,}",
                     f"{r['down_overhead']:+.2%}",
+                    f"{(r['up'] - r['param_bytes'] - r['buffers']) / r['param_bytes']:+.2%}",
+                    f"{r['lean_up']:,}",
+                    f"{r['lean_up_overhead']:+.2%}",
+                    f"{r['lean_down_overhead']:+.2%}",
                 ]
                 for r in wire
             ],

@@ -10,7 +10,8 @@ Running statistics are special: a client's BatchNorm statistics for a channel de
 activations of *its submodel*, which lacks the pruned channels upstream, so they are biased for
 the dense model. With ``exact_stats`` (and the names of the statistics buffers), statistics are
 taken from the updates that trained the dense model whenever at least one did, and from all
-covering updates otherwise.
+covering updates otherwise. A pruned update may then leave its statistics out
+(``add_compact(..., statistics=False)``): they count as not covered.
 
 With ``pooled_variance``, a BatchNorm variance is aggregated as the variance of the clients'
 pooled activations, not the mean of their variances: the aggregator averages second moments
@@ -89,6 +90,8 @@ class Aggregator:
             return state
         out = dict(state)
         for var, mean in self.pairs.items():
+            if var not in state:
+                continue  # statistics left out of a pruned update
             out[var] = state[var].to(torch.float32) + state[mean].to(torch.float32) ** 2
         return out
 
@@ -126,14 +129,23 @@ class Aggregator:
         self.total_weight += w
 
     def add_compact(
-        self, compact: Mapping[str, torch.Tensor], imap: IndexMap, weight: float
+        self,
+        compact: Mapping[str, torch.Tensor],
+        imap: IndexMap,
+        weight: float,
+        statistics: bool = True,
     ) -> None:
         """Fold in compact tensors with their index map, working on one tensor's kept slice at
-        a time. Validated before anything is touched."""
+        a time. Validated before anything is touched. With ``statistics=False`` a pruned update
+        may leave out its BatchNorm running statistics: they count as not covered."""
         w = self._check_weight(weight)
-        check_compact(compact, imap, self.base)
+        if not statistics and not imap:
+            raise InvalidUpdate("a dense update must carry its BatchNorm statistics")
+        check_compact(compact, imap, self.base, statistics)
         compact = self._moments(compact)
         for k, ref in self.folded.items():
+            if k not in compact:
+                continue
             dims = imap.get(k, {})
             t = compact[k].detach()
             if not imap and k in self.dense_mean:

@@ -205,6 +205,12 @@ class AggregationConfig(_Strict):
     exact_stats: bool = Field(
         True, description="BatchNorm statistics from dense updates when any arrived"
     )
+    omit_pruned_stats: bool = Field(
+        True,
+        description="with exact_stats: in a round where a participant is expected to train the "
+        "dense model, pruned clients' slices and updates leave out BatchNorm running statistics "
+        "(the aggregate would not use them)",
+    )
     size_exponent: float = Field(
         0.0,
         ge=0,

@@ -14,12 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from cahfp.training import Recipe
 
 MAX_SAMPLES = 10**12  # far above any board's data; keeps the weights finite floats
-PROTOCOL = 2  # 2: model payloads packed as cahfp.update/2; plan settings gained anchor_weight
+PROTOCOL = 3  # 3: tasks say whether pruned payloads carry BatchNorm statistics (statistics)
 
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    v: Literal[2] = PROTOCOL
+    v: Literal[3] = PROTOCOL
 
 
 class ModelSpec(BaseModel):
@@ -69,6 +69,11 @@ class TaskMessage(_Message):
     seed: int = 0
     deadline_s: float = Field(gt=0)
     transfer: str | None = Field(None, description="id of the payload transfer (MQTT)")
+    statistics: bool = Field(
+        True,
+        description="False: a slice payload, and the update of a pruned submodel, leave out the "
+        "BatchNorm running statistics (the coordinator takes them from dense updates)",
+    )
 
 
 class Metrics(BaseModel):

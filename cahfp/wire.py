@@ -23,6 +23,7 @@ from safetensors.torch import load, save
 
 from cahfp.errors import InvalidUpdate
 from cahfp.pruning.extract import IndexMap
+from cahfp.pruning.reconstruct import is_statistic
 
 STATE_FORMAT = "cahfp.state/1"
 UPDATE_FORMAT = "cahfp.update/2"
@@ -94,6 +95,7 @@ def encode_update(
     imap: IndexMap,
     meta: dict | None = None,
     extras: Mapping[str, torch.Tensor] | None = None,
+    statistics: bool = True,
 ) -> bytes:
     """Pack a compact state and its index map (``cahfp.update/2``).
 
@@ -104,11 +106,16 @@ def encode_update(
     ``(tensor position, dim, vector)`` per sliced dimension; each of the three is stored in the
     narrowest of uint8, int16 and int32 that holds its values. The header stays a few hundred bytes
     whatever the number of tensors. With an empty index map it carries a whole state (the dense
-    model sent to a client). ``extras`` travel as named side tensors ``x:<name>``."""
+    model sent to a client). ``extras`` travel as named side tensors ``x:<name>``.
+
+    With ``statistics=False`` the BatchNorm running statistics (``is_statistic``) carry no data,
+    only their index-map rows, and the header says so (``"statistics": false``)."""
     keys = sorted(compact)
     position = {k: i for i, k in enumerate(keys)}
     blobs: dict[str, list[torch.Tensor]] = {}
     for k in keys:
+        if not statistics and is_statistic(k):
+            continue
         t = compact[k].detach().to("cpu")
         blobs.setdefault(_dtype_name(t.dtype), []).append(t.reshape(-1))
     tensors = {f"d:{name}": torch.cat(parts).contiguous() for name, parts in blobs.items()}
@@ -138,6 +145,8 @@ def encode_update(
         "tensors": len(keys),
         "keys": _fingerprint(keys),
     }
+    if not statistics:
+        header["statistics"] = False
     return save(tensors, metadata={"cahfp": json.dumps(header)})
 
 
@@ -148,10 +157,18 @@ def decode_update(
     its keys, shapes and dtypes are read; a ``meta``-device model will do). Raises
     ``InvalidUpdate`` naming what does not fit: another model, blobs too short or too long, a
     dtype the model lacks, index tables pointing outside themselves, indices out of range or
-    repeated. Side tensors are returned in ``meta["extras"]``."""
+    repeated. Side tensors are returned in ``meta["extras"]``. ``meta["statistics"]`` is False
+    when the sender left out the BatchNorm running statistics (then absent from the tensors
+    returned; their index-map entries are there); whether that is acceptable is the caller's
+    call."""
     tensors, meta = _load(data)
     if meta.get("format") != UPDATE_FORMAT:
         raise InvalidUpdate(f"expected a {UPDATE_FORMAT} payload, got {meta.get('format')!r}")
+    statistics = meta.setdefault("statistics", True)
+    if not isinstance(statistics, bool):
+        raise InvalidUpdate(
+            f"update header's statistics flag must be true or false: {statistics!r}"
+        )
     keys = sorted(layout)
     count, fingerprint = meta.pop("tensors", None), meta.pop("keys", None)
     if count != len(keys) or fingerprint != _fingerprint(keys):
@@ -167,6 +184,8 @@ def decode_update(
     compact: dict[str, torch.Tensor] = {}
     offsets: dict[str, int] = {}
     for k in keys:
+        if not statistics and is_statistic(k):
+            continue
         ref = layout[k]
         shape = list(ref.shape)
         for dim, idx in imap.get(k, {}).items():

@@ -171,15 +171,16 @@ class RoundEngine:
             self._dense_cache = (key, encode_update(self.state, {}, extras=extras))
         return self._dense_cache[1]
 
-    def _slice(self, rec: ClientRecord) -> bytes:
+    def _slice(self, rec: ClientRecord, statistics: bool = True) -> bytes:
         imap = rec.index_map or {}
         tensors = {k: slice_tensor(v, imap.get(k, {})) for k, v in self.state.items()}
-        return encode_update(tensors, imap, {"keep_achieved": rec.keep_achieved})
+        meta = {"keep_achieved": rec.keep_achieved}
+        return encode_update(tensors, imap, meta, statistics=statistics)
 
     def _rebuilder(self, task: TaskMessage):
         rec = self.clients[task.client_id]
         if task.payload == "slice":
-            return lambda: self._slice(rec)
+            return lambda: self._slice(rec, task.statistics)
         sides = self._sides(task.plan)
         return lambda: self._dense_payload(task.round, sides)
 
@@ -244,7 +245,20 @@ class RoundEngine:
         offset = rec.index % period if first and self.cfg.pruning.stagger_refresh else 0
         rec.planned_round = rnd - offset
 
-    def make_task(self, cid: str, rnd: int) -> tuple[TaskMessage, bytes]:
+    def statistics_wanted(self, selected: list[str]) -> bool:
+        """Whether this round's pruned clients must send (and receive) BatchNorm running
+        statistics. With ``exact_stats`` the aggregate takes them from dense updates whenever one
+        arrives, so a pruned client's are wasted bytes in a round where some participant is
+        expected to train the dense model (its keep, or its last reported budget, is 1).
+        ``aggregation.omit_pruned_stats`` turns the saving on."""
+        a = self.cfg.aggregation
+        if not (a.omit_pruned_stats and a.exact_stats) or self.strategy.dense:
+            return True
+        return not any(self.clients[c].keep >= 1 for c in selected)
+
+    def make_task(self, cid: str, rnd: int, statistics: bool = True) -> tuple[TaskMessage, bytes]:
+        """The task for client ``cid`` in round ``rnd`` and its payload. ``statistics=False``:
+        a pruned client's slice and update leave out the BatchNorm running statistics."""
         rec, p, strat = self.clients[cid], self.cfg.pruning, self.strategy
         kind, plan, payload = "state", None, None
         if strat.dense:
@@ -254,7 +268,7 @@ class RoundEngine:
             if keep < 1:
                 if self._plan_due(rec, rnd):
                     self._coordinator_plan(rec, rnd)
-                kind, payload = "slice", self._slice(rec)
+                kind, payload = "slice", self._slice(rec, statistics)
         elif self._plan_due(rec, rnd):
             keep = None if self.self_budget else min(rec.keep, 1.0)
             if keep is None or keep < 1:
@@ -277,7 +291,7 @@ class RoundEngine:
         else:  # between refreshes: the slice of the client's current plan
             keep = rec.keep_achieved
             if rec.index_map:
-                kind, payload = "slice", self._slice(rec)
+                kind, payload = "slice", self._slice(rec, statistics)
         if payload is None:
             payload = self._dense_payload(rnd, self._sides(plan))
         task = TaskMessage(
@@ -291,6 +305,7 @@ class RoundEngine:
             plan=plan,
             seed=self.cfg.federation.seed * 1_000_003 + rnd * 1009 + rec.index,
             deadline_s=self.cfg.federation.deadline_s,
+            statistics=statistics,
         )
         return task, payload
 
@@ -301,8 +316,9 @@ class RoundEngine:
         selected = self.select(rnd)
         self.on_event("round_start", {"round": rnd, "selected": selected})
         sent: dict[str, tuple[TaskMessage, int]] = {}
+        statistics = self.statistics_wanted(selected)
         for cid in selected:
-            task, payload = self.make_task(cid, rnd)
+            task, payload = self.make_task(cid, rnd, statistics)
             # the transport may need the payload again (resend after a reconnect): rebuild it
             # then instead of holding one payload per client in memory
             self.transport.send(task, payload, rebuild=self._rebuilder(task))
@@ -470,7 +486,11 @@ class RoundEngine:
             if m.samples < 1:
                 raise InvalidUpdate("an update must report at least one sample")
             reported = self._reported_scores(meta["extras"], m.refreshed)
-            agg.add_compact(compact, imap, weight=self._weight(compact, m.samples))
+            if task.statistics and not meta["statistics"]:
+                raise InvalidUpdate("update leaves out the BatchNorm statistics the task asked for")
+            agg.add_compact(
+                compact, imap, self._weight(compact, m.samples), statistics=meta["statistics"]
+            )
         except CAHFPError as exc:
             out.status, out.reason = "rejected", str(exc)
             self._refuse(msg, str(exc))

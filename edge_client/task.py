@@ -21,7 +21,8 @@ from cahfp.errors import BudgetInfeasible, CAHFPError, InvalidUpdate
 from cahfp.messages import Metrics, ModelSpec, TaskMessage, UpdateMessage
 from cahfp.models import build_model
 from cahfp.pruning import build_compact, extract, make_plan, normalised_scores, score_groups
-from cahfp.pruning.extract import IndexMap
+from cahfp.pruning.extract import IndexMap, same_index_map
+from cahfp.pruning.reconstruct import is_statistic
 from cahfp.training import TrainingCancelled, train
 from cahfp.wire import decode_update, encode_update
 from edge_client.budget import BudgetModel, Constraints
@@ -51,6 +52,7 @@ class ClientState:
     time_scale: float = 1.0
     safety: float = 0.8
     profile: str | None = None
+    statistics: dict[str, torch.Tensor] | None = None  # BatchNorm buffers of the last submodel
 
 
 def architecture(spec: ModelSpec, device: str | torch.device | None = None) -> nn.Module:
@@ -76,12 +78,39 @@ def _load_exact(module: nn.Module, tensors: dict[str, torch.Tensor], what: str) 
     return module
 
 
-def submodel_from_slice(spec: ModelSpec, payload: bytes) -> tuple[nn.Module, IndexMap, dict]:
+def submodel_from_slice(
+    spec: ModelSpec,
+    payload: bytes,
+    kept_map: IndexMap | None = None,
+    kept: dict[str, torch.Tensor] | None = None,
+) -> tuple[nn.Module, IndexMap, dict]:
     """Build the compact submodel directly from a received slice (with its index map and
-    metadata), without ever allocating the dense model."""
+    metadata), without ever allocating the dense model. A slice sent without BatchNorm
+    statistics takes them from ``kept`` (this client's previous submodel's, planned as
+    ``kept_map``) when the slice is of that same submodel, else fresh ones (mean 0, variance 1).
+    Training does not read them; local inference recalibrates them (``edge_client.agent``)."""
     skeleton = architecture(spec, "meta")
     tensors, imap, meta = decode_update(payload, skeleton.state_dict())
-    return _load_exact(build_compact(skeleton, imap), tensors, "model slice"), imap, meta
+    compact = build_compact(skeleton, imap)
+    if not meta["statistics"]:
+        own = kept if kept and kept_map is not None and same_index_map(kept_map, imap) else {}
+        tensors = {**tensors, **_statistics_for(compact, own)}
+    return _load_exact(compact, tensors, "model slice"), imap, meta
+
+
+def _statistics_for(module: nn.Module, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BatchNorm running statistics for ``module`` (shapes read from its state dict): ``own``
+    where it holds them in the right shape, fresh ones elsewhere."""
+    out = {}
+    for k, ref in module.state_dict().items():
+        if not is_statistic(k):
+            continue
+        v = own.get(k)
+        if v is None or v.shape != ref.shape or v.dtype != ref.dtype:
+            fill = torch.ones if k.endswith(".running_var") else torch.zeros
+            v = fill(ref.shape, dtype=ref.dtype)
+        out[k] = v.clone()
+    return out
 
 
 def _dense_flops(state: ClientState, spec: ModelSpec) -> float:
@@ -233,13 +262,19 @@ def _run(
             module, imap, achieved = model, {}, 1.0
         state.index_map, state.keep_achieved = imap, achieved
     else:
-        module, imap, meta = submodel_from_slice(spec, payload)
+        module, imap, meta = submodel_from_slice(spec, payload, state.index_map, state.statistics)
         achieved = float(meta.get("keep_achieved", state.keep_achieved))
         state.index_map, state.keep_achieved = imap, achieved
     result = train(module, data, task.recipe, seed=task.seed, should_stop=should_stop)
     train_seconds = result.seconds * state.time_scale
     sender = {"round": task.round, "client": task.client_id}
-    up = encode_update(module.state_dict(), imap, sender, extras=reported)
+    trained = module.state_dict()
+    # a pruned client's statistics stay here when the coordinator takes them from dense updates
+    statistics = task.statistics or not imap
+    up = encode_update(trained, imap, sender, extras=reported, statistics=statistics)
+    state.statistics = (
+        {k: v.clone() for k, v in trained.items() if is_statistic(k)} if imap else None
+    )
     other = (time.perf_counter() - start - result.seconds) * state.time_scale - score_seconds
     upload = len(up) / state.uplink_bytes_per_s if state.uplink_bytes_per_s else 0.0
     total = other + score_seconds + train_seconds + upload

@@ -22,6 +22,10 @@ def test_system_benchmark_quick_run_reports_every_part(fmnist_root, tmp_path, br
     for r in raw["wire"]:
         framing = r["up"] - r["param_bytes"] - r["buffers"]
         assert 0 < framing < 4096 and r["up_overhead"] < 0.05, r
+        if r["keep"] < 1:  # without the statistics: the parameters and the framing alone
+            assert r["lean_up"] - r["param_bytes"] < framing, r
+        else:
+            assert r["lean_up"] == r["up"], r
     assert {r["samples"] for r in raw["scoring"]} == {1000, 6000}
     (scale,) = raw["scale"]
     assert scale["clients"] == scale["aggregated"] == scale["ok"] == 10

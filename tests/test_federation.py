@@ -305,3 +305,91 @@ def test_size_exponent_weights_updates_by_the_share_of_parameters_they_carry(fmn
     assert engine._weight(sub.state_dict(), 120) == pytest.approx(120 * share**0.5)
     cfg.aggregation.size_exponent = 0.0
     assert engine._weight(sub.state_dict(), 120) == 120.0
+
+
+def test_pruned_clients_leave_out_statistics_a_dense_update_supplies(fmnist_root, tmp_path):
+    """``aggregation.omit_pruned_stats``: in rounds with a dense participant, pruned slices and
+    updates carry no BatchNorm statistics. The aggregate would have taken them from the dense
+    update anyway, so the global model is the same (``num_batches_tracked``, a counter that
+    training does not read, aside) and only bytes are saved."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for omit in (True, False):
+        cfg = small_config(
+            fmnist_root, "cahfp", rounds=3, **{"aggregation.omit_pruned_stats": omit}
+        )
+        simulate(cfg, tmp_path / str(omit), quiet=True)
+        lines = (tmp_path / str(omit) / "metrics.jsonl").read_text().splitlines()
+        runs[omit] = [json.loads(x) for x in lines]
+    saved_down = 0
+    for a, b in zip(runs[True][1:], runs[False][1:], strict=True):
+        assert (a["accuracy"], a["loss"]) == (b["accuracy"], b["loss"])
+        for ca, cb in zip(a["clients"], b["clients"], strict=True):
+            assert ca["keep_achieved"] == cb["keep_achieved"]
+            if ca["keep_achieved"] == 1.0:
+                assert ca["bytes_up"] == cb["bytes_up"]
+            else:
+                assert ca["bytes_up"] < cb["bytes_up"]
+            saved_down += cb["bytes_down"] - ca["bytes_down"]
+    assert saved_down > 0  # the slices of round 2 (refresh period 2)
+    one, other = (load_file(tmp_path / str(o) / "model.safetensors") for o in (True, False))
+    for k, v in one.items():
+        assert k.endswith("num_batches_tracked") or torch.equal(v, other[k]), k
+
+
+def test_statistics_are_asked_for_when_no_dense_update_is_expected(fmnist_root):
+    from coordinator.engine import RoundEngine
+    from coordinator.inprocess import InProcessTransport
+
+    cfg = small_config(fmnist_root, "cahfp")
+    _, _, spec = federation_data(cfg)
+    keeps = {"a": 1.0, "b": 0.6, "c": 0.2}
+    engine = RoundEngine(cfg, spec, InProcessTransport({}), lambda m: None, keeps)
+    assert not engine.statistics_wanted(["a", "b"])
+    assert engine.statistics_wanted(["b", "c"])  # nobody supplies them densely
+    cfg.aggregation.omit_pruned_stats = False
+    assert engine.statistics_wanted(["a", "b"])
+    cfg.aggregation.omit_pruned_stats, cfg.aggregation.exact_stats = True, False
+    assert engine.statistics_wanted(["a", "b"])  # every covering update's statistics count
+
+
+def test_an_update_without_the_statistics_it_was_asked_for_is_refused(fmnist_root):
+    from cahfp.aggregation import Aggregator
+    from cahfp.messages import Metrics, UpdateMessage
+    from coordinator.engine import RoundEngine
+    from coordinator.inprocess import InProcessTransport
+    from edge_client.task import submodel_from_slice
+
+    cfg = small_config(fmnist_root, "heterofl")
+    _, _, spec = federation_data(cfg)
+    engine = RoundEngine(cfg, spec, InProcessTransport({}), lambda m: None, {"a": 1.0, "b": 0.4})
+    task, payload = engine.make_task("b", 1, statistics=True)
+    module, imap, meta = submodel_from_slice(spec, payload)
+    assert task.payload == "slice" and meta["statistics"]
+    data = encode_update(module.state_dict(), imap, statistics=False)
+    msg = UpdateMessage(
+        task_id=task.task_id,
+        round=1,
+        client_id="b",
+        status="ok",
+        metrics=Metrics(samples=10),
+    )
+    agg = Aggregator(engine.state, stat_keys=engine.stat_keys, exact_stats=True)
+    out = engine.accept(msg, data, {task.task_id: (task, len(payload))}, agg, {})
+    assert out.status == "rejected" and "statistics the task asked for" in out.reason
+    assert agg.count == 0
+    # asked to leave them out: the slice comes without them, the client fills in its own
+    # statistics when the slice is of its previous submodel, and the update is taken
+    task, payload = engine.make_task("b", 2, statistics=False)
+    own = {k: v + 5.0 for k, v in module.state_dict().items() if k.endswith("running_mean")}
+    rebuilt, _, meta = submodel_from_slice(spec, payload, imap, own)
+    assert not meta["statistics"] and len(payload) < len(engine._slice(engine.clients["b"]))
+    state = rebuilt.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in own.items())
+    fresh, *_ = submodel_from_slice(spec, payload, {}, own)  # another submodel: fresh ones
+    assert all(not bool(fresh.state_dict()[k].any()) for k in own)
+    assert all(bool((v == 1).all()) for k, v in fresh.state_dict().items() if "running_var" in k)
+    msg = msg.model_copy(update={"task_id": task.task_id, "round": 2})
+    out = engine.accept(msg, data, {task.task_id: (task, len(payload))}, agg, {})
+    assert out.status == "ok" and agg.count == 1

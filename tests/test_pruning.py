@@ -293,6 +293,39 @@ def test_running_statistics_come_from_dense_updates_when_any():
     torch.testing.assert_close(agg.result()[key][covered], (g[key] + 1.0)[covered])
 
 
+@pytest.mark.parametrize("pooled", [False, True])
+def test_a_pruned_update_without_statistics_leaves_them_to_the_others(pooled):
+    """``statistics=False``: a pruned update's parameters count as usual, its BatchNorm
+    statistics as not covered (the dense update's, or the previous global ones, stand)."""
+    model = build_model("vgg11", 10, 1, 0.25)
+    x, y = batch()
+    g = model.state_dict()
+    stats = {k for k, b in model.named_buffers() if b.is_floating_point()}
+    sub = extract(model, make_plan(model, score_groups(model, [(x, y)], "random"), 0.5))
+    pruned = {k: v + 1.0 for k, v in sub.module.state_dict().items() if k not in stats}
+    pruned = {k: v for k, v in pruned.items() if not k.endswith("num_batches_tracked")}
+    dense = {k: v + 3.0 if v.is_floating_point() else v for k, v in g.items()}
+    w, key = "features.4.weight", "features.5.running_mean"
+    mask = reconstruct(sub, g).mask[w]
+    for with_dense in (True, False):
+        agg = Aggregator(g, stat_keys=stats, exact_stats=True, pooled_variance=pooled)
+        agg.add_compact(pruned, sub.index_map, 1.0, statistics=False)
+        if with_dense:
+            agg.add_compact(dense, {}, 1.0)
+        out = agg.result()
+        torch.testing.assert_close(out[w][mask], (g[w] + (2.0 if with_dense else 1.0))[mask])
+        expected = g[key] + 3.0 if with_dense else g[key]
+        torch.testing.assert_close(out[key], expected)
+    agg = Aggregator(g, stat_keys=stats, exact_stats=True)
+    with pytest.raises(InvalidUpdate, match="missing"):  # statistics are required by default
+        agg.add_compact(pruned, sub.index_map, 1.0)
+    with pytest.raises(InvalidUpdate, match="dense update must carry"):
+        agg.add_compact({k: v for k, v in g.items() if k not in stats}, {}, 1.0, statistics=False)
+    with pytest.raises(InvalidUpdate, match="missing"):  # only statistics may be left out
+        agg.add_compact({k: v for k, v in pruned.items() if k != w}, sub.index_map, 1.0, False)
+    assert agg.count == 0
+
+
 @pytest.mark.parametrize("exact", [True, False])
 def test_pooled_variance_is_the_variance_of_the_pooled_activations(exact):
     """Two clients whose channels see shifted activations: the pooled variance is the mixture's

@@ -28,7 +28,13 @@ def test_round_trip_is_exact_and_the_header_stays_small(name):
     state = sub.module.state_dict()
     data = encode_update(state, sub.index_map, {"round": 4, "client": "pi-01"})
     compact, imap, meta = decode_update(data, model.state_dict())
-    assert meta == {"format": "cahfp.update/2", "round": 4, "client": "pi-01", "extras": {}}
+    assert meta == {
+        "format": "cahfp.update/2",
+        "round": 4,
+        "client": "pi-01",
+        "extras": {},
+        "statistics": True,
+    }
     assert compact.keys() == state.keys()
     for k, v in state.items():
         assert compact[k].dtype == v.dtype and torch.equal(compact[k], v), k
@@ -42,6 +48,30 @@ def test_round_trip_is_exact_and_the_header_stays_small(name):
     assert header < 1024 and len(state) > 50
     index = sum(len(i) for d in sub.index_map.values() for i in d.values())
     assert len(data) - values - header - 8 < 4 * index + 64 * 8 + 6 * index
+
+
+def test_statistics_can_be_left_out_and_their_index_rows_stay():
+    """``statistics=False``: the BatchNorm running statistics carry no bytes; everything else,
+    and the index map (statistics included), decodes as before."""
+    model, sub = submodel("resnet20", 0.3)
+    state = sub.module.state_dict()
+    stats = {k for k in state if k.endswith(("running_mean", "running_var", "batches_tracked"))}
+    assert stats
+    full = encode_update(state, sub.index_map)
+    data = encode_update(state, sub.index_map, statistics=False)
+    saved = sum(state[k].numel() * state[k].element_size() for k in stats)
+    assert len(full) - len(data) >= saved
+    compact, imap, meta = decode_update(data, model.state_dict())
+    assert meta["statistics"] is False and set(compact) == set(state) - stats
+    assert all(torch.equal(compact[k], state[k]) for k in compact)
+    assert imap.keys() == sub.index_map.keys() and any(k in imap for k in stats)
+    bad = save(load(data), {"cahfp": json.dumps({**json.loads(_meta(data)), "statistics": 0})})
+    with pytest.raises(InvalidUpdate, match="statistics flag"):
+        decode_update(bad, model.state_dict())
+    # a header that claims the statistics are there when their bytes are not: too short
+    lying = save(load(data), {"cahfp": json.dumps({**json.loads(_meta(data)), "statistics": True})})
+    with pytest.raises(InvalidUpdate, match=r"too short|data holds"):
+        decode_update(lying, model.state_dict())
 
 
 def test_dense_state_with_side_tensors():

@@ -73,6 +73,18 @@ def kept_channels(model: nn.Module, groups: GroupSet, imap: IndexMap) -> dict[in
     return out
 
 
+def same_index_map(a: IndexMap, b: IndexMap) -> bool:
+    """Whether two index maps keep exactly the same indices of the same tensors."""
+    if a.keys() != b.keys():
+        return False
+    for key, dims in a.items():
+        if dims.keys() != b[key].keys():
+            return False
+        if any(not torch.equal(idx, b[key][d]) for d, idx in dims.items()):
+            return False
+    return True
+
+
 def slice_tensor(t: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
     for dim, idx in sorted(dims.items()):
         t = t.index_select(dim, idx)

@@ -18,6 +18,15 @@ from cahfp.pruning.extract import IndexMap, Submodel
 
 State = Mapping[str, torch.Tensor]
 
+STATISTICS = (".running_mean", ".running_var", ".num_batches_tracked")
+
+
+def is_statistic(key: str) -> bool:
+    """A BatchNorm running-statistics buffer: model state that training does not read (batches
+    are normalised with their own statistics), so it may be left out of a transfer that does not
+    need it (``cahfp.wire.encode_update(statistics=False)``)."""
+    return key.endswith(STATISTICS)
+
 
 @dataclass
 class Update:
@@ -45,10 +54,13 @@ def expected_shape(shape: torch.Size, dims: Mapping[int, torch.Tensor]) -> tuple
     return tuple(len(dims[d]) if d in dims else n for d, n in enumerate(shape))
 
 
-def check_compact(compact: State, imap: IndexMap, global_state: State) -> None:
+def check_compact(
+    compact: State, imap: IndexMap, global_state: State, statistics: bool = True
+) -> None:
     """Raise ``InvalidUpdate`` naming the first problem: key sets, index ranges and order,
-    shapes, dtypes, non-finite values."""
-    missing = [k for k in global_state if k not in compact]
+    shapes, dtypes, non-finite values. With ``statistics=False`` the BatchNorm running
+    statistics may be absent (their index-map entries are still checked)."""
+    missing = [k for k in global_state if k not in compact and (statistics or not is_statistic(k))]
     extra = [k for k in compact if k not in global_state]
     if missing or extra:
         raise InvalidUpdate(
@@ -70,6 +82,8 @@ def check_compact(compact: State, imap: IndexMap, global_state: State) -> None:
                 )
             if len(idx) > 1 and not bool((idx[1:] > idx[:-1]).all()):
                 raise InvalidUpdate(f"{key}: indices along dim {dim} must be strictly increasing")
+        if key not in compact:
+            continue  # an omitted statistic (allowed above)
         t = compact[key]
         want = expected_shape(ref.shape, dims)
         if tuple(t.shape) != want:
