@@ -47,6 +47,9 @@ def parse_args(argv):
         "--models", default="vgg11:1.0:3:32,resnet18:0.5:3:32,vgg11:0.25:1:28,resnet20:0.5:1:28"
     )
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument(
+        "--repeats", type=int, default=3, help="independent timings of each pair (median shown)"
+    )
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--scale", default="10,100,1000")
     p.add_argument("--data-dir")
@@ -54,7 +57,7 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.models, args.steps, args.scale = "vgg11:0.25:1:28", 3, "10"
+        args.models, args.steps, args.scale, args.repeats = "vgg11:0.25:1:28", 3, "10", 1
     return args
 
 
@@ -136,7 +139,17 @@ def part_training_and_bytes(args) -> tuple[list, list]:
             uni = extract(model, by_allocation["uniform"][keep]).module
             frac = training_flops(sub.module, x[:1]) / dense_f
             uni_frac = training_flops(uni, x[:1]) / dense_f
-            dense_t, t, uni_t = interleaved_step_times([model, sub.module, uni], x, y, args.steps)
+            # the ratio moves by several points between timings of the same pair on a shared
+            # host: time it ``repeats`` times, keep the median timing and the range
+            timings = sorted(
+                (
+                    interleaved_step_times([model, sub.module, uni], x, y, args.steps)
+                    for _ in range(max(1, args.repeats))
+                ),
+                key=lambda ts: ts[0] / ts[1],
+            )
+            dense_t, t, uni_t = timings[len(timings) // 2]
+            spread = [ts[0] / ts[1] * frac for ts in timings]
             speed.append(
                 {
                     "model": label,
@@ -146,6 +159,7 @@ def part_training_and_bytes(args) -> tuple[list, list]:
                     "ms": t * 1e3,
                     "speedup": dense_t / t,
                     "of_ideal": dense_t / t * frac,
+                    "of_ideal_range": [min(spread), max(spread)],
                     "uniform_of_ideal": dense_t / uni_t * uni_frac,
                     "fixed_share": fixed,
                     # vs the best speed-up with the fixed share kept and the rest scaled by FLOPs
@@ -373,7 +387,10 @@ def report(args, env, seconds, speed, wire, scoring, scale, ck) -> str:
         f"Median of {max(1, args.steps // BURSTS) * BURSTS} SGD steps per model "
         f"(batch {args.batch}) after warm-up, the dense and the "
         "pruned models timed in alternating bursts (so that drift in the shared host's speed "
-        "cancels out of the ratio); plans by the CA-HFP planner (curvature scores on random "
+        f"cancels out of the ratio). Each pair is timed {args.repeats} times: the row shows the "
+        "timing with the median `of ideal`, and `range` the lowest and highest of them (on "
+        "this shared host the ratio moves by several points between timings). Plans by the "
+        "CA-HFP planner (curvature scores on random "
         "inputs, global allocation). `of ideal` = speed-up x training-FLOPs fraction (1.0 = time "
         "falls with FLOPs). `uniform` = the same for a plan that keeps the same fraction of every "
         "layer (same budget): the share of the loss that comes from the global plan's shape "
@@ -393,6 +410,7 @@ def report(args, env, seconds, speed, wire, scoring, scale, ck) -> str:
                 "pruned ms",
                 "speed-up",
                 "of ideal",
+                "range",
                 "uniform: of ideal",
                 "fixed share",
                 "of bound",
@@ -406,6 +424,7 @@ def report(args, env, seconds, speed, wire, scoring, scale, ck) -> str:
                     f"{r['ms']:.1f}",
                     f"{r['speedup']:.2f}x",
                     f"{r['of_ideal']:.2f}",
+                    "{:.2f}-{:.2f}".format(*r["of_ideal_range"]),
                     f"{r['uniform_of_ideal']:.2f}",
                     f"{r['fixed_share']:.0%}",
                     f"{r['of_bound']:.2f}",

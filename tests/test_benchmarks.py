@@ -19,6 +19,8 @@ def test_system_benchmark_quick_run_reports_every_part(fmnist_root, tmp_path, br
         assert abs(r["flops"] - r["keep"]) < 0.03, r
         assert r["ms"] > 0 and r["dense_ms"] > 0 and 0 <= r["fixed_share"] < 1
         assert r["of_bound"] >= r["of_ideal"] * (1 - 1e-9)  # the bound is below the ideal
+        low, high = r["of_ideal_range"]
+        assert low <= r["of_ideal"] <= high
     for r in raw["wire"]:
         framing = r["up"] - r["param_bytes"] - r["buffers"]
         assert 0 < framing < 4096 and r["up_overhead"] < 0.05, r
