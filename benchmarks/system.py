@@ -170,16 +170,13 @@ def part_training_and_bytes(args) -> tuple[list, list]:
             params = sum(p.numel() * p.element_size() for p in sub.module.parameters())
             g = model.state_dict()
             sliced = {k: slice_tensor(v, sub.index_map.get(k, {})) for k, v in g.items()}
-            up, down = (
-                [
-                    len(encode_update(state, sub.index_map, meta, statistics=stats))
-                    for stats in (True, False)
-                ]
-                for state, meta in (
-                    (compact, {"round": 1, "client": "x"}),
-                    (sliced, {"keep_achieved": plan.flops_fraction}),
-                )
-            )
+
+            def sizes(state, meta, imap=sub.index_map) -> list[int]:
+                """Encoded bytes with and without the BatchNorm statistics."""
+                return [len(encode_update(state, imap, meta, statistics=s)) for s in (True, False)]
+
+            up = sizes(compact, {"round": 1, "client": "x"})
+            down = sizes(sliced, {"keep_achieved": plan.flops_fraction})
             buffers = sum(b.numel() * b.element_size() for b in sub.module.buffers())
             wire.append(
                 {
