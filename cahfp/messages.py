@@ -14,12 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from cahfp.training import Recipe
 
 MAX_SAMPLES = 10**12  # far above any board's data; keeps the weights finite floats
-PROTOCOL = 3  # 3: tasks say whether pruned payloads carry BatchNorm statistics (statistics)
+PROTOCOL = 4  # 3: tasks say whether pruned payloads carry BatchNorm statistics (statistics)
+#  4: the training recipe gained logit_adjust
 
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    v: Literal[3] = PROTOCOL
+    v: Literal[4] = PROTOCOL
 
 
 class ModelSpec(BaseModel):

@@ -115,7 +115,7 @@ class Topics:
 
 class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    v: Literal[3] = 3  # cahfp.messages.PROTOCOL
+    v: Literal[4] = 4  # cahfp.messages.PROTOCOL
 
 
 class Presence(_Msg):

@@ -27,6 +27,7 @@ class Recipe(BaseModel):
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
+    logit_adjust: float = Field(1.0, ge=0, le=10)
 
     @model_validator(mode="after")
     def _one_length(self) -> Recipe:
@@ -76,6 +77,7 @@ def train(
         model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
     total_steps = recipe.num_steps(len(data))
+    shift = label_shift(data, recipe.logit_adjust)
     model.train()
     steps = samples = 0
     loss_sum = 0.0
@@ -87,7 +89,8 @@ def train(
             if should_stop is not None and should_stop():
                 raise TrainingCancelled(f"stopped after {steps} of {total_steps} steps")
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
+            out = model(x)
+            loss = F.cross_entropy(out if shift is None else out + shift, y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss became {loss.item()} at step {steps}; lower the learning rate"
@@ -100,6 +103,16 @@ def train(
             if steps >= total_steps:
                 break
     return TrainResult(steps, samples, loss_sum / max(samples, 1), time.perf_counter() - start)
+
+
+def label_shift(data: ImageData, tau: float) -> torch.Tensor | None:
+    """``tau x log(local label frequency)``, added to the logits in the training loss
+    (logit adjustment / balanced softmax): classes the client rarely or never sees are not pushed
+    down just for being absent from its data. None when ``tau`` is 0."""
+    if tau == 0:
+        return None
+    counts = torch.bincount(data.targets.long(), minlength=data.num_classes).float()
+    return tau * torch.log((counts / counts.sum()).clamp_min(1e-8))
 
 
 @torch.no_grad()

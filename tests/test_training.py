@@ -3,7 +3,7 @@ import torch
 from pydantic import ValidationError
 
 from cahfp.models import build_model
-from cahfp.training import Recipe, evaluate, recalibrate_batchnorm, train
+from cahfp.training import Recipe, evaluate, label_shift, recalibrate_batchnorm, train
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,8 @@ def test_one_epoch_beats_chance_clearly(small_fmnist):
     train_set, test_set = small_fmnist
     model = build_model("vgg11", 10, 1, 0.25, seed=0)
     before = evaluate(model, test_set)
-    result = train(model, train_set, Recipe(epochs=1, batch_size=32, lr=0.05), seed=0)
+    plain = Recipe(epochs=1, batch_size=32, lr=0.05, logit_adjust=0.0)  # plain cross-entropy
+    result = train(model, train_set, plain, seed=0)
     after = evaluate(model, test_set)
     assert result.steps == 63 and result.samples == 2000
     assert after.accuracy > 0.55 > before.accuracy
@@ -45,6 +46,40 @@ def test_recipe_validation_and_steps():
         Recipe(epochs=None, steps=None)
     with pytest.raises(ValidationError, match="extra"):
         Recipe(learning_rate=0.1)
+
+
+def test_label_shift_is_the_scaled_log_frequency_of_local_labels(small_fmnist):
+    train_set, _ = small_fmnist
+    data = train_set.subset(torch.nonzero(train_set.targets < 3).flatten()[:90])
+    counts = torch.bincount(data.targets, minlength=10).float()
+    assert label_shift(data, 0.0) is None
+    shift = label_shift(data, 0.5)
+    assert torch.allclose(shift[:3], 0.5 * torch.log(counts[:3] / 90))
+    assert (shift[3:] < -9).all()  # absent classes: effectively removed from the softmax
+    with pytest.raises(ValidationError, match="logit_adjust"):
+        Recipe(logit_adjust=-1)
+
+
+def test_logit_adjustment_keeps_a_skewed_client_from_suppressing_absent_classes(small_fmnist):
+    """A client that holds only classes 0-2: plain cross-entropy drives the other seven classes'
+    probabilities towards 0 on every input; with the adjusted loss, the other classes (which the
+    client has no evidence about) keep far more of the probability, on the client's own images
+    as well as on the classes it never saw."""
+    train_set, test_set = small_fmnist
+    data = train_set.subset(torch.nonzero(train_set.targets < 3).flatten()[:300])
+    unseen = test_set.subset(torch.nonzero(test_set.targets >= 3).flatten()[:300])
+    absent_mass = {}
+    for tau in (0.0, 1.0):
+        model = build_model("vgg11", 10, 1, 0.25, seed=0)
+        train(model, data, Recipe(epochs=2, batch_size=32, lr=0.05, logit_adjust=tau), seed=0)
+        model.eval()
+        with torch.no_grad():
+            x = torch.cat(
+                [data.normalize(data.images[:100]), unseen.normalize(unseen.images[:100])]
+            )
+            absent_mass[tau] = model(x).softmax(1)[:, 3:].sum(1).mean().item()
+    assert absent_mass[0.0] < 0.1
+    assert absent_mass[1.0] > 2 * absent_mass[0.0]
 
 
 def test_batchnorm_recalibration_recomputes_statistics_and_nothing_else(small_fmnist):
