@@ -236,7 +236,8 @@ def report(results: list[dict], args, env: dict, seconds: float) -> str:
         "split over 10 clients by a Dirichlet(alpha) label partition; device tiers cycle keep "
         "1.0, 0.6, 0.4, 0.2 (fractions of dense training FLOPs) over the clients; every client "
         f"takes part in every round; {args.rounds} rounds; 1 local epoch of SGD (batch 32, lr "
-        "0.05, momentum 0.9, weight decay 5e-4); mask refresh every 5 rounds; accuracy on "
+        "0.05, momentum 0.9, weight decay 5e-4, logit-adjusted cross-entropy with tau 1 for "
+        "every strategy); mask refresh every 5 rounds; accuracy on "
         + (
             f"{args.eval_samples} held-out training images"
             if args.ablations
