@@ -20,7 +20,7 @@ PROTOCOL = 4  # 3: tasks say whether pruned payloads carry BatchNorm statistics 
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    v: Literal[4] = PROTOCOL
+    v: Literal[PROTOCOL] = PROTOCOL
 
 
 class ModelSpec(BaseModel):

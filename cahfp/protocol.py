@@ -37,6 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cahfp.errors import CAHFPError
+from cahfp.messages import PROTOCOL
 
 MAGIC = b"CHFP"
 PREFIX = "cahfp"
@@ -115,7 +116,7 @@ class Topics:
 
 class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    v: Literal[4] = 4  # cahfp.messages.PROTOCOL
+    v: Literal[PROTOCOL] = PROTOCOL
 
 
 class Presence(_Msg):
