@@ -237,7 +237,9 @@ def report(results: list[dict], args, env: dict, seconds: float) -> str:
         "1.0, 0.6, 0.4, 0.2 (fractions of dense training FLOPs) over the clients; every client "
         f"takes part in every round; {args.rounds} rounds; 1 local epoch of SGD (batch 32, lr "
         "0.05, momentum 0.9, weight decay 5e-4, logit-adjusted cross-entropy with tau 1 for "
-        "every strategy); mask refresh every 5 rounds; accuracy on "
+        "every strategy); mask refresh every 5 rounds; after each aggregation the round's "
+        "dense participants measure the new model's BatchNorm statistics on 2 batches of "
+        "their data (the statistics phase, every strategy); accuracy on "
         + (
             f"{args.eval_samples} held-out training images"
             if args.ablations
@@ -248,7 +250,8 @@ def report(results: list[dict], args, env: dict, seconds: float) -> str:
         "target's measure); `last 10 rounds` averages over more of the round-to-round swings, "
         "which reach several points under strong skew; FLOPs "
         "and bytes are per participating client and round (FLOPs include CA-HFP's and "
-        "Taylor's scoring passes; bytes are the safetensors payloads).",
+        "Taylor's scoring passes and the statistics phase's forward passes; bytes are the "
+        "safetensors payloads, the statistics phase's included).",
         "",
     ]
     if args.ablations:

@@ -253,3 +253,73 @@ def _fold(mean: torch.Tensor, total: torch.Tensor, value: torch.Tensor, w: torch
     """In place: ``mean`` becomes the weighted mean including ``value`` with weights ``w``."""
     total.add_(w)
     mean.add_((value - mean) * (w / total.clamp_min(1e-30)))
+
+
+class StatisticsPool:
+    """Combines BatchNorm statistics that several clients measured on the *same* model (a
+    statistics task, ``TaskMessage.purpose``) into those of their pooled data: the mean of the
+    means and ``E[var + mean^2] - E[mean]^2``, weighted by the images each client measured
+    (exact for the pooled activations up to the spread between a client's own batches).
+    Each set is validated whole before anything is added."""
+
+    def __init__(self, global_state: Mapping[str, torch.Tensor]):
+        self.means = sorted(k for k in global_state if k.endswith(".running_mean"))
+        self.shapes = {k: tuple(global_state[k].shape) for k in self.means}
+        self.dtypes = {k: global_state[k].dtype for k in self.means}
+        self.sum_mean: dict[str, torch.Tensor] = {}
+        self.sum_square: dict[str, torch.Tensor] = {}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, stats: Mapping[str, torch.Tensor], weight: float) -> None:
+        """Add one client's statistics (``<bn>.running_mean`` and ``<bn>.running_var`` of every
+        BatchNorm layer; ``num_batches_tracked`` is ignored). Raises ``InvalidUpdate``."""
+        if not (math.isfinite(weight) and weight > 0):
+            raise InvalidUpdate(f"statistics weight must be a positive number, got {weight}")
+        wanted = set(self.means) | {var_key(k) for k in self.means}
+        present = {k for k in stats if not k.endswith(".num_batches_tracked")}
+        if present != wanted:
+            raise InvalidUpdate(
+                f"statistics do not match the model: missing {sorted(wanted - present)[:3]}, "
+                f"unknown {sorted(present - wanted)[:3]}"
+            )
+        checked = {}
+        for k in self.means:
+            mean, var = stats[k], stats[var_key(k)]
+            for name, t in ((k, mean), (var_key(k), var)):
+                if tuple(t.shape) != self.shapes[k] or not t.dtype.is_floating_point:
+                    raise InvalidUpdate(
+                        f"statistics {name} has shape {tuple(t.shape)} ({t.dtype}), "
+                        f"expected {self.shapes[k]}"
+                    )
+                if not torch.isfinite(t).all():
+                    raise InvalidUpdate(f"statistics {name} hold NaN or infinite values")
+            if (var < 0).any():
+                raise InvalidUpdate(f"statistics {var_key(k)} hold negative variances")
+            checked[k] = (mean.double(), var.double())
+        for k, (mean, var) in checked.items():
+            if k in self.sum_mean:
+                self.sum_mean[k] += weight * mean
+                self.sum_square[k] += weight * (var + mean * mean)
+            else:
+                self.sum_mean[k] = weight * mean
+                self.sum_square[k] = weight * (var + mean * mean)
+        self.total_weight += weight
+        self.count += 1
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The pooled ``running_mean`` and ``running_var`` of every layer (empty before any
+        ``add``)."""
+        out: dict[str, torch.Tensor] = {}
+        if not self.count:
+            return out
+        for k in self.means:
+            mean = self.sum_mean[k] / self.total_weight
+            var = (self.sum_square[k] / self.total_weight - mean * mean).clamp_min(0)
+            out[k] = mean.to(self.dtypes[k])
+            out[var_key(k)] = var.to(self.dtypes[k])
+        return out
+
+
+def var_key(mean_key: str) -> str:
+    return mean_key[: -len("mean")] + "var"

@@ -223,6 +223,21 @@ class AggregationConfig(_Strict):
         description="BatchNorm variances as the variance of the clients' pooled activations "
         "(mean of variances + spread of means) instead of the mean of their variances",
     )
+    calibrate_statistics: bool = Field(
+        True,
+        description="after aggregation, the round's dense participants recompute the new "
+        "global model's BatchNorm statistics on their data (a statistics task); they replace "
+        "the averaged ones",
+    )
+    calibration_batches: int = Field(
+        2, ge=1, le=1024, description="local batches each client measures in a statistics task"
+    )
+    calibration_deadline_s: float = Field(
+        120.0,
+        gt=0,
+        description="how long the statistics phase waits for answers (at most the round's "
+        "deadline); a client that left after training then stalls the round this long at most",
+    )
 
 
 UPLINK_CAPPED = ("cahfp", "taylor")  # strategies whose clients plan with a loss-based score

@@ -14,8 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from cahfp.training import Recipe
 
 MAX_SAMPLES = 10**12  # far above any board's data; keeps the weights finite floats
-PROTOCOL = 4  # 3: tasks say whether pruned payloads carry BatchNorm statistics (statistics)
+PROTOCOL = 5  # 3: tasks say whether pruned payloads carry BatchNorm statistics (statistics)
 #  4: the training recipe gained logit_adjust
+#  5: statistics tasks (purpose), which recompute the global model's BatchNorm statistics
 
 
 class _Message(BaseModel):
@@ -56,9 +57,14 @@ class PlanSettings(BaseModel):
 
 class TaskMessage(_Message):
     """One client's work for one round. ``payload`` says what the attached bytes hold: the
-    dense global model (``state``) or the slice of it the client's plan keeps (``slice``)."""
+    dense global model (``state``) or the slice of it the client's plan keeps (``slice``).
+
+    ``purpose = "statistics"``: after aggregation, recompute the BatchNorm running statistics
+    of the attached dense model on ``calibration_batches`` local batches (no training, no
+    weight change) and answer with those statistics alone (a ``cahfp.state`` payload)."""
 
     kind: Literal["task"] = "task"
+    purpose: Literal["train", "statistics"] = "train"
     task_id: str
     round: int = Field(ge=0)
     client_id: str
@@ -74,6 +80,9 @@ class TaskMessage(_Message):
         True,
         description="False: a slice payload, and the update of a pruned submodel, leave out the "
         "BatchNorm running statistics (the coordinator takes them from dense updates)",
+    )
+    calibration_batches: int = Field(
+        2, ge=1, le=1024, description="statistics tasks: local batches to measure"
     )
 
 

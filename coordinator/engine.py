@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from cahfp.aggregation import Aggregator
+from cahfp.aggregation import Aggregator, StatisticsPool
 from cahfp.config import Config
 from cahfp.costs import training_flops
 from cahfp.errors import CAHFPError, InvalidUpdate
@@ -23,7 +23,7 @@ from cahfp.pruning import find_groups, index_map_for, make_plan, score_groups
 from cahfp.pruning.extract import IndexMap, kept_channels, slice_tensor
 from cahfp.strategies import get_strategy
 from cahfp.training import EvalResult
-from cahfp.wire import decode_update, encode_update
+from cahfp.wire import decode_state, decode_update, encode_update
 from coordinator.transport import Rejected, Transport
 
 
@@ -57,6 +57,10 @@ class ClientOutcome:
     train_seconds: float = 0.0
     score_seconds: float = 0.0
     refreshed: bool = False
+    # its statistics task after aggregation (its bytes are counted in bytes_up/bytes_down):
+    # "" = none sent, "ok", or why its answer was not used; and the FLOPs it reported
+    calibration: str = ""
+    calibration_flops: float = 0.0
 
 
 @dataclass
@@ -256,6 +260,10 @@ class RoundEngine:
             return True
         return not any(self.clients[c].keep >= 1 for c in selected)
 
+    def _task_seed(self, rnd: int, rec: ClientRecord) -> int:
+        """The seed of a client's tasks in round ``rnd`` (training and statistics alike)."""
+        return self.cfg.federation.seed * 1_000_003 + rnd * 1009 + rec.index
+
     def make_task(self, cid: str, rnd: int, statistics: bool = True) -> tuple[TaskMessage, bytes]:
         """The task for client ``cid`` in round ``rnd`` and its payload. ``statistics=False``:
         a pruned client's slice and update leave out the BatchNorm running statistics."""
@@ -303,7 +311,7 @@ class RoundEngine:
             keep=keep,
             payload=kind,
             plan=plan,
-            seed=self.cfg.federation.seed * 1_000_003 + rnd * 1009 + rec.index,
+            seed=self._task_seed(rnd, rec),
             deadline_s=self.cfg.federation.deadline_s,
             statistics=statistics,
         )
@@ -384,6 +392,8 @@ class RoundEngine:
             self.state = agg.result()
             self.model.load_state_dict(self.state)
             agg_seconds += time.perf_counter() - t0
+            if self.cfg.aggregation.calibrate_statistics and self.stat_keys:
+                self._calibrate(rnd, outcomes)
         else:
             skipped = (
                 f"only {agg.count} valid updates (need "
@@ -416,6 +426,83 @@ class RoundEngine:
         self.on_event("round_end", {"record": record})
         return record
 
+    def _calibrate(self, rnd: int, outcomes: dict[str, ClientOutcome]) -> None:
+        """The statistics phase: the round's dense participants (those that trained the whole
+        model) measure the new global model's BatchNorm statistics on their data; the pooled
+        result replaces the averaged statistics. Averaged statistics describe each client's
+        own trained weights, not the aggregate, which pruned updates move away from all of
+        them. Without a dense participant, or without a valid answer before the deadline, the
+        averaged statistics stay. Bytes and FLOPs are added to each client's outcome."""
+        calibrators = [
+            cid
+            for cid, o in sorted(outcomes.items())
+            if o.status == "ok" and (o.keep_achieved is None or o.keep_achieved >= 1)
+        ]
+        if not calibrators:
+            return
+        payload = encode_update(self.state, {})
+        wait = min(self.cfg.aggregation.calibration_deadline_s, self.cfg.federation.deadline_s)
+        sent: dict[str, TaskMessage] = {}
+        for cid in calibrators:
+            task = TaskMessage(
+                task_id=uuid.uuid4().hex,
+                round=rnd,
+                client_id=cid,
+                model=self.spec,
+                recipe=self.cfg.train,
+                keep=1.0,
+                payload="state",
+                purpose="statistics",
+                seed=self._task_seed(rnd, self.clients[cid]),
+                deadline_s=wait,
+                calibration_batches=self.cfg.aggregation.calibration_batches,
+            )
+            self.transport.send(task, payload, rebuild=lambda: payload)
+            sent[task.task_id] = task
+            outcomes[cid].bytes_down += len(payload)
+            outcomes[cid].calibration = "no answer before the deadline"
+        pool = StatisticsPool(self.state)
+        pending = set(sent)
+        for item in self.transport.collect(pending, time.monotonic() + wait):
+            if isinstance(item, Rejected):
+                self.on_event("rejected", {"client": item.client_id, "reason": item.reason})
+                if item.task_id in sent:
+                    outcomes[sent[item.task_id].client_id].calibration = item.reason
+                continue
+            msg, data = item
+            problem = self._mismatch(msg, sent)
+            if problem:
+                self._refuse(msg, problem)
+                continue
+            out = outcomes[msg.client_id]
+            if out.calibration == "ok":
+                self.transport.acknowledge(msg, True, "duplicate")
+                continue
+            if msg.status != "ok":  # a final answer: the client cannot measure
+                out.calibration = f"{msg.status}: {msg.reason or msg.metrics.reason}"
+                pending.discard(msg.task_id)
+                self.transport.acknowledge(msg, True, "noted: " + msg.status)
+                continue
+            try:
+                if data is None:
+                    raise InvalidUpdate("status ok but no payload")
+                stats, _ = decode_state(data)
+                pool.add(stats, float(msg.metrics.samples))
+            except CAHFPError as exc:  # the genuine answer may still follow
+                out.calibration = f"rejected: {exc}"
+                self._refuse(msg, str(exc))
+                continue
+            out.calibration = "ok"
+            out.bytes_up += len(data)
+            out.calibration_flops += msg.metrics.train_flops
+            pending.discard(msg.task_id)
+            self.transport.acknowledge(msg, True)
+        measured = pool.result()
+        self.on_event("calibrated", {"round": rnd, "clients": pool.count, "asked": len(sent)})
+        if measured:
+            self.state.update(measured)
+            self.model.load_state_dict(self.state)
+
     def _transport_rejection(self, item: Rejected, sent, done) -> ClientOutcome | None:
         self.on_event("rejected", {"client": item.client_id, "reason": item.reason})
         task = next((t for t, _ in sent.values() if t.client_id == item.client_id), None)
@@ -428,6 +515,17 @@ class RoundEngine:
             keep_target=task.keep,
             bytes_down=sent[task.task_id][1],
         )
+
+    def _mismatch(self, msg: UpdateMessage, tasks: dict[str, TaskMessage]) -> str:
+        """Why ``msg`` answers none of ``tasks`` (by task id), or "" when it answers one."""
+        if msg.client_id not in self.clients:
+            return f"unknown client {msg.client_id!r}"
+        task = tasks.get(msg.task_id)
+        if task is None:
+            return f"no task {msg.task_id[:12]} in round {self.round + 1} (stale or forged)"
+        if msg.client_id != task.client_id or msg.round != task.round:
+            return "client id or round does not match the task"
+        return ""
 
     def _refuse(self, msg: UpdateMessage, reason: str) -> None:
         self.on_event("rejected", {"client": msg.client_id, "reason": reason})
@@ -443,18 +541,11 @@ class RoundEngine:
     ) -> ClientOutcome | None:
         """Validate one answer and fold it into the aggregate; an invalid one is recorded as
         rejected (with the reason) and changes nothing."""
-        if msg.client_id not in self.clients:
-            self._refuse(msg, f"unknown client {msg.client_id!r}")
-            return None
-        if msg.task_id not in sent:
-            self._refuse(
-                msg, f"no task {msg.task_id[:12]} in round {self.round + 1} (stale or forged)"
-            )
+        problem = self._mismatch(msg, {t: task for t, (task, _) in sent.items()})
+        if problem:
+            self._refuse(msg, problem)
             return None
         task, down = sent[msg.task_id]
-        if msg.client_id != task.client_id or msg.round != task.round:
-            self._refuse(msg, "client id or round does not match the task")
-            return None
         if msg.client_id in done and done[msg.client_id].status == "ok":
             # a duplicate delivery counts once; confirm again so the client stops resending
             self.transport.acknowledge(msg, True, "duplicate")

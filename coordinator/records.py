@@ -119,7 +119,8 @@ def summarize(records: list[dict], config: Config, dense_flops: float, wall: flo
     trained = [r for r in records if r["round"] > 0]
     ok = [c for r in trained for c in r["clients"] if c["status"] == "ok"]
     rel_flops = [
-        (c["train_flops"] + c["score_flops"]) / (dense_flops * c["samples_trained"])
+        (c["train_flops"] + c["score_flops"] + c.get("calibration_flops", 0.0))
+        / (dense_flops * c["samples_trained"])
         for c in ok
         if c["samples_trained"]
     ]

@@ -130,6 +130,17 @@ class Swarm:
             except ProtocolError as exc:
                 log.warning("%s: bad task: %s", cid, exc)
                 continue
+            if task.purpose == "statistics":  # no data to measure: a final answer, at once
+                msg = UpdateMessage(
+                    task_id=task.task_id,
+                    round=task.round,
+                    client_id=cid,
+                    status="declined",
+                    reason="a swarm client holds no data",
+                    metrics=Metrics(samples=0),
+                )
+                link.publish(self.topics.update(cid), msg.model_dump_json(), 1)
+                continue
             data, digest, keep = self.updates[self.rng.randrange(len(self.updates))]
             transfer, chunks = split_payload(data, link.chunk_size(), digest=digest)
             infos = [link.publish(self.topics.update_data(cid), c, 1) for c in chunks]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from cahfp.costs import training_flops
+from cahfp.costs import forward_flops, training_flops
 from cahfp.data import ImageData
 from cahfp.errors import BudgetInfeasible, CAHFPError, InvalidUpdate
 from cahfp.messages import Metrics, ModelSpec, TaskMessage, UpdateMessage
@@ -23,8 +23,8 @@ from cahfp.models import build_model
 from cahfp.pruning import build_compact, extract, make_plan, normalised_scores, score_groups
 from cahfp.pruning.extract import IndexMap, same_index_map
 from cahfp.pruning.reconstruct import is_statistic
-from cahfp.training import TrainingCancelled, train
-from cahfp.wire import decode_update, encode_update
+from cahfp.training import TrainingCancelled, recalibrate_batchnorm, train
+from cahfp.wire import decode_update, encode_state, encode_update
 from edge_client.budget import BudgetModel, Constraints
 
 
@@ -113,11 +113,13 @@ def _statistics_for(module: nn.Module, own: dict[str, torch.Tensor]) -> dict[str
     return out
 
 
-def _dense_flops(state: ClientState, spec: ModelSpec) -> float:
-    key = (spec.name, spec.width, spec.num_classes, spec.in_channels, spec.image_size)
+def _dense_flops(state: ClientState, spec: ModelSpec, forward: bool = False) -> float:
+    """Training (or, with ``forward``, inference) FLOPs per sample of the dense model."""
+    key = (spec.name, spec.width, spec.num_classes, spec.in_channels, spec.image_size, forward)
     if key not in state.dense_flops:
         x = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
-        state.dense_flops[key] = training_flops(architecture(spec), x)
+        count = forward_flops if forward else training_flops
+        state.dense_flops[key] = count(architecture(spec), x)
     return state.dense_flops[key]
 
 
@@ -157,7 +159,11 @@ def _answer(task: TaskMessage, status: str, reason: str, start: float, down: int
         total_seconds=time.perf_counter() - start,
         reason=reason,
     )
-    msg = UpdateMessage(
+    return Result(_reply(task, status, metrics, reason), None)
+
+
+def _reply(task: TaskMessage, status: str, metrics: Metrics, reason: str = "") -> UpdateMessage:
+    return UpdateMessage(
         task_id=task.task_id,
         round=task.round,
         client_id=task.client_id,
@@ -165,7 +171,6 @@ def _answer(task: TaskMessage, status: str, reason: str, start: float, down: int
         metrics=metrics,
         reason=reason,
     )
-    return Result(msg, None)
 
 
 def _constraints(
@@ -192,9 +197,46 @@ def decide_keep(
     return state.budget.choose(_constraints(state, task, score_samples, elapsed))
 
 
+def _dense_model(spec: ModelSpec, payload: bytes) -> tuple[nn.Module, dict]:
+    skeleton = architecture(spec, "meta")
+    tensors, imap, meta = decode_update(payload, skeleton.state_dict())
+    if imap:
+        raise InvalidUpdate("the dense model arrived with an index map")
+    return _load_exact(skeleton, tensors, "global model"), meta
+
+
+def _statistics_task(state: ClientState, task: TaskMessage, payload: bytes, start: float):
+    """Recompute the received global model's BatchNorm statistics on local batches and answer
+    with them alone; the client's plan and training state are left as they were."""
+    if task.payload != "state":
+        raise InvalidUpdate("a statistics task must carry the dense global model")
+    model, _ = _dense_model(task.model, payload)
+    t0 = time.perf_counter()
+    images = recalibrate_batchnorm(
+        model, state.data, task.calibration_batches, task.recipe.batch_size, seed=task.seed
+    )
+    if images == 0:
+        raise BudgetInfeasible("too few local images (or no BatchNorm) to measure statistics")
+    seconds = (time.perf_counter() - t0) * state.time_scale
+    stats = {k: v for k, v in model.state_dict().items() if is_statistic(k)}
+    up = encode_state(stats, {"round": task.round, "client": task.client_id})
+    metrics = Metrics(
+        samples=images,
+        keep_target=1.0,
+        train_flops=_dense_flops(state, task.model, forward=True) * images,
+        train_seconds=seconds,
+        total_seconds=(time.perf_counter() - start) * state.time_scale,
+        bytes_down=len(payload),
+    )
+    msg = _reply(task, "ok", metrics)
+    return Result(msg, up)
+
+
 def _run(
     state: ClientState, task: TaskMessage, payload: bytes, start: float, should_stop=None
 ) -> Result:
+    if task.purpose == "statistics":
+        return _statistics_task(state, task, payload, start)
     spec, data = task.model, state.data
     dense_flops = _dense_flops(state, spec)
     score_seconds = score_flops = 0.0
@@ -202,11 +244,7 @@ def _run(
     reported: dict[str, torch.Tensor] = {}
     keep, reason = task.keep, ""
     if task.payload == "state":
-        skeleton = architecture(spec, "meta")
-        tensors, imap, meta = decode_update(payload, skeleton.state_dict())
-        if imap:
-            raise InvalidUpdate("the dense model arrived with an index map")
-        model = _load_exact(skeleton, tensors, "global model")
+        model, meta = _dense_model(spec, payload)
         if task.plan is not None and keep is None and state.budget is not None:
             score_samples = task.plan.score_batches * task.recipe.batch_size
             elapsed = (time.perf_counter() - start) * state.time_scale
@@ -309,11 +347,5 @@ def _run(
         refreshed=refreshed,
         reason=reason,
     )
-    msg = UpdateMessage(
-        task_id=task.task_id,
-        round=task.round,
-        client_id=task.client_id,
-        status="ok",
-        metrics=metrics,
-    )
+    msg = _reply(task, "ok", metrics)
     return Result(msg, up, module)

@@ -258,7 +258,9 @@ def test_bad_updates_are_rejected_and_change_nothing(broker, fmnist_root, tmp_pa
             decode_state((d / name / "model.safetensors").read_bytes())[0],
         )
         if attack:
-            assert len(saboteur.injected) == 2
+            # per round, the victim's training task and (it trains the dense model) its
+            # statistics task: both were attacked
+            assert len(saboteur.injected) == 4
             log = (d / "coordinator.log").read_text()
             for reason in (
                 "malformed UpdateMessage",
@@ -277,12 +279,21 @@ def test_bad_updates_are_rejected_and_change_nothing(broker, fmnist_root, tmp_pa
     # Updates arrive in another order, so float32 running means differ in rounding, which the
     # next rounds' training amplifies a little; a leaked bad update (random, stale, NaN or
     # oversized values) would move the weights by orders of magnitude more.
+    # BatchNorm statistics are measured afresh on those weights (the statistics phase), from 64
+    # images per client, so the rounding differences show there by a few percent.
+    # Mean absolute differences up to 1.3e-5 have been seen between clean and attacked runs; one
+    # leaked update (a fresh random initialization weighted 100 samples against the clients'
+    # 4000) would shift every coordinate by about 2% of its distance from the trained value,
+    # far above 1e-4.
     diffs = []
     for k, v in clean_state.items():
-        torch.testing.assert_close(bad_state[k], v, atol=1e-3, rtol=1e-2)
+        if k.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(bad_state[k], v, atol=0.1, rtol=0.1)
+            continue
+        torch.testing.assert_close(bad_state[k], v, atol=5e-3, rtol=1e-2)  # 1.5e-3 seen
         if v.is_floating_point():
             diffs.append((bad_state[k] - v).abs().flatten())
-    assert torch.cat(diffs).mean() < 1e-5
+    assert torch.cat(diffs).mean() < 1e-4
     assert [r["accuracy"] for r in bad_m] == pytest.approx(
         [r["accuracy"] for r in clean_m], abs=2e-3
     )
