@@ -341,6 +341,9 @@ def part_scale(args) -> list[dict]:
                     "round_s": rec["seconds"],
                     "aggregate_s": rec["aggregate_seconds"],
                     "eval_s": rec["eval_seconds"],
+                    "calibration_s": rec.get("calibration_seconds", 0.0),
+                    "calibrated": sum(c.get("calibration") == "ok" for c in rec["clients"]),
+                    "dense": sum((c.get("keep_achieved") or 0) >= 1 for c in rec["clients"]),
                     "cpu_round_s": rec["cpu_seconds"],
                     "cpu_per_update_ms": rec["cpu_seconds"] / max(rec["aggregated"], 1) * 1e3,
                     "updates_per_s": rec["aggregated"] / max(rec["seconds"], 1e-9),
@@ -512,10 +515,14 @@ def report(args, env, seconds, speed, wire, scoring, scale, ck) -> str:
             "",
             f"VGG-11 x0.33 ({ck['params']:,} parameters, {ck['model_mb']:.1f} MB). Lightweight "
             "clients: real MQTT connections in separate processes (at most 250 each), each "
-            "answering its task immediately with a valid random submodel (keep 0.25-1.0); the "
+            "answering its task immediately with a valid random submodel (keep 0.34-1.0, one "
+            "update in 8 dense) and its statistics task with valid random statistics; the "
             "coordinator (its own process) sends every client the dense model, then receives, "
-            "reassembles, validates and aggregates every update, evaluates on 1000 images and "
-            "checkpoints. `CPU/update` is the coordinator's process CPU time in the round "
+            "reassembles, validates and aggregates every update, runs the statistics phase "
+            "(`statistics`: clients asked of the dense participants, at most "
+            "`aggregation.calibration_clients` = 8, and the phase's seconds: the dense model "
+            "sent again to each, their answers validated and pooled), evaluates on 1000 images "
+            "and checkpoints. `CPU/update` is the coordinator's process CPU time in the round "
             "divided by the updates; peak RSS "
             "is the coordinator process's maximum resident memory over its whole life; "
             "`inbox MB` / `on disk MB`: the most received-but-unprocessed payload bytes held in "
@@ -530,6 +537,7 @@ def report(args, env, seconds, speed, wire, scoring, scale, ck) -> str:
                     "CPU s (round)",
                     "CPU/update ms",
                     "aggregation s",
+                    "statistics",
                     "peak RSS MB",
                     "inbox MB",
                     "on disk MB",
@@ -543,6 +551,7 @@ def report(args, env, seconds, speed, wire, scoring, scale, ck) -> str:
                         f"{r['cpu_round_s']:.1f}",
                         f"{r['cpu_per_update_ms']:.1f}",
                         f"{r['aggregate_s']:.2f}",
+                        f"{r['calibrated']} of {r['dense']}, {r['calibration_s']:.2f} s",
                         f"{r['peak_rss_mb']:.0f}",
                         f"{r['inbox_memory_mb']:.0f}",
                         f"{r['spooled_mb']:.0f}",
@@ -553,13 +562,14 @@ def report(args, env, seconds, speed, wire, scoring, scale, ck) -> str:
             "",
         ]
         lines += [
-            "## 5. Evaluation and checkpoint vs aggregation",
+            "## 5. Evaluation, statistics phase and checkpoint vs aggregation",
             "",
             f"Checkpoint of the {ck['model_mb']:.1f} MB global state (safetensors, written "
             f"atomically with fsync): {ck['checkpoint_s'] * 1e3:.1f} ms. Evaluation on 1000 "
-            "images and aggregation per round, from the scale runs: "
+            "images, the statistics phase and aggregation per round, from the scale runs: "
             + "; ".join(
-                f"{r['clients']} clients: eval {r['eval_s']:.2f} s, aggregation "
+                f"{r['clients']} clients: eval {r['eval_s']:.2f} s, statistics phase "
+                f"{r['calibration_s']:.2f} s ({r['calibrated']} clients), aggregation "
                 f"{r['aggregate_s']:.2f} s"
                 for r in scale
             )

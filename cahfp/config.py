@@ -232,6 +232,13 @@ class AggregationConfig(_Strict):
     calibration_batches: int = Field(
         2, ge=1, le=1024, description="local batches each client measures in a statistics task"
     )
+    calibration_clients: int = Field(
+        8,
+        ge=1,
+        description="at most this many of the round's dense participants are asked to "
+        "measure statistics (a seeded sample of them; 8 clients x 2 batches of 32 images "
+        "estimate them well), so that a large federation's phase costs a constant",
+    )
     calibration_deadline_s: float = Field(
         120.0,
         gt=0,

@@ -79,6 +79,7 @@ class RoundRecord:
     cpu_seconds: float = 0.0  # coordinator process CPU time spent in this round
     peak_rss_mb: float = 0.0  # coordinator process peak resident memory so far
     transport: dict = field(default_factory=dict)  # the transport's own counters (Transport.stats)
+    calibration_seconds: float = 0.0  # the statistics phase: tasks sent to answers pooled
 
 
 class RoundEngine:
@@ -387,13 +388,16 @@ class RoundEngine:
         cov_min, cov_mean = self._update_coverage(agg.total_weight)
         self._update_anchor()
         skipped = ""
+        calibration_seconds = 0.0
         if agg.count >= need and agg.count:
             t0 = time.perf_counter()
             self.state = agg.result()
             self.model.load_state_dict(self.state)
             agg_seconds += time.perf_counter() - t0
             if self.cfg.aggregation.calibrate_statistics and self.stat_keys:
+                t0 = time.perf_counter()
                 self._calibrate(rnd, outcomes)
+                calibration_seconds = time.perf_counter() - t0
         else:
             skipped = (
                 f"only {agg.count} valid updates (need "
@@ -422,22 +426,28 @@ class RoundEngine:
             time.process_time() - cpu_start,
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             self.transport.stats(),
+            calibration_seconds,
         )
         self.on_event("round_end", {"record": record})
         return record
 
     def _calibrate(self, rnd: int, outcomes: dict[str, ClientOutcome]) -> None:
         """The statistics phase: the round's dense participants (those that trained the whole
-        model) measure the new global model's BatchNorm statistics on their data; the pooled
-        result replaces the averaged statistics. Averaged statistics describe each client's
-        own trained weights, not the aggregate, which pruned updates move away from all of
-        them. Without a dense participant, or without a valid answer before the deadline, the
-        averaged statistics stay. Bytes and FLOPs are added to each client's outcome."""
+        model; at most ``calibration_clients`` of them, a seeded sample) measure the new global
+        model's BatchNorm statistics on their data; the pooled result replaces the averaged
+        statistics. Averaged statistics describe each client's own trained weights, not the
+        aggregate, which pruned updates move away from all of them. Without a dense
+        participant, or without a valid answer before the deadline, the averaged statistics
+        stay. Bytes and FLOPs are added to each client's outcome."""
         calibrators = [
             cid
             for cid, o in sorted(outcomes.items())
             if o.status == "ok" and (o.keep_achieved is None or o.keep_achieved >= 1)
         ]
+        cap = self.cfg.aggregation.calibration_clients
+        if len(calibrators) > cap:
+            rng = random.Random(self.cfg.federation.seed * 100_019 + rnd)
+            calibrators = sorted(rng.sample(calibrators, cap))
         if not calibrators:
             return
         payload = encode_update(self.state, {})

@@ -1,7 +1,9 @@
 """Many lightweight virtual clients for load tests: each is a real MQTT connection that
 registers like a board and answers every task at once with a valid update (a random submodel
-of the global model with random values), so that the coordinator does all its real work
-(tasks, transfers, reassembly, validation, aggregation) without the clients training.
+of the global model with random values; one of the ``distinct`` updates is the dense model),
+and every statistics task with valid BatchNorm statistics, so that the coordinator does all its
+real work (tasks, transfers, reassembly, validation, aggregation, the statistics phase) without
+the clients training.
 
     python -m edge_client.swarm --broker mqtt://127.0.0.1:1883 --federation F --clients 100 \\
         --model vgg11 --width 0.33
@@ -27,7 +29,8 @@ import torch
 from cahfp.messages import Metrics, ModelSpec, TaskMessage, UpdateMessage
 from cahfp.protocol import Hello, Presence, ProtocolError, Topics, parse_json, split_payload
 from cahfp.pruning import extract, make_plan, score_groups
-from cahfp.wire import encode_update
+from cahfp.pruning.reconstruct import is_statistic
+from cahfp.wire import encode_state, encode_update
 from edge_client.link import MqttLink
 from edge_client.task import architecture
 
@@ -36,25 +39,48 @@ MAX_CLIENTS = 250  # per process: 3 file descriptors each must stay below select
 
 
 def random_updates(spec: ModelSpec, count: int, seed: int = 0) -> list[tuple[bytes, str, float]]:
-    """``count`` distinct valid updates: (payload, sha256, keep achieved)."""
+    """``count`` distinct valid updates, keeps spread over 0.25-1 (the last one dense):
+    (payload, sha256, keep achieved)."""
     model = architecture(spec)
-    model.load_state_dict(model.state_dict())
     x = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size)
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(count):
-        keep = 0.25 + 0.75 * (i + 0.5) / count
-        plan = make_plan(
-            model, score_groups(model, None, "random", example_input=x, seed=seed + i), keep
-        )
-        sub = extract(model, plan)
+        keep = 0.25 + 0.75 * (i + 1) / count
+        if keep < 1:
+            plan = make_plan(
+                model, score_groups(model, None, "random", example_input=x, seed=seed + i), keep
+            )
+            ext = extract(model, plan)
+            sub, index_map, achieved = ext.module, ext.index_map, plan.flops_fraction
+        else:
+            sub, index_map, achieved = model, {}, 1.0
         state = {
-            k: (torch.randn(v.shape, generator=gen) * 0.01 if v.is_floating_point() else v)
-            for k, v in sub.module.state_dict().items()
+            k: (_random_like(v, k, gen) if v.is_floating_point() else v)
+            for k, v in sub.state_dict().items()
         }
-        data = encode_update(state, sub.index_map)
-        out.append((data, hashlib.sha256(data).hexdigest(), plan.flops_fraction))
+        data = encode_update(state, index_map)
+        out.append((data, hashlib.sha256(data).hexdigest(), achieved))
     return out
+
+
+def _random_like(v: torch.Tensor, name: str, gen: torch.Generator) -> torch.Tensor:
+    """Small random values; a variance stays positive."""
+    r = torch.randn(v.shape, generator=gen) * 0.01
+    return 1 + r.abs() if name.endswith("running_var") else r
+
+
+def random_statistics(spec: ModelSpec, seed: int = 0) -> tuple[bytes, str]:
+    """A valid answer to a statistics task: every BatchNorm layer's statistics, random values
+    (``cahfp.state/1`` payload, sha256)."""
+    gen = torch.Generator().manual_seed(seed)
+    stats = {
+        k: _random_like(v, k, gen) if v.is_floating_point() else v
+        for k, v in architecture(spec).state_dict().items()
+        if is_statistic(k)
+    }
+    data = encode_state(stats, {})
+    return data, hashlib.sha256(data).hexdigest()
 
 
 class Swarm:
@@ -77,6 +103,7 @@ class Swarm:
             )
         self.topics = Topics(fed)
         self.updates = random_updates(spec, distinct, seed)
+        self.statistics = random_statistics(spec, seed)
         self.rng = random.Random(seed)
         self.jobs: queue.Queue[tuple[MqttLink, str, bytes]] = queue.Queue()
         self.links: dict[str, MqttLink] = {}
@@ -130,18 +157,12 @@ class Swarm:
             except ProtocolError as exc:
                 log.warning("%s: bad task: %s", cid, exc)
                 continue
-            if task.purpose == "statistics":  # no data to measure: a final answer, at once
-                msg = UpdateMessage(
-                    task_id=task.task_id,
-                    round=task.round,
-                    client_id=cid,
-                    status="declined",
-                    reason="a swarm client holds no data",
-                    metrics=Metrics(samples=0),
-                )
-                link.publish(self.topics.update(cid), msg.model_dump_json(), 1)
-                continue
-            data, digest, keep = self.updates[self.rng.randrange(len(self.updates))]
+            if task.purpose == "statistics":
+                (data, digest), keep = self.statistics, 1.0
+                samples = task.calibration_batches * task.recipe.batch_size
+            else:
+                data, digest, keep = self.updates[self.rng.randrange(len(self.updates))]
+                samples = 100
             transfer, chunks = split_payload(data, link.chunk_size(), digest=digest)
             infos = [link.publish(self.topics.update_data(cid), c, 1) for c in chunks]
             msg = UpdateMessage(
@@ -150,7 +171,7 @@ class Swarm:
                 client_id=cid,
                 status="ok",
                 transfer=transfer,
-                metrics=Metrics(samples=100, samples_trained=100, keep_achieved=keep),
+                metrics=Metrics(samples=samples, samples_trained=samples, keep_achieved=keep),
             )
             infos.append(link.publish(self.topics.update(cid), msg.model_dump_json(), 1))
             for info in infos:

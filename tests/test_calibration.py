@@ -267,16 +267,23 @@ class _FakeLink:
         return Info()
 
 
-def test_swarm_clients_decline_statistics_tasks_and_answer_training_tasks(fmnist_root):
-    """The scale benchmark's lightweight clients hold no data: a statistics task gets a final
-    ``declined`` at once (so the phase does not wait for its deadline)."""
+def test_swarm_clients_answer_statistics_tasks_with_statistics_the_coordinator_accepts(
+    fmnist_root,
+):
+    """The scale benchmark's lightweight clients answer a statistics task with valid random
+    statistics (so the coordinator does the phase's real work at scale) and a training task
+    with an update; one of their distinct updates is dense, so the phase happens."""
     import threading
     import time
 
+    from cahfp.protocol import Reassembler, Topics
+    from coordinator.engine import RoundEngine
     from edge_client.swarm import Swarm
 
     cfg, _, spec, _ = _client_setup(fmnist_root)
-    swarm = Swarm("mqtt://127.0.0.1:1", "fed", 0, spec, distinct=1)
+    swarm = Swarm("mqtt://127.0.0.1:1", "fed", 0, spec, distinct=4)
+    assert [keep for *_, keep in swarm.updates][-1] == 1.0
+    assert all(keep < 1 for *_, keep in swarm.updates[:-1])
     link = _FakeLink()
     stats_task = _statistics_task(cfg, spec)
     train_task = stats_task.model_copy(update={"task_id": "t2", "purpose": "train"})
@@ -285,7 +292,7 @@ def test_swarm_clients_decline_statistics_tasks_and_answer_training_tasks(fmnist
     worker = threading.Thread(target=swarm._work, daemon=True)
     worker.start()
     deadline = time.monotonic() + 30
-    while swarm.answered < 1 and time.monotonic() < deadline:
+    while swarm.answered < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     swarm.stop.set()
     worker.join(5)
@@ -294,6 +301,37 @@ def test_swarm_clients_decline_statistics_tasks_and_answer_training_tasks(fmnist
         for t, p in link.published
         if t.endswith("/update/client-000")
     ]
-    assert [(a.task_id, a.status) for a in answers] == [("t1", "declined"), ("t2", "ok")]
-    assert "no data" in answers[0].reason and answers[0].transfer is None
-    assert answers[1].transfer is not None
+    assert [(a.task_id, a.status) for a in answers] == [("t1", "ok"), ("t2", "ok")]
+    assert answers[0].metrics.samples == 2 * cfg.train.batch_size
+    reassembler = Reassembler()
+    payloads = {}
+    for t, chunk in link.published:
+        if t == Topics("fed").update_data("client-000"):
+            done = reassembler.add(chunk)
+            if done is not None:
+                payloads[done[0]] = done[1]
+    assert set(payloads) == {answers[0].transfer, answers[1].transfer}
+    stats, _ = decode_state(payloads[answers[0].transfer])
+    engine = RoundEngine(cfg, spec, _Answering(None), lambda m: None, {})
+    pool = StatisticsPool(engine.state)
+    pool.add(stats, answers[0].metrics.samples)  # raises if anything is missing or invalid
+    assert pool.count == 1
+
+
+def test_at_most_calibration_clients_are_asked_a_seeded_sample(fmnist_root):
+    from coordinator.engine import ClientOutcome, RoundEngine
+
+    cfg = small_config(fmnist_root, "cahfp")
+    cfg.aggregation.calibration_clients = 2
+    _, _, spec = federation_data(cfg)
+    keeps = {"a": 1.0, "b": 1.0, "c": 1.0, "d": 0.4}
+    asked = []
+    for rnd in (1, 1, 2):
+        transport = _Answering(lambda task: (_ for _ in ()).throw(AssertionError("unused")))
+        transport.collect = lambda pending, deadline: iter(())
+        engine = RoundEngine(cfg, spec, transport, lambda m: None, keeps)
+        outcomes = {c: ClientOutcome(c, "ok", keep_achieved=k) for c, k in keeps.items()}
+        engine._calibrate(rnd, outcomes)
+        asked.append([t.client_id for t in transport.tasks])
+    assert all(len(a) == 2 and set(a) <= {"a", "b", "c"} for a in asked)
+    assert asked[0] == asked[1]  # the same round draws the same sample
