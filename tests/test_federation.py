@@ -17,6 +17,7 @@ TIME_KEYS = {
     "train_seconds",
     "score_seconds",
     "aggregate_seconds",
+    "calibration_seconds",
     "eval_seconds",
     "total_seconds",
     "wall_seconds",
