@@ -181,6 +181,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     from cahfp.messages import ModelSpec
     from cahfp.training import Recipe
+    from device_profiles import REFERENCE_FLOPS_PER_SECOND
     from edge_client.budget import BudgetModel, Constraints
     from edge_client.calibrate import calibrate
     from edge_client.device import measure_device
@@ -247,6 +248,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
         f"{cal.seconds_per_sample_small * 1e3:.3f} ms/sample at keep {cal.small_keep}; "
         f"activations {cal.activation_bytes_per_sample / 1024:.0f} KiB/sample; parameters "
         f"{cal.param_bytes / mib:.1f} MiB"
+    )
+    print(
+        f"speed    {cal.flops_per_second / 1e9:.0f} GFLOP/s dense training: relative_speed "
+        f"{cal.flops_per_second / REFERENCE_FLOPS_PER_SECOND:.3g} in a device profile"
     )
     print(
         f"round    {args.samples} samples x {args.epochs:g} epochs, deadline {args.deadline:g} s:"
@@ -473,7 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(p)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--samples-per-client", type=int, default=1000)
+    p.add_argument(
+        "--samples-per-client",
+        type=int,
+        default=5000,
+        help="training images per client (default %(default)s: enough work that the emulated "
+        "Raspberry Pi 4 must prune to meet the deadline)",
+    )
     p.add_argument("--strategy", default="cahfp")
     p.add_argument("--deadline", type=float, default=20.0, help="round deadline, seconds")
     p.add_argument("--seed", type=int, default=0)

@@ -146,7 +146,7 @@ def emulate_devices(cfg: Config, spec: ModelSpec, states: dict[str, ClientState]
     for i, (cid, state) in enumerate(sorted(states.items())):
         profile = load_profile(cfg.profile_of(i))
         state.profile = profile.name
-        state.time_scale = 1.0 / profile.relative_speed
+        state.time_scale = profile.time_scale(calibration.flops_per_second)
         state.budget = BudgetModel(
             calibration.scaled(state.time_scale), min_keep=cfg.clients.min_keep
         )

@@ -17,6 +17,10 @@ else:  # pragma: no cover
 PROFILE_DIR = Path(__file__).resolve().parent
 SOURCE_KINDS = ("datasheet:", "published benchmark:", "assumption:")
 FIGURES = ("cores", "memory_mb", "accelerator", "relative_speed", "uplink_mbps", "emulation")
+# The reference machine's dense training throughput that ``relative_speed`` multiplies: the
+# 2-core build machine of this project measures 120-260 GFLOP/s on the CPU-sized models as its
+# shared host's speed drifts; the profiles' sources were written against about 200.
+REFERENCE_FLOPS_PER_SECOND = 200e9
 
 
 class Emulation(BaseModel):
@@ -53,6 +57,20 @@ class DeviceProfile(BaseModel):
     @property
     def uplink_bytes_per_s(self) -> float:
         return self.uplink_mbps * 1e6 / 8
+
+    @property
+    def flops_per_second(self) -> float:
+        """The board's dense training throughput."""
+        return self.relative_speed * REFERENCE_FLOPS_PER_SECOND
+
+    def time_scale(self, host_flops_per_second: float = 0.0) -> float:
+        """Board seconds per second measured on this host, for emulation: the host's measured
+        throughput over the board's, so that an emulated board runs at its profile's speed
+        whatever this host's speed is at the moment (a shared host drifts by 2x). Without a
+        measurement, ``1 / relative_speed`` (this host taken as the reference machine)."""
+        if host_flops_per_second > 0:
+            return host_flops_per_second / self.flops_per_second
+        return 1.0 / self.relative_speed
 
 
 def profile_names() -> list[str]:

@@ -41,6 +41,14 @@ class Calibration:
     activation_bytes_per_sample: float  # tensors saved for backward, dense model
     param_bytes: int  # dense parameters (float32)
     state_bytes: int = 0  # dense state dict incl. buffers (what an update carries)
+    flops_per_sample: float = 0.0  # dense training FLOPs per sample (0: not measured)
+
+    @property
+    def flops_per_second(self) -> float:
+        """This device's measured dense training throughput (0 when unknown)."""
+        if self.flops_per_sample <= 0 or self.seconds_per_sample <= 0:
+            return 0.0
+        return self.flops_per_sample / self.seconds_per_sample
 
     def scaled(self, factor: float) -> Calibration:
         """The same device measurement for a device ``factor`` times slower (emulation)."""

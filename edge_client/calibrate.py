@@ -1,6 +1,7 @@
 """A short calibration (about 1-3 s): time real training steps of the actual global model, dense
 and pruned to a quarter of its FLOPs, on a synthetic batch of the real input shape, and measure
-the activation memory per sample (the tensors autograd saves for backward). Results are cached
+the activation memory per sample (the tensors autograd saves for backward) and the dense model's
+training FLOPs per sample (so that the throughput is known). Results are cached
 per model, batch size, thread count, torch version and CPU limits (cgroup quota, affinity)."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cahfp.costs import training_flops
 from cahfp.data.paths import default_data_dir
 from cahfp.messages import ModelSpec
 from cahfp.pruning import extract, make_plan, score_groups
@@ -93,7 +95,7 @@ def calibrate(
     if use_cache and path.is_file():
         try:
             cached = json.loads(path.read_text()).get(key)
-            if cached:
+            if cached and cached.get("flops_per_sample", 0) > 0:  # else measured before FLOPs
                 return Calibration(**cached)
         except (json.JSONDecodeError, TypeError):
             pass
@@ -108,6 +110,7 @@ def calibrate(
         small = extract(model, make_plan(model, scores, SMALL_KEEP, allocation="uniform"))
         small_sps = _time_steps(small.module, x, y, seconds)
         acts = activation_bytes(model, x) / batch_size
+        flops = training_flops(model, x[:1])
     cal = Calibration(
         seconds_per_sample=dense,
         seconds_per_sample_small=small_sps,
@@ -115,6 +118,7 @@ def calibrate(
         activation_bytes_per_sample=acts,
         param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
         state_bytes=sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+        flops_per_sample=flops,
     )
     if use_cache:
         try:

@@ -45,7 +45,8 @@ def local_data(args: argparse.Namespace):
 
 def budget_setup(state: ClientState, profile: str):
     """``none``: the coordinator assigns the keep; ``auto``: this device measures itself;
-    a profile name: emulate that board (its speed relative to this machine, memory, uplink)."""
+    a profile name: emulate that board (its speed - its training throughput against this host's
+    measured one -, memory and uplink)."""
     if profile == "none":
         return None, {}
     from edge_client.calibrate import calibrate
@@ -53,26 +54,30 @@ def budget_setup(state: ClientState, profile: str):
 
     info = measure_device()
     described = {"device": {k: v for k, v in info.to_dict().items() if k != "cgroup"}}
+    board = None
     if profile == "auto":
         state.memory_bytes = info.usable_memory
-        scale = 1.0
     else:
         from device_profiles import load_profile
 
-        p = load_profile(profile)
-        state.profile = p.name
-        state.memory_bytes = p.memory_bytes
-        state.uplink_bytes_per_s = p.uplink_bytes_per_s
-        scale = 1.0 / p.relative_speed
-        described["profile"] = p.name
-    state.time_scale = scale
+        board = load_profile(profile)
+        state.profile = board.name
+        state.memory_bytes = board.memory_bytes
+        state.uplink_bytes_per_s = board.uplink_bytes_per_s
+        state.time_scale = board.time_scale()  # refined once this host's speed is measured
+        described["profile"] = board.name
 
     def calibrate_budget(spec: ModelSpec, recipe: Recipe) -> None:
-        cal = calibrate(spec, recipe.batch_size).scaled(scale)
+        measured = calibrate(spec, recipe.batch_size)
+        if board is not None:  # the board's speed, whatever this host's speed is today
+            state.time_scale = board.time_scale(measured.flops_per_second)
+        cal = measured.scaled(state.time_scale)
         state.budget = BudgetModel(cal)
         described["calibration"] = {
             "seconds_per_sample": cal.seconds_per_sample,
             "seconds_per_sample_small": cal.seconds_per_sample_small,
+            "host_gflops": measured.flops_per_second / 1e9,
+            "time_scale": state.time_scale,
             "model": spec.name,
             "width": spec.width,
         }

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from cahfp.config import ConfigError, load_config
 from cahfp.errors import BudgetInfeasible
@@ -188,3 +189,52 @@ def test_every_profile_parses_and_names_its_sources():
 def test_bad_profile_names_are_config_errors():
     with pytest.raises(ConfigError, match="unknown device profiles"):
         load_config(None, {"clients.profiles": ["raspberry-pi-9"]})
+
+
+def test_an_emulated_board_runs_at_its_profile_speed_whatever_the_hosts_speed(monkeypatch):
+    """A shared host's speed drifts by 2x; an emulated board's predicted seconds must not: the
+    host's measured throughput is divided out (device seconds = FLOPs / the board's FLOP/s)."""
+    import edge_client.calibrate as calibrate_mod
+    from cahfp.messages import ModelSpec
+    from cahfp.training import Recipe
+    from device_profiles import REFERENCE_FLOPS_PER_SECOND
+    from edge_client.service import budget_setup
+    from edge_client.task import ClientState
+
+    pi4 = load_profile("raspberry-pi-4")
+    assert pi4.flops_per_second == pytest.approx(pi4.relative_speed * REFERENCE_FLOPS_PER_SECOND)
+    assert pi4.time_scale() == pytest.approx(1 / pi4.relative_speed)  # nothing measured
+    assert pi4.time_scale(120e9) == pytest.approx(120e9 / pi4.flops_per_second)
+    flops = 3e8  # training FLOPs per sample
+    spec = ModelSpec(name="vgg11", width=0.25, num_classes=10, in_channels=1, image_size=28)
+    emulated = []
+    for host_seconds in (1e-3, 2e-3):  # the same host, fast and slow
+        cal = Calibration(
+            seconds_per_sample=host_seconds,
+            seconds_per_sample_small=0.4 * host_seconds,
+            small_keep=0.25,
+            activation_bytes_per_sample=1000,
+            param_bytes=MIB,
+            flops_per_sample=flops,
+        )
+        monkeypatch.setattr(calibrate_mod, "calibrate", lambda *a, cal=cal, **k: cal)
+        state = ClientState("c", None)
+        setup, _ = budget_setup(state, "raspberry-pi-4")
+        setup(spec, Recipe())
+        emulated.append(state.budget.calibration.seconds_per_sample)
+        assert state.time_scale == pytest.approx(flops / host_seconds / pi4.flops_per_second)
+    assert emulated == pytest.approx([flops / pi4.flops_per_second] * 2)
+
+
+def test_calibration_measures_the_dense_models_training_flops():
+    from cahfp.costs import training_flops
+    from cahfp.messages import ModelSpec
+    from edge_client.calibrate import calibrate
+    from edge_client.task import architecture
+
+    spec = ModelSpec(name="vgg11", width=0.25, num_classes=10, in_channels=1, image_size=28)
+    cal = calibrate(spec, 8, seconds=0.05, use_cache=False)
+    x = torch.zeros(1, 1, 28, 28)
+    assert cal.flops_per_sample == pytest.approx(training_flops(architecture(spec), x))
+    assert cal.flops_per_second == pytest.approx(cal.flops_per_sample / cal.seconds_per_sample)
+    assert calibration().flops_per_second == 0.0  # not measured
