@@ -55,9 +55,9 @@ class Aggregator:
         # running_var key -> its running_mean key, when variances are pooled
         self.pairs = (
             {
-                k: k[: -len("var")] + "mean"
+                var_key(k): k
                 for k in self.base
-                if k.endswith(".running_var") and k[: -len("var")] + "mean" in self.base
+                if k.endswith(".running_mean") and var_key(k) in self.base
             }
             if pooled_variance
             else {}
@@ -322,4 +322,5 @@ class StatisticsPool:
 
 
 def var_key(mean_key: str) -> str:
+    """``<bn>.running_var`` for ``<bn>.running_mean``."""
     return mean_key[: -len("mean")] + "var"

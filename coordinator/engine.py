@@ -261,9 +261,19 @@ class RoundEngine:
             return True
         return not any(self.clients[c].keep >= 1 for c in selected)
 
-    def _task_seed(self, rnd: int, rec: ClientRecord) -> int:
-        """The seed of a client's tasks in round ``rnd`` (training and statistics alike)."""
-        return self.cfg.federation.seed * 1_000_003 + rnd * 1009 + rec.index
+    def _task(self, cid: str, rnd: int, **fields) -> TaskMessage:
+        """A task for ``cid`` in round ``rnd``: a fresh id, the model, the recipe and the
+        client's seed for the round (training and statistics tasks alike), plus ``fields``."""
+        seed = self.cfg.federation.seed * 1_000_003 + rnd * 1009 + self.clients[cid].index
+        return TaskMessage(
+            task_id=uuid.uuid4().hex,
+            round=rnd,
+            client_id=cid,
+            model=self.spec,
+            recipe=self.cfg.train,
+            seed=seed,
+            **fields,
+        )
 
     def make_task(self, cid: str, rnd: int, statistics: bool = True) -> tuple[TaskMessage, bytes]:
         """The task for client ``cid`` in round ``rnd`` and its payload. ``statistics=False``:
@@ -303,16 +313,12 @@ class RoundEngine:
                 kind, payload = "slice", self._slice(rec, statistics)
         if payload is None:
             payload = self._dense_payload(rnd, self._sides(plan))
-        task = TaskMessage(
-            task_id=uuid.uuid4().hex,
-            round=rnd,
-            client_id=cid,
-            model=self.spec,
-            recipe=self.cfg.train,
+        task = self._task(
+            cid,
+            rnd,
             keep=keep,
             payload=kind,
             plan=plan,
-            seed=self._task_seed(rnd, rec),
             deadline_s=self.cfg.federation.deadline_s,
             statistics=statistics,
         )
@@ -454,16 +460,12 @@ class RoundEngine:
         wait = min(self.cfg.aggregation.calibration_deadline_s, self.cfg.federation.deadline_s)
         sent: dict[str, TaskMessage] = {}
         for cid in calibrators:
-            task = TaskMessage(
-                task_id=uuid.uuid4().hex,
-                round=rnd,
-                client_id=cid,
-                model=self.spec,
-                recipe=self.cfg.train,
+            task = self._task(
+                cid,
+                rnd,
                 keep=1.0,
                 payload="state",
                 purpose="statistics",
-                seed=self._task_seed(rnd, self.clients[cid]),
                 deadline_s=wait,
                 calibration_batches=self.cfg.aggregation.calibration_batches,
             )
@@ -480,7 +482,7 @@ class RoundEngine:
                     outcomes[sent[item.task_id].client_id].calibration = item.reason
                 continue
             msg, data = item
-            problem = self._mismatch(msg, sent)
+            problem = self._mismatch(msg, sent.get(msg.task_id))
             if problem:
                 self._refuse(msg, problem)
                 continue
@@ -526,11 +528,11 @@ class RoundEngine:
             bytes_down=sent[task.task_id][1],
         )
 
-    def _mismatch(self, msg: UpdateMessage, tasks: dict[str, TaskMessage]) -> str:
-        """Why ``msg`` answers none of ``tasks`` (by task id), or "" when it answers one."""
+    def _mismatch(self, msg: UpdateMessage, task: TaskMessage | None) -> str:
+        """Why ``msg`` does not answer ``task`` (the task sent under its task id, None when
+        none was), or "" when it does."""
         if msg.client_id not in self.clients:
             return f"unknown client {msg.client_id!r}"
-        task = tasks.get(msg.task_id)
         if task is None:
             return f"no task {msg.task_id[:12]} in round {self.round + 1} (stale or forged)"
         if msg.client_id != task.client_id or msg.round != task.round:
@@ -551,7 +553,7 @@ class RoundEngine:
     ) -> ClientOutcome | None:
         """Validate one answer and fold it into the aggregate; an invalid one is recorded as
         rejected (with the reason) and changes nothing."""
-        problem = self._mismatch(msg, {t: task for t, (task, _) in sent.items()})
+        problem = self._mismatch(msg, sent[msg.task_id][0] if msg.task_id in sent else None)
         if problem:
             self._refuse(msg, problem)
             return None

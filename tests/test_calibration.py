@@ -2,7 +2,6 @@
 BatchNorm statistics and the pooled result replaces the averaged ones."""
 
 import copy
-import json
 
 import pytest
 import torch
@@ -12,10 +11,10 @@ from cahfp.errors import InvalidUpdate
 from cahfp.messages import Metrics, TaskMessage, UpdateMessage
 from cahfp.training import recalibrate_batchnorm
 from cahfp.wire import decode_state, encode_state, encode_update
-from coordinator.simulation import federation_data, simulate
+from coordinator.simulation import federation_data
 from coordinator.transport import Transport
 from edge_client.task import ClientState, run_task
-from tests.test_federation import small_config
+from tests.test_federation import simulate_both, small_config
 
 LAYER = "bn"
 
@@ -134,17 +133,9 @@ def test_calibration_replaces_only_the_statistics_with_those_of_the_new_model(
     """With the phase on, the global model's BatchNorm statistics are the pooled statistics the
     dense participants measure on the aggregated weights; the weights are exactly those of a
     run without it (training never reads running statistics)."""
-    from safetensors.torch import load_file
-
-    runs, models = {}, {}
-    for on in (True, False):
-        cfg = small_config(
-            fmnist_root, "cahfp", rounds=2, **{"aggregation.calibrate_statistics": on}
-        )
-        simulate(cfg, tmp_path / str(on), quiet=True)
-        lines = (tmp_path / str(on) / "metrics.jsonl").read_text().splitlines()
-        runs[on] = [json.loads(x) for x in lines]
-        models[on] = load_file(tmp_path / str(on) / "model.safetensors")
+    runs, models = simulate_both(
+        fmnist_root, tmp_path, "aggregation.calibrate_statistics", rounds=2
+    )
     for k, v in models[True].items():
         if k.endswith(("running_mean", "running_var")):
             assert not torch.equal(v, models[False][k]), k

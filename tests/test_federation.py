@@ -104,6 +104,21 @@ def test_every_strategy_trains_and_accounts_consistently(fmnist_root, tmp_path, 
         assert (tmp_path / strategy / name).is_file(), name
 
 
+def simulate_both(fmnist_root, tmp_path, key: str, rounds: int) -> tuple[dict, dict]:
+    """CA-HFP simulated with the boolean config ``key`` on and off: per value, the metrics
+    lines and the final model."""
+    from safetensors.torch import load_file
+
+    runs, models = {}, {}
+    for on in (True, False):
+        cfg = small_config(fmnist_root, "cahfp", rounds=rounds, **{key: on})
+        simulate(cfg, tmp_path / str(on), quiet=True)
+        lines = (tmp_path / str(on) / "metrics.jsonl").read_text().splitlines()
+        runs[on] = [json.loads(x) for x in lines]
+        models[on] = load_file(tmp_path / str(on) / "model.safetensors")
+    return runs, models
+
+
 def strip_times(obj):
     if isinstance(obj, dict):
         return {k: strip_times(v) for k, v in obj.items() if k not in TIME_KEYS}
@@ -314,16 +329,7 @@ def test_pruned_clients_leave_out_statistics_a_dense_update_supplies(fmnist_root
     updates carry no BatchNorm statistics. The aggregate would have taken them from the dense
     update anyway, so the global model is the same (``num_batches_tracked``, a counter that
     training does not read, aside) and only bytes are saved."""
-    from safetensors.torch import load_file
-
-    runs = {}
-    for omit in (True, False):
-        cfg = small_config(
-            fmnist_root, "cahfp", rounds=3, **{"aggregation.omit_pruned_stats": omit}
-        )
-        simulate(cfg, tmp_path / str(omit), quiet=True)
-        lines = (tmp_path / str(omit) / "metrics.jsonl").read_text().splitlines()
-        runs[omit] = [json.loads(x) for x in lines]
+    runs, models = simulate_both(fmnist_root, tmp_path, "aggregation.omit_pruned_stats", 3)
     saved_down = 0
     for a, b in zip(runs[True][1:], runs[False][1:], strict=True):
         assert (a["accuracy"], a["loss"]) == (b["accuracy"], b["loss"])
@@ -335,7 +341,7 @@ def test_pruned_clients_leave_out_statistics_a_dense_update_supplies(fmnist_root
                 assert ca["bytes_up"] < cb["bytes_up"]
             saved_down += cb["bytes_down"] - ca["bytes_down"]
     assert saved_down > 0  # the slices of round 2 (refresh period 2)
-    one, other = (load_file(tmp_path / str(o) / "model.safetensors") for o in (True, False))
+    one, other = models[True], models[False]
     for k, v in one.items():
         assert k.endswith("num_batches_tracked") or torch.equal(v, other[k]), k
 
