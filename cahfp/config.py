@@ -223,6 +223,13 @@ class AggregationConfig(_Strict):
         description="BatchNorm variances as the variance of the clients' pooled activations "
         "(mean of variances + spread of means) instead of the mean of their variances",
     )
+    server_momentum: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="the coordinator moves the global model by this times its previous step "
+        "plus the round's aggregated step (FedAvgM, server learning rate 1); 0 = the aggregate",
+    )
     calibrate_statistics: bool = Field(
         True,
         description="after aggregation, the round's dense participants recompute the new "

@@ -19,6 +19,7 @@ from cahfp.costs import training_flops
 from cahfp.errors import CAHFPError, InvalidUpdate
 from cahfp.messages import ModelSpec, PlanSettings, TaskMessage, UpdateMessage
 from cahfp.models import build_model
+from cahfp.momentum import ServerMomentum
 from cahfp.pruning import find_groups, index_map_for, make_plan, score_groups
 from cahfp.pruning.extract import IndexMap, kept_channels, slice_tensor
 from cahfp.strategies import get_strategy
@@ -102,6 +103,7 @@ class RoundEngine:
         )
         self.state = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.stat_keys = {k for k, b in self.model.named_buffers() if b.is_floating_point()}
+        self.momentum = ServerMomentum(config.aggregation.server_momentum, self.stat_keys)
         self.param_keys = {k for k, _ in self.model.named_parameters()}
         self.param_count = sum(p.numel() for p in self.model.parameters())
         self.example = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size)
@@ -397,7 +399,7 @@ class RoundEngine:
         calibration_seconds = 0.0
         if agg.count >= need and agg.count:
             t0 = time.perf_counter()
-            self.state = agg.result()
+            self.state = self.momentum.step(self.state, agg.result())
             self.model.load_state_dict(self.state)
             agg_seconds += time.perf_counter() - t0
             if self.cfg.aggregation.calibrate_statistics and self.stat_keys:

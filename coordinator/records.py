@@ -55,18 +55,32 @@ class RunRecorder:
         atomic_write(self.dir / "config.toml", config.to_toml())
 
     def round(
-        self, rec: RoundRecord, state: dict[str, torch.Tensor], extra: dict | None = None
+        self,
+        rec: RoundRecord,
+        state: dict[str, torch.Tensor],
+        extra: dict | None = None,
+        server: dict[str, torch.Tensor] | None = None,
     ) -> None:
         with open(self.metrics, "a") as f:
             f.write(json.dumps(record_dict(rec)) + "\n")
         if rec.round > 0:
-            self.checkpoint(rec.round, state, extra)
+            self.checkpoint(rec.round, state, extra, server)
 
     def checkpoint(
-        self, rnd: int, state: dict[str, torch.Tensor], extra: dict | None = None
+        self,
+        rnd: int,
+        state: dict[str, torch.Tensor],
+        extra: dict | None = None,
+        server: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        """The global state, the coordinator's own tensors (``server``: the momentum buffer) and
+        ``state.json``, written last: its round names the checkpoint."""
         ck = self.dir / "checkpoint"
         atomic_write(ck / "global.safetensors", encode_state(state, {"round": rnd}))
+        if server:
+            atomic_write(ck / "server.safetensors", encode_state(server, {"round": rnd}))
+        else:
+            (ck / "server.safetensors").unlink(missing_ok=True)
         atomic_write(ck / "state.json", json.dumps({"round": rnd, **(extra or {})}))
 
     def truncate_after(self, rnd: int) -> None:
@@ -105,6 +119,22 @@ def load_checkpoint(run_dir: str | Path) -> tuple[int, dict[str, torch.Tensor], 
             f"{header.get('round')}, state of round {meta.get('round')})"
         )
     return int(meta["round"]), state, meta
+
+
+def load_server_state(run_dir: str | Path, rnd: int) -> dict[str, torch.Tensor]:
+    """The coordinator's own tensors saved with round ``rnd``'s checkpoint (empty if none)."""
+    path = Path(run_dir) / "checkpoint" / "server.safetensors"
+    if not path.is_file():
+        return {}
+    try:
+        state, header = decode_state(path.read_bytes())
+    except (OSError, CAHFPError) as exc:
+        raise CAHFPError(f"unreadable server state {path}: {exc}") from None
+    if header.get("round") != rnd:
+        raise CAHFPError(
+            f"server state {path} is of round {header.get('round')}, the checkpoint of round {rnd}"
+        )
+    return state
 
 
 def load_metrics(run_dir: str | Path) -> list[dict]:

@@ -17,7 +17,13 @@ from cahfp.training import evaluate
 from cahfp.wire import encode_state
 from coordinator.engine import RoundEngine, RoundRecord
 from coordinator.mqtt_transport import MqttTransport
-from coordinator.records import RunRecorder, load_checkpoint, record_dict, summarize
+from coordinator.records import (
+    RunRecorder,
+    load_checkpoint,
+    load_server_state,
+    record_dict,
+    summarize,
+)
 from coordinator.simulation import evaluation_data
 from edge_client.inbox import DEFAULT_MEMORY
 from edge_client.link import MqttLink, read_credentials
@@ -110,6 +116,7 @@ class Coordinator:
             )
         if self.resume:
             done, state, extra = load_checkpoint(self.out_dir)
+            self.engine.momentum.load(load_server_state(self.out_dir, done), state)
             self.engine.state = state
             self.engine.model.load_state_dict(state)
             self.engine.round = done
@@ -120,6 +127,14 @@ class Coordinator:
             recorder.truncate_after(done)
             start_round = done + 1
             log.info("resuming after round %d", done)
+            if self.engine.momentum.beta > 0:
+                restored = len(self.engine.momentum.buffer)
+                log.info(
+                    "server momentum: %s",
+                    f"{restored} buffers restored"
+                    if restored
+                    else "no buffer in the checkpoint, it starts from zero",
+                )
         self.link.start(connect_timeout)
         try:
             self._status(start_round - 1, "waiting", "waiting for clients")
@@ -143,7 +158,12 @@ class Coordinator:
                 rec = self.engine.run_round(rnd)
                 self.records.append(rec)
                 if recorder:
-                    recorder.round(rec, self.engine.state, extra={"clients": self._registry()})
+                    recorder.round(
+                        rec,
+                        self.engine.state,
+                        extra={"clients": self._registry()},
+                        server=self.engine.momentum.state(),
+                    )
                 self._announce_model(rec)
             final = "stopped" if self.stop.is_set() else "finished"
             self._status(self.engine.round, final)

@@ -112,7 +112,7 @@ def simulate(
             rec = engine.run_round(rnd)
             records.append(rec)
             if recorder:
-                recorder.round(rec, engine.state)
+                recorder.round(rec, engine.state, server=engine.momentum.state())
     finally:
         view.stop()
     wall = time.perf_counter() - start

@@ -46,7 +46,7 @@ def write_config(
     }
     for key, value in extra.items():
         section, _, field = key.partition("__")
-        sections[section][field] = value
+        sections.setdefault(section, {})[field] = value
     lines = []
     for section, values in sections.items():
         lines.append(f"[{section}]")

@@ -102,7 +102,9 @@ def test_killed_client_misses_the_round_and_rejoins(broker, fmnist_root, tmp_pat
 
 def test_coordinator_restart_resumes_after_last_completed_round(broker, fmnist_root, tmp_path):
     name = "resume"
-    config, coord, clients = start_federation(broker, tmp_path, fmnist_root, name, rounds=4)
+    config, coord, clients = start_federation(
+        broker, tmp_path, fmnist_root, name, rounds=4, aggregation__server_momentum=0.5
+    )
     run = tmp_path / name
     procs = [coord, *clients]
     try:
@@ -126,7 +128,11 @@ def test_coordinator_restart_resumes_after_last_completed_round(broker, fmnist_r
     m = metrics(run)
     assert [r["round"] for r in m] == [0, 1, 2, 3, 4]  # continuous, nothing lost or repeated
     assert all(r["aggregated"] == 3 for r in m[1:])
-    assert f"resuming after round {done}" in (tmp_path / "coordinator2.log").read_text()
+    log2 = (tmp_path / "coordinator2.log").read_text()
+    assert f"resuming after round {done}" in log2
+    # the server momentum buffer was checkpointed and came back
+    assert (run / "checkpoint" / "server.safetensors").is_file()
+    assert "buffers restored" in log2, log2[-2000:]
 
 
 def test_broker_restart_mid_run(broker, fmnist_root, tmp_path):
