@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import os
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import env_line, environment, md_table, write_results
 from cahfp.config import PruningConfig
@@ -103,6 +106,83 @@ def interleaved_step_times(modules, x, y, steps: int) -> list[float]:
     return interleaved_medians([_stepper(m, x, y) for m in modules], steps)
 
 
+def conv_runner(module, x, input_grad: bool = False):
+    """A timed runner (seconds) that runs forward and backward of every Conv2d of ``module`` on
+    its own, at the input shape it sees in the model, and the training FLOPs that costs: the
+    convolution kernels' part of a step, without the rest of the model. The first layer's input
+    (the image) needs no gradient unless ``input_grad``."""
+    shapes = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: shapes.append((m, i[0].shape, o.shape)))
+        for m in module.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            module(x)
+    finally:
+        module.train(was_training)
+        for h in hooks:
+            h.remove()
+    gen = torch.Generator().manual_seed(0)
+    # the first layer's input is the image, which needs no gradient
+    work = [
+        (
+            copy.deepcopy(m),
+            torch.randn(i, generator=gen).requires_grad_(n > 0 or input_grad),
+            torch.randn(o, generator=gen),
+        )
+        for n, (m, i, o) in enumerate(shapes)
+    ]
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        for conv, inp, grad in work:
+            conv(inp).backward(grad)
+        return time.perf_counter() - t0
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    for _ in range(2):
+        run()
+    return run, counter.get_total_flops()
+
+
+KERNEL_LAYERS = ((8, 28), (16, 14), (32, 7))  # ResNet-20 x0.5's stages (channels, side) on FMNIST
+
+
+def part_kernels(args) -> list[dict]:
+    """One 3x3 convolution of a layer's shape (c -> c channels, batch ``args.batch``), forward
+    and backward, at fractions of the layer's width: the time the kernel takes against the
+    FLOPs it does."""
+    rows = []
+    for width, side in KERNEL_LAYERS:
+        counts = sorted({max(1, round(width * f)) for f in (0.125, 0.25, 0.5, 0.75, 1.0)})
+        runners = [
+            conv_runner(
+                nn.Conv2d(c, c, 3, padding=1, bias=False),
+                torch.zeros(args.batch, c, side, side),
+                input_grad=True,
+            )
+            for c in counts
+        ]
+        times = interleaved_medians([r for r, _ in runners], args.steps)
+        for c, t in zip(counts, times, strict=True):
+            rows.append(
+                {
+                    "width": width,
+                    "side": side,
+                    "channels": c,
+                    "ms": t * 1e3,
+                    "flops": (c / width) ** 2,
+                    "time": t / times[-1],
+                }
+            )
+    return rows
+
+
 def fixed_step_share(model, x, y, steps: int) -> float:
     """The share of a training step that does not shrink with the work: from step times at
     batch 2 and at the full batch, ``t(b) = fixed + b * per_sample`` solved for ``fixed`` (op
@@ -150,6 +230,8 @@ def part_training_and_bytes(args) -> tuple[list, list]:
             )
             dense_t, t, uni_t = timings[len(timings) // 2]
             spread = [ts[0] / ts[1] * frac for ts in timings]
+            (dense_convs, dense_cf), (convs, cf) = conv_runner(model, x), conv_runner(sub.module, x)
+            dense_ct, ct = interleaved_medians([dense_convs, convs], args.steps)
             speed.append(
                 {
                     "model": label,
@@ -162,6 +244,10 @@ def part_training_and_bytes(args) -> tuple[list, list]:
                     "of_ideal_range": [min(spread), max(spread)],
                     "uniform_of_ideal": dense_t / uni_t * uni_frac,
                     "fixed_share": fixed,
+                    # the convolutions alone, each on its own: how far the kernels themselves
+                    # turn fewer FLOPs into less time
+                    "conv_flops": cf / dense_cf,
+                    "conv_of_ideal": dense_ct / ct * cf / dense_cf,
                     # vs the best speed-up with the fixed share kept and the rest scaled by FLOPs
                     "of_bound": dense_t / t * (fixed + (1 - fixed) * frac),
                 }
@@ -347,7 +433,9 @@ def part_scale(args) -> list[dict]:
                     "cpu_round_s": rec["cpu_seconds"],
                     "cpu_per_update_ms": rec["cpu_seconds"] / max(rec["aggregated"], 1) * 1e3,
                     "updates_per_s": rec["aggregated"] / max(rec["seconds"], 1e-9),
-                    "peak_rss_mb": usage.ru_maxrss / 1024,
+                    # the coordinator's own high-water mark (its rusage counts this process's
+                    # memory at the fork that started it)
+                    "peak_rss_mb": rec["peak_rss_mb"],
                     "inbox_memory_mb": rec["transport"].get("inbox_peak_memory_mb", 0.0),
                     "spooled_mb": rec["transport"].get("inbox_peak_on_disk_mb", 0.0),
                     "process_wall_s": wall,
@@ -374,7 +462,7 @@ def part_checkpoint() -> dict:
         }
 
 
-def report(args, env, seconds, speed, wire, scoring, scale, ck) -> str:
+def report(args, env, seconds, speed, kernels, wire, scoring, scale, ck) -> str:
     cmd = "python -m benchmarks.system" + (" --quick" if args.quick else "")
     period = PruningConfig().refresh_period
     lines = [
@@ -398,8 +486,13 @@ def report(args, env, seconds, speed, wire, scoring, scale, ck) -> str:
         "that does not shrink with the work (op dispatch, allocation, the optimizer's loop over "
         "tensors), estimated from step times at batch 2 and at the full batch "
         "(`t(b) = fixed + b x per-sample`); `of bound` = speed-up / the best speed-up with that "
-        "part kept and the rest scaled by FLOPs, `1 / (fixed + (1 - fixed) x FLOPs)`. Target "
-        "≥ 0.7.",
+        "part kept and the rest scaled by FLOPs, `1 / (fixed + (1 - fixed) x FLOPs)`. "
+        "`convs alone`: the same ratio for the model's convolutions only, each run forward and "
+        "backward on its own at the input shape it has in the model (dense and pruned timed in "
+        "alternating bursts, FLOPs counted by FlopCounterMode): how far this host's "
+        "convolution kernels turn fewer channels into less time. Below 1 the kernels "
+        "themselves do not scale (narrow layers run below the vector width and lose "
+        "efficiency), which no plan that is budgeted in FLOPs can recover. Target ≥ 0.7.",
         "",
         md_table(
             [
@@ -414,6 +507,7 @@ def report(args, env, seconds, speed, wire, scoring, scale, ck) -> str:
                 "uniform: of ideal",
                 "fixed share",
                 "of bound",
+                "convs alone: of ideal",
             ],
             [
                 [
@@ -428,8 +522,30 @@ def report(args, env, seconds, speed, wire, scoring, scale, ck) -> str:
                     f"{r['uniform_of_ideal']:.2f}",
                     f"{r['fixed_share']:.0%}",
                     f"{r['of_bound']:.2f}",
+                    f"{r['conv_of_ideal']:.2f}",
                 ]
                 for r in speed
+            ],
+        ),
+        "",
+        "**The convolution kernels at narrow widths.** One 3x3 convolution of each of "
+        "ResNet-20 x0.5's layer shapes on 28x28 inputs (c -> c channels, batch "
+        f"{args.batch}, forward and backward, timed in alternating bursts) with fewer "
+        "channels: `time` is its step time over the full layer's, `FLOPs` its FLOPs over the "
+        "full layer's. Where `time` stays far above `FLOPs`, removing channels from such a "
+        "layer saves FLOPs but little time on this host.",
+        "",
+        md_table(
+            ["layer (channels, side)", "channels kept", "FLOPs", "time", "ms"],
+            [
+                [
+                    f"{r['width']} x {r['side']}x{r['side']}",
+                    str(r["channels"]),
+                    f"{r['flops']:.3f}",
+                    f"{r['time']:.2f}",
+                    f"{r['ms']:.2f}",
+                ]
+                for r in kernels
             ],
         ),
         "",
@@ -524,7 +640,9 @@ def report(args, env, seconds, speed, wire, scoring, scale, ck) -> str:
             "sent again to each, their answers validated and pooled), evaluates on 1000 images "
             "and checkpoints. `CPU/update` is the coordinator's process CPU time in the round "
             "divided by the updates; peak RSS "
-            "is the coordinator process's maximum resident memory over its whole life; "
+            "is the coordinator process's own high-water resident memory at the end of the "
+            "round (`VmHWM`; its `ru_maxrss` would also count this benchmark's memory at the "
+            "fork that started it); "
             "`inbox MB` / `on disk MB`: the most received-but-unprocessed payload bytes held in "
             "memory (budget 64 MiB) and spooled to disk at once (docs/scaling.md).",
             "",
@@ -584,6 +702,7 @@ def main(argv=None) -> int:
     env = environment()
     start = time.perf_counter()
     speed, wire = part_training_and_bytes(args)
+    kernels = part_kernels(args)
     scoring = part_scoring(args)
     ck = part_checkpoint()
     scale = part_scale(args) if args.scale else []
@@ -592,13 +711,17 @@ def main(argv=None) -> int:
     raw = {
         "env": env,
         "speed": speed,
+        "kernels": kernels,
         "wire": wire,
         "scoring": scoring,
         "scale": scale,
         "checkpoint": ck,
     }
     path = write_results(
-        name, report(args, env, seconds, speed, wire, scoring, scale, ck), raw, args.out_dir
+        name,
+        report(args, env, seconds, speed, kernels, wire, scoring, scale, ck),
+        raw,
+        args.out_dir,
     )
     print(f"wrote {path}")
     return 0

@@ -21,6 +21,15 @@ def test_system_benchmark_quick_run_reports_every_part(fmnist_root, tmp_path, br
         assert r["of_bound"] >= r["of_ideal"] * (1 - 1e-9)  # the bound is below the ideal
         low, high = r["of_ideal_range"]
         assert low <= r["of_ideal"] <= high
+        # the convolutions alone: a fraction of the dense convolutions' FLOPs close to the
+        # whole model's (the classifier is the rest)
+        assert abs(r["conv_flops"] - r["flops"]) < 0.05 and r["conv_of_ideal"] > 0, r
+    kernels = raw["kernels"]
+    assert {(r["width"], r["side"]) for r in kernels} == {(8, 28), (16, 14), (32, 7)}
+    for r in kernels:
+        assert r["ms"] > 0 and 0 < r["flops"] <= 1, r
+        if r["channels"] == r["width"]:
+            assert r["flops"] == r["time"] == 1.0, r
     for r in raw["wire"]:
         framing = r["up"] - r["param_bytes"] - r["buffers"]
         assert 0 < framing < 4096 and r["up_overhead"] < 0.05, r
