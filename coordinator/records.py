@@ -3,7 +3,8 @@ round (written atomically), the final model, a summary and plots.
 
     runs/NAME/config.toml          resolved configuration
     runs/NAME/metrics.jsonl        one JSON object per round (round 0 = initial model)
-    runs/NAME/checkpoint/          global.safetensors + state.json of the last completed round
+    runs/NAME/checkpoint/          state.json of the last completed round, and its
+                                   global-<round>.safetensors (+ server-<round>.safetensors)
     runs/NAME/model.safetensors    final global model
     runs/NAME/summary.json         headline numbers
     runs/NAME/*.png                plots
@@ -73,15 +74,19 @@ class RunRecorder:
         extra: dict | None = None,
         server: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """The global state, the coordinator's own tensors (``server``: the momentum buffer) and
-        ``state.json``, written last: its round names the checkpoint."""
+        """The global state and the coordinator's own tensors (``server``: the momentum buffer)
+        in files named by the round, then ``state.json``, which names the round, and only then
+        are the previous round's files removed: a crash at any point leaves a whole checkpoint."""
         ck = self.dir / "checkpoint"
-        atomic_write(ck / "global.safetensors", encode_state(state, {"round": rnd}))
+        keep = {f"global-{rnd}.safetensors"}
+        atomic_write(ck / f"global-{rnd}.safetensors", encode_state(state, {"round": rnd}))
         if server:
-            atomic_write(ck / "server.safetensors", encode_state(server, {"round": rnd}))
-        else:
-            (ck / "server.safetensors").unlink(missing_ok=True)
+            keep.add(f"server-{rnd}.safetensors")
+            atomic_write(ck / f"server-{rnd}.safetensors", encode_state(server, {"round": rnd}))
         atomic_write(ck / "state.json", json.dumps({"round": rnd, **(extra or {})}))
+        for old in ck.glob("*.safetensors"):
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
 
     def truncate_after(self, rnd: int) -> None:
         """Drop metrics lines of rounds after ``rnd`` (written before a crash that came before
@@ -110,8 +115,11 @@ def load_checkpoint(run_dir: str | Path) -> tuple[int, dict[str, torch.Tensor], 
     ck = Path(run_dir) / "checkpoint"
     try:
         meta = json.loads((ck / "state.json").read_text())
-        state, header = decode_state((ck / "global.safetensors").read_bytes())
-    except (OSError, json.JSONDecodeError) as exc:
+        weights = ck / f"global-{meta.get('round')}.safetensors"
+        if not weights.is_file():  # written before the files were named by round
+            weights = ck / "global.safetensors"
+        state, header = decode_state(weights.read_bytes())
+    except (OSError, json.JSONDecodeError, CAHFPError) as exc:
         raise CAHFPError(f"no usable checkpoint in {ck}: {exc}") from None
     if header.get("round") != meta.get("round"):
         raise CAHFPError(
@@ -123,7 +131,7 @@ def load_checkpoint(run_dir: str | Path) -> tuple[int, dict[str, torch.Tensor], 
 
 def load_server_state(run_dir: str | Path, rnd: int) -> dict[str, torch.Tensor]:
     """The coordinator's own tensors saved with round ``rnd``'s checkpoint (empty if none)."""
-    path = Path(run_dir) / "checkpoint" / "server.safetensors"
+    path = Path(run_dir) / "checkpoint" / f"server-{rnd}.safetensors"
     if not path.is_file():
         return {}
     try:

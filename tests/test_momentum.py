@@ -64,8 +64,10 @@ def test_checkpoint_round_trip_and_bad_buffers(tmp_path):
     again = ServerMomentum(0.9, {"bn.running_mean"})
     again.load(load_server_state(tmp_path, done), loaded)
     assert torch.equal(again.buffer["w"], mom.buffer["w"])
+    ck = tmp_path / "checkpoint"
+    (ck / "server-3.safetensors").write_bytes((ck / "server-2.safetensors").read_bytes())
     with pytest.raises(CAHFPError, match="round 2, the checkpoint of round 3"):
-        load_server_state(tmp_path, 3)
+        load_server_state(tmp_path, 3)  # a file whose name and contents disagree
     for bad, match in (
         ({"momentum/x": torch.zeros(2)}, "lacks"),
         ({"momentum/w": torch.zeros(3)}, "mis-shaped"),
@@ -78,3 +80,33 @@ def test_checkpoint_round_trip_and_bad_buffers(tmp_path):
     # a later checkpoint without momentum removes the stale buffer file
     rec.checkpoint(3, state, {"clients": {}}, {})
     assert load_server_state(tmp_path, 3) == {}
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
+        "global-3.safetensors",
+        "state.json",
+    ]
+
+
+def test_a_crash_while_checkpointing_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    from cahfp.config import Config
+    from coordinator import records
+
+    prev, new = states()
+    rec = RunRecorder(tmp_path, Config(), 1.0)
+    rec.checkpoint(1, prev, {"clients": {}}, {"momentum/w": torch.ones(2)})
+    real = records.atomic_write
+
+    def crash_at_state_json(path, data):
+        if path.name == "state.json":
+            raise OSError("killed")
+        real(path, data)
+
+    monkeypatch.setattr(records, "atomic_write", crash_at_state_json)
+    with pytest.raises(OSError):
+        rec.checkpoint(2, new, {"clients": {}}, {"momentum/w": torch.zeros(2)})
+    done, state, _ = load_checkpoint(tmp_path)  # round 1, whole
+    assert done == 1 and torch.equal(state["w"], prev["w"])
+    assert torch.equal(load_server_state(tmp_path, 1)["momentum/w"], torch.ones(2))
+    # a corrupt weights file is named, not unpickled or half-loaded
+    (tmp_path / "checkpoint" / "global-1.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CAHFPError, match="no usable checkpoint"):
+        load_checkpoint(tmp_path)
