@@ -25,13 +25,27 @@ def environment() -> dict:
     except OSError:
         pass
     try:
+        git = ["git", "-C", str(RESULTS.parent)]
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        # tracked files changed since that commit (results aside) make the tree a different one
+        changed = subprocess.run(
+            [
+                *git,
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ":/",
+                ":(top,exclude)benchmarks/results",
+            ],
             capture_output=True,
             text=True,
             check=False,
-            cwd=RESULTS.parent,
         ).stdout.strip()
+        if commit and changed:
+            commit += " with uncommitted changes"
     except OSError:
         commit = ""
     return {
