@@ -11,7 +11,7 @@ ifneq ($(wildcard ../shared/data/fashion-mnist),)
 export CAHFP_DATA_DIR ?= $(abspath ../shared/data)
 endif
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench install clean audit-trained
 
 install: $(STAMP)
 
@@ -36,3 +36,11 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+
+# Tests that assert a number training produces, under torch threads 1 and 2 and seeds 0-2 (the
+# build machines' CPUs differ; see tests/conftest.py).
+audit-trained: $(STAMP)
+	for t in 1 2; do for s in 0 1 2; do \
+	  echo "== threads $$t, seed offset $$s"; \
+	  CAHFP_TEST_THREADS=$$t CAHFP_TEST_SEED=$$s $(BIN)/python -m pytest -q -m trained || exit 1; \
+	done; done

@@ -11,7 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+from tests.conftest import TEST_SEED
+
 REPO = Path(__file__).resolve().parents[1]
+SEED = 1 + TEST_SEED  # the federation's and the clients' data seed
 
 
 def write_config(
@@ -28,7 +31,7 @@ def write_config(
             "name": name,
             "rounds": rounds,
             "clients": clients,
-            "seed": 1,
+            "seed": SEED,
             "deadline_s": deadline,
             "min_updates": 1,
             "strategy": "cahfp",
@@ -98,7 +101,7 @@ def client(
         "--train-samples",
         str(train_samples or 300 * n),
         "--seed",
-        "1",
+        str(SEED),
         "--data-dir",
         str(data_dir),
         "--profile",

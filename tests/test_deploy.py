@@ -18,7 +18,7 @@ from coordinator.broker import free_port, wait_port
 from deploy import broker_config as bc
 from edge_client.link import LinkError, MqttLink, read_credentials
 from tests.conftest import missing
-from tests.mqtt_helpers import REPO, cli, finish, kill_all, metrics, write_config
+from tests.mqtt_helpers import REPO, SEED, cli, finish, kill_all, metrics, write_config
 
 FED = "sec"
 
@@ -135,6 +135,7 @@ def test_acl_isolates_devices(secured):
         lnk.stop()
 
 
+@pytest.mark.trained
 def test_federation_over_tls_with_generated_config(secured, fmnist_root, tmp_path):
     d, url = secured
     cfg = write_config(tmp_path / "fed.toml", FED, 3, 3, fmnist_root)
@@ -163,7 +164,7 @@ def test_federation_over_tls_with_generated_config(secured, fmnist_root, tmp_pat
             "--train-samples",
             "900",
             "--seed",
-            "1",
+            str(SEED),
             "--data-dir",
             str(fmnist_root),
             "--profile",
@@ -334,6 +335,7 @@ def test_provision_dry_run_and_throwaway_root(secured, tmp_path):
     assert "already done: cahfp-client.service installed" in second.stdout
 
 
+@pytest.mark.trained
 def test_testbed_slower_slice_chooses_smaller_keep(fmnist_root, tmp_path):
     if os.geteuid() != 0:
         missing("the testbed needs root")

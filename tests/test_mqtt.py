@@ -46,6 +46,7 @@ def start_federation(broker, tmp_path, fmnist_root, name, rounds, n=3, **cfg):
     return config, coord, clients
 
 
+@pytest.mark.trained
 def test_end_to_end_three_clients(broker, fmnist_root, tmp_path):
     _, coord, clients = start_federation(broker, tmp_path, fmnist_root, "e2e", rounds=3)
     try:

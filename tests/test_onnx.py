@@ -19,6 +19,7 @@ from cahfp.pruning import extract, make_plan, score_groups
 from cahfp.training import Recipe, train
 from cahfp.wire import encode_state
 from edge_client.exporting import export_checkpoint, export_submodel
+from tests.conftest import TEST_SEED
 
 INFO = dataset_info("fmnist")
 
@@ -58,8 +59,9 @@ def test_failed_parity_fails_loudly_and_writes_nothing(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def trained_export(tmp_path_factory, fmnist_train, fmnist_test):
-    model = build_model("vgg11", 10, 1, 0.25, seed=0)
-    train(model, fmnist_train.subset(range(3000)), Recipe(epochs=1, lr=0.05), seed=0)
+    # lr 0.02: at 0.05 one epoch's accuracy swings by 0.2 with the CPU's kernels and the seed
+    model = build_model("vgg11", 10, 1, 0.25, seed=TEST_SEED)
+    train(model, fmnist_train.subset(range(3000)), Recipe(epochs=1, lr=0.02), seed=TEST_SEED)
     model.eval()
     path = tmp_path_factory.mktemp("onnx") / "fmnist.onnx"
     export_submodel(model, INFO, path, keep=1.0)
@@ -140,6 +142,7 @@ def test_benchmark_reports_latency(trained_export):
     assert b["p95_ms"] >= b["p50_ms"] > 0 and b["throughput"] > 0
 
 
+@pytest.mark.trained
 def test_pruned_checkpoint_export_recalibrates_batchnorm(trained_export, fmnist_root, tmp_path):
     """`cahfp export` of a trained global model at keep 0.5: cut out as it is, the submodel's
     inherited BatchNorm statistics sink it towards chance; recomputed on training data, it stays

@@ -4,6 +4,7 @@ from pydantic import ValidationError
 
 from cahfp.models import build_model
 from cahfp.training import Recipe, evaluate, label_shift, recalibrate_batchnorm, train
+from tests.conftest import TEST_SEED
 
 
 @pytest.fixture(scope="module")
@@ -13,15 +14,20 @@ def small_fmnist(fmnist_train, fmnist_test):
     return fmnist_train.subset(idx), fmnist_test.subset(range(2000))
 
 
+@pytest.mark.trained
 def test_one_epoch_beats_chance_clearly(small_fmnist):
+    """One epoch on 2000 images. At lr 0.05 the first steps of this BatchNorm network are
+    unstable and the result swings from 0.35 to 0.67 with the CPU's kernels, thread count and
+    seed; at lr 0.02 it stays at 0.63-0.75 (issue 20's measurements): 0.5 is five times chance
+    with a margin for other hosts."""
     train_set, test_set = small_fmnist
-    model = build_model("vgg11", 10, 1, 0.25, seed=0)
+    model = build_model("vgg11", 10, 1, 0.25, seed=TEST_SEED)
     before = evaluate(model, test_set)
-    plain = Recipe(epochs=1, batch_size=32, lr=0.05, logit_adjust=0.0)  # plain cross-entropy
-    result = train(model, train_set, plain, seed=0)
+    plain = Recipe(epochs=1, batch_size=32, lr=0.02, logit_adjust=0.0)  # plain cross-entropy
+    result = train(model, train_set, plain, seed=TEST_SEED)
     after = evaluate(model, test_set)
     assert result.steps == 63 and result.samples == 2000
-    assert after.accuracy > 0.55 > before.accuracy
+    assert before.accuracy < 0.3 < 0.5 < after.accuracy
     assert after.loss < before.loss
 
 
@@ -60,6 +66,7 @@ def test_label_shift_is_the_scaled_log_frequency_of_local_labels(small_fmnist):
         Recipe(logit_adjust=-1)
 
 
+@pytest.mark.trained
 def test_logit_adjustment_keeps_a_skewed_client_from_suppressing_absent_classes(small_fmnist):
     """A client that holds only classes 0-2: plain cross-entropy drives the other seven classes'
     probabilities towards 0 on every input; with the adjusted loss, the other classes (which the
@@ -70,8 +77,9 @@ def test_logit_adjustment_keeps_a_skewed_client_from_suppressing_absent_classes(
     unseen = test_set.subset(torch.nonzero(test_set.targets >= 3).flatten()[:300])
     absent_mass = {}
     for tau in (0.0, 1.0):
-        model = build_model("vgg11", 10, 1, 0.25, seed=0)
-        train(model, data, Recipe(epochs=2, batch_size=32, lr=0.05, logit_adjust=tau), seed=0)
+        model = build_model("vgg11", 10, 1, 0.25, seed=TEST_SEED)
+        recipe = Recipe(epochs=2, batch_size=32, lr=0.05, logit_adjust=tau)
+        train(model, data, recipe, seed=TEST_SEED)
         model.eval()
         with torch.no_grad():
             x = torch.cat(
