@@ -51,6 +51,10 @@ class Coordinator:
         self.out_dir = Path(out_dir) if out_dir else None
         if resume and self.out_dir is None:
             raise CAHFPError("--resume needs the run directory (--out) of the interrupted run")
+        if resume and not (self.out_dir / "checkpoint" / "state.json").exists():
+            # the service unit always passes --resume: its first start has nothing to resume
+            log.info("no checkpoint in %s yet: starting a fresh run", self.out_dir)
+            resume = False
         self.resume = resume
         user, password = read_credentials(credentials)
         stopped = Status(round=0, state="stopped", detail="coordinator connection lost")

@@ -18,6 +18,7 @@ from cahfp.protocol import Topics, split_payload
 from cahfp.wire import decode_state, encode_update
 from edge_client.link import MqttLink
 from tests.mqtt_helpers import (
+    cli,
     client,
     coordinator,
     finish,
@@ -36,13 +37,15 @@ def logs(tmp_path) -> str:
     )
 
 
-def start_federation(broker, tmp_path, fmnist_root, name, rounds, n=3, **cfg):
+def start_federation(broker, tmp_path, fmnist_root, name, rounds, n=3, coord_args=(), **cfg):
     config = write_config(tmp_path / f"{name}.toml", name, rounds, n, fmnist_root, **cfg)
     clients = [
         client(broker.url, name, f"c{i}", i, n, fmnist_root, tmp_path / f"c{i}.log")
         for i in range(n)
     ]
-    coord = coordinator(broker.url, config, tmp_path / name, tmp_path / "coordinator.log")
+    coord = coordinator(
+        broker.url, config, tmp_path / name, tmp_path / "coordinator.log", *coord_args
+    )
     return config, coord, clients
 
 
@@ -102,9 +105,17 @@ def test_killed_client_misses_the_round_and_rejoins(broker, fmnist_root, tmp_pat
 
 
 def test_coordinator_restart_resumes_after_last_completed_round(broker, fmnist_root, tmp_path):
+    """Both starts use --resume, as the service unit does: the first, on an empty run
+    directory, starts a fresh run and says so."""
     name = "resume"
     config, coord, clients = start_federation(
-        broker, tmp_path, fmnist_root, name, rounds=4, aggregation__server_momentum=0.5
+        broker,
+        tmp_path,
+        fmnist_root,
+        name,
+        rounds=4,
+        coord_args=("--resume",),
+        aggregation__server_momentum=0.5,
     )
     run = tmp_path / name
     procs = [coord, *clients]
@@ -129,6 +140,7 @@ def test_coordinator_restart_resumes_after_last_completed_round(broker, fmnist_r
     m = metrics(run)
     assert [r["round"] for r in m] == [0, 1, 2, 3, 4]  # continuous, nothing lost or repeated
     assert all(r["aggregated"] == 3 for r in m[1:])
+    assert "starting a fresh run" in (tmp_path / "coordinator.log").read_text()
     log2 = (tmp_path / "coordinator2.log").read_text()
     assert f"resuming after round {done}" in log2
     # the server momentum buffer was checkpointed and came back
@@ -306,3 +318,28 @@ def test_bad_updates_are_rejected_and_change_nothing(broker, fmnist_root, tmp_pa
     assert [r["accuracy"] for r in bad_m] == pytest.approx(
         [r["accuracy"] for r in clean_m], abs=6e-3
     )
+
+
+def test_resume_refuses_a_corrupt_checkpoint_with_one_line(fmnist_root, tmp_path):
+    """A run directory with a checkpoint that cannot be read is not silently restarted: the
+    coordinator exits 2 with one line, before it connects anywhere, and changes nothing."""
+    config = write_config(tmp_path / "fed.toml", "corrupt", 2, 1, fmnist_root)
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "state.json").write_text('{"round": 3}')
+    (run / "metrics.jsonl").write_text('{"round": 0}\n')
+    proc = cli(
+        "coordinator",
+        "--broker",
+        "mqtt://127.0.0.1:1",
+        "--config",
+        str(config),
+        "--out",
+        str(run),
+        "--resume",
+        log=tmp_path / "c.log",
+    )
+    assert proc.wait(120) == 2
+    out = (tmp_path / "c.log").read_text()
+    assert "error: no usable checkpoint" in out and "Traceback" not in out, out
+    assert (run / "metrics.jsonl").read_text() == '{"round": 0}\n'
