@@ -121,6 +121,7 @@ def base_overrides(args, model: str, alpha: float, seed: int) -> dict:
         "train.epochs": 1,
         "train.batch_size": 32,
         "train.lr": 0.05,
+        "clients.budget": "fixed-tiers",  # a method comparison: the same keeps for everyone
         "pruning.tiers": [1.0, 0.6, 0.4, 0.2],
         "pruning.refresh_period": 5,
     }

@@ -153,6 +153,7 @@ def bench_round(url: str, rounds: int, data_dir: str | None, train_samples: int)
         "data.train_samples": train_samples,
         "data.eval_samples": 2000,
         "data.data_dir": data_dir,
+        "clients.budget": "fixed-tiers",
         "pruning.tiers": [1.0, 0.6, 0.4],
     }
     cfg = load_config(None, overrides)

@@ -179,13 +179,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     import json
 
-    from cahfp.messages import ModelSpec
+    from cahfp.messages import BudgetSettings, ModelSpec
     from cahfp.training import Recipe
-    from device_profiles import REFERENCE_FLOPS_PER_SECOND
-    from edge_client.budget import BudgetModel, Constraints
+    from device_profiles import REFERENCE_FLOPS_PER_SECOND, load_profile
+    from edge_client.budget import device_budget
     from edge_client.calibrate import calibrate
     from edge_client.device import measure_device
 
+    board = load_profile(args.profile) if args.profile else None
     info = measure_device()
     spec = ModelSpec(
         name=args.model,
@@ -194,21 +195,25 @@ def cmd_profile(args: argparse.Namespace) -> int:
         in_channels=args.in_channels,
         image_size=args.image_size,
     )
-    cal = calibrate(spec, args.batch_size, use_cache=not args.fresh)
+    measured = calibrate(spec, args.batch_size, use_cache=not args.fresh)
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size)
-    model = BudgetModel(cal, min_keep=args.min_keep)
     memory = args.memory_mb << 20 if args.memory_mb else info.usable_memory
-    cons = Constraints(
-        deadline_s=args.deadline,
-        samples=int(args.epochs * args.samples),
-        batch_size=args.batch_size,
-        memory_bytes=memory,
-        uplink_bytes_per_s=args.uplink_mbps * 1e6 / 8 if args.uplink_mbps else None,
+    device = device_budget(measured, memory, board)  # what `cahfp client` sets up, too
+    if args.memory_mb:
+        device.memory_bytes = memory
+    if args.uplink_mbps:
+        device.uplink_bytes_per_s = args.uplink_mbps * 1e6 / 8
+    cal = device.model.calibration
+    settings = BudgetSettings(safety=args.safety, min_keep=args.min_keep)
+    cons = device.constraints(
+        settings,
+        args.deadline,
+        int(args.epochs * args.samples),
+        args.batch_size,
         score_samples=4 * args.batch_size,
-        safety=args.safety,
     )
     try:
-        choice = model.choose(cons)
+        choice = device.model.choose(cons)
         decision = {
             "keep": choice.keep,
             "reason": choice.reason,
@@ -234,11 +239,24 @@ def cmd_profile(args: argparse.Namespace) -> int:
         f"{info.memory_available / mib:.0f} of {info.memory_total / mib:.0f} MiB available, "
         f"usable {info.usable_memory / mib:.0f} MiB"
     )
+    def shown(value, fmt: str = "", unit: str = "") -> str:
+        return "n/a" if value is None else f"{format(value, fmt)}{unit}"
+
+    cg = info.cgroup
+    quota = f"{cg.cpu_quota:g} cores" if cg.cpu_quota else "none"
+    limit = f"{cg.memory_limit / mib:.0f} MiB" if cg.memory_limit else "none"
     print(
-        f"         load {info.load_1m}, temperature {info.temperature_c} C, battery "
-        f"{info.battery_percent}, accelerator {info.accelerator or 'none'}, cgroup v"
-        f"{info.cgroup.version} quota {info.cgroup.cpu_quota} limit {info.cgroup.memory_limit}"
+        f"         load {shown(info.load_1m, '.2f')}, temperature "
+        f"{shown(info.temperature_c, '.0f', ' C')}, battery "
+        f"{shown(info.battery_percent, '.0f', '%')}, accelerator {info.accelerator or 'none'}; "
+        f"cgroup {shown(cg.version)}: cpu quota {quota}, memory limit {limit}"
     )
+    if board is not None:
+        print(
+            f"emulated {board.name}: {board.relative_speed:g} x the reference speed (this host's "
+            f"times x {device.time_scale:.3g}), memory {board.memory_bytes / mib:.0f} MiB, "
+            f"uplink {board.uplink_mbps:g} Mbit/s"
+        )
     print(
         f"model    {spec.name} x{spec.width:g}, input {spec.in_channels}x{spec.image_size}x"
         f"{spec.image_size}, batch {args.batch_size}"
@@ -419,7 +437,7 @@ def cmd_testbed(args: argparse.Namespace) -> int:
         "federation.rounds": args.rounds,
         "federation.clients": len(profiles),
         "federation.deadline_s": args.deadline,
-        "clients.budget": "profiles",
+        "clients.budget": "measured",
         "data.data_dir": args.data_dir,
         **(
             {}
@@ -607,6 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uplink-mbps", type=float)
     p.add_argument("--safety", type=float, default=0.8)
     p.add_argument("--min-keep", type=float, default=0.1)
+    p.add_argument(
+        "--profile",
+        help="emulate this board profile on this host (a name from device_profiles/ or a file), "
+        "as `cahfp client --profile NAME` does",
+    )
     p.add_argument("--fresh", action="store_true", help="ignore the cached calibration")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_profile)

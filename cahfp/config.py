@@ -14,6 +14,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cahfp.errors import CAHFPError, ConfigError  # noqa: F401 (ConfigError re-exported)
+from cahfp.messages import BudgetSettings
 from cahfp.training import Recipe
 
 if sys.version_info >= (3, 11):
@@ -98,7 +99,12 @@ class DataConfig(_Strict):
 
 
 class PruningConfig(_Strict):
-    tiers: list[float] = Field(default_factory=lambda: [1.0, 0.6, 0.4, 0.2], min_length=1)
+    tiers: list[float] = Field(
+        default_factory=lambda: [1.0, 0.6, 0.4, 0.2],
+        min_length=1,
+        description="with clients.budget = 'fixed-tiers' only (simulation, benchmarks): the "
+        "keep fractions assigned to clients in turn",
+    )
     refresh_period: int = Field(5, ge=1)
     score_batches: int = Field(4, ge=1)
     allocation: Literal["auto", "global", "uniform"] = "auto"
@@ -164,11 +170,16 @@ class PruningConfig(_Strict):
         return v
 
 
+BUDGET_ALIASES = {"profiles": "measured", "tiers": "fixed-tiers"}  # names before protocol 6
+
+
 class ClientsConfig(_Strict):
-    budget: Literal["tiers", "profiles"] = Field(
-        "tiers",
-        description="tiers: keep fractions from pruning.tiers; profiles: every client "
-        "measures (in simulation: emulates) its device and chooses its own keep",
+    budget: Literal["measured", "fixed-tiers"] = Field(
+        "measured",
+        description="measured: every client measures its own device (in simulation: emulates "
+        "its clients.profiles board) and chooses its own keep, capped at clients.max_keep; "
+        "fixed-tiers (simulation and benchmarks): the coordinator gives client i the keep "
+        "pruning.tiers[i mod len], whatever its device measured",
     )
     profiles: list[str] = Field(
         default_factory=lambda: [
@@ -180,7 +191,25 @@ class ClientsConfig(_Strict):
         min_length=1,
     )
     safety: float = Field(0.8, gt=0, le=1, description="share of deadline and memory to plan for")
-    min_keep: float = Field(0.1, gt=0, le=1)
+    min_keep: float = Field(0.1, gt=0, le=1, description="the smallest keep a device may choose")
+    max_keep: float = Field(
+        1.0, gt=0, le=1, description="federation-wide cap on the keep a device may choose"
+    )
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _old_names(cls, v):
+        return BUDGET_ALIASES.get(v, v)
+
+    @model_validator(mode="after")
+    def _keep_range(self) -> ClientsConfig:
+        if self.min_keep > self.max_keep:
+            raise ValueError(f"min_keep {self.min_keep} is above max_keep {self.max_keep}")
+        return self
+
+    def settings(self) -> BudgetSettings:
+        """What a self-measuring client needs of these settings (sent with every task)."""
+        return BudgetSettings(safety=self.safety, min_keep=self.min_keep, max_keep=self.max_keep)
 
     @field_validator("profiles")
     @classmethod
@@ -285,7 +314,7 @@ class Config(_Strict):
         return self.clients.profiles[client_index % len(self.clients.profiles)]
 
     def keep_of(self, client_index: int) -> float:
-        """The keep fraction of a client's device tier (tiers cycle over clients)."""
+        """The keep fraction of a client's fixed tier (tiers cycle over clients)."""
         return self.pruning.tiers[client_index % len(self.pruning.tiers)]
 
     def to_toml(self) -> str:

@@ -14,9 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from cahfp.training import Recipe
 
 MAX_SAMPLES = 10**12  # far above any board's data; keeps the weights finite floats
-PROTOCOL = 5  # 3: tasks say whether pruned payloads carry BatchNorm statistics (statistics)
+PROTOCOL = 6  # 3: tasks say whether pruned payloads carry BatchNorm statistics (statistics)
 #  4: the training recipe gained logit_adjust
 #  5: statistics tasks (purpose), which recompute the global model's BatchNorm statistics
+#  6: tasks and the retained status carry the federation's budget settings (budget); a hello
+#     can say why the device cannot take part (problem)
 
 
 class _Message(BaseModel):
@@ -33,6 +35,17 @@ class ModelSpec(BaseModel):
     num_classes: int = Field(ge=2)
     in_channels: int = Field(ge=1)
     image_size: int = Field(ge=8)
+
+
+class BudgetSettings(BaseModel):
+    """How a device that measures itself turns its measurement into a keep: the share of the
+    deadline and of its memory it plans for, and the range of keeps it may choose (the
+    federation's ``clients`` settings; the coordinator caps a device's choice at ``max_keep``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    safety: float = Field(0.8, gt=0, le=1)
+    min_keep: float = Field(0.1, gt=0, le=1)
+    max_keep: float = Field(1.0, gt=0, le=1)
 
 
 class PlanSettings(BaseModel):
@@ -71,6 +84,9 @@ class TaskMessage(_Message):
     model: ModelSpec
     recipe: Recipe
     keep: float | None = Field(None, gt=0, le=1, description="None: the client decides")
+    budget: BudgetSettings = Field(
+        default_factory=BudgetSettings, description="how a self-measuring client decides"
+    )
     payload: Literal["state", "slice"]
     plan: PlanSettings | None = Field(None, description="set when the client plans itself")
     seed: int = 0

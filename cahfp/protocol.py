@@ -132,6 +132,9 @@ class Hello(_Msg):
     keep_estimate: float | None = Field(None, ge=0, le=1)
     profile: dict = Field(default_factory=dict)
     max_chunk: int = Field(DEFAULT_CHUNK, ge=1024)
+    problem: str = Field(
+        "", max_length=500, description="why this device cannot take part (never selected)"
+    )
 
 
 class Ack(_Msg):
@@ -161,6 +164,7 @@ class Status(_Msg):
     model: dict | None = None
     recipe: dict | None = None
     deadline_s: float | None = None
+    budget: dict | None = None  # BudgetSettings
 
 
 def parse_json(model: type[BaseModel], payload: bytes, max_bytes: int = 1 << 20):

@@ -45,7 +45,7 @@ def demo_config(args: argparse.Namespace):
             "data.eval_samples": 2000,
             "data.data_dir": args.data_dir,
             "data.download": args.download or None,
-            "clients.budget": "profiles",
+            "clients.budget": "measured",
             "clients.profiles": PROFILES,
         }
         if args.config is None
@@ -96,10 +96,10 @@ def spawn_clients(
     cfg, url: str, protocol: int = 5, prefix: str = "demo", until_finished: bool = False
 ) -> list[subprocess.Popen]:
     """One client process per configured client, on its partition of the configured dataset
-    (emulating its device profile when ``clients.budget = "profiles"``)."""
+    (emulating its device profile when ``clients.budget = "measured"``)."""
     procs = []
     for i in range(cfg.federation.clients):
-        profile = cfg.profile_of(i) if cfg.clients.budget == "profiles" else "none"
+        profile = cfg.profile_of(i) if cfg.clients.budget == "measured" else "none"
         extra = ["--mqtt-version", "5" if protocol == 5 else "3.1.1", "--threads", "1", "--quiet"]
         if until_finished:
             extra.append("--until-finished")

@@ -128,7 +128,9 @@ class RoundEngine:
         }
         self.on_event = on_event or (lambda kind, data: None)
         self.round = 0
-        self.self_budget = config.clients.budget == "profiles"  # clients choose their keep
+        self.self_budget = config.clients.budget == "measured"  # clients choose their keep
+        self.budget_settings = config.clients.settings()
+        self._announced: dict[str, float | None] = {}  # the keep each client last announced
         self.groups = None if self.strategy.dense else find_groups(self.model, self.example)
         self.coverage: dict[int, torch.Tensor] | None = None  # decayed average share per channel
         self._round_cover: dict[int, torch.Tensor] | None = None
@@ -141,19 +143,39 @@ class RoundEngine:
 
     # ------------------------------------------------------------------ selection and tasks
 
-    def register(self, cid: str, keep: float | None = None) -> ClientRecord:
-        """Add a client that appeared (e.g. sent its hello); its index fixes its seeds."""
+    def register(self, cid: str, measured: float | None = None) -> ClientRecord:
+        """Add a client that appeared (e.g. sent its hello) with the keep its own measurement
+        chose (None: it does not measure itself); its index fixes its seeds."""
         index = len(self.clients)
-        if keep is None or not self.self_budget:
-            keep = self.cfg.keep_of(index)
-        rec = self.clients[cid] = ClientRecord(cid, index, keep)
-        self.on_event("registered", {"client": cid, "keep": keep})
+        rec = self.clients[cid] = ClientRecord(cid, index, 1.0)
+        self._announced[cid] = measured
+        if self.self_budget:
+            self._adopt(rec, measured)
+            wanted = 1.0 if measured is None else measured
+            source = "its own measurement" if measured is not None else "it does not measure"
+            if rec.keep < wanted:
+                source += f", capped at clients.max_keep {self.cfg.clients.max_keep:g}"
+        else:
+            rec.keep = self.cfg.keep_of(index)
+            source = "fixed tier" + (f"; it measured {measured:.2f}" if measured else "")
+        self.on_event("registered", {"client": cid, "keep": rec.keep, "source": source})
         return rec
+
+    def _adopt(self, rec: ClientRecord, measured: float | None) -> None:
+        """Take a device's own choice of keep, capped at the federation's maximum (never
+        replaced: a device that measured nothing is taken as able to train the dense model)."""
+        rec.keep = min(1.0 if measured is None else measured, self.cfg.clients.max_keep)
 
     def eligible(self) -> list[str]:
         available = set(self.transport.clients())
         for cid in sorted(available - set(self.clients)):
             self.register(cid, self.transport.keep_estimate(cid))
+        if self.self_budget:  # a device re-announces its keep when its measurement changes
+            for cid in sorted(available & set(self.clients)):
+                estimate = self.transport.keep_estimate(cid)
+                if estimate is not None and estimate != self._announced.get(cid):
+                    self._announced[cid] = estimate
+                    self._adopt(self.clients[cid], estimate)
         ids = [c for c in sorted(self.clients) if c in available and self.clients[c].keep > 0]
         if self.strategy.fit_only:
             ids = [c for c in ids if self.clients[c].keep >= 1.0]
@@ -288,6 +310,7 @@ class RoundEngine:
             model=self.spec,
             recipe=self.cfg.train,
             seed=seed,
+            budget=self.budget_settings,
             **fields,
         )
 
@@ -624,7 +647,7 @@ class RoundEngine:
                 self._round_cover[gid][kept] += m.samples
         rec = self.clients[msg.client_id]
         if m.keep_budget is not None and self.self_budget:
-            rec.keep = m.keep_budget
+            self._adopt(rec, m.keep_budget)
         if self.strategy.site == "client" and not self.strategy.dense:
             rec.index_map, rec.keep_achieved = imap, m.keep_achieved
             if m.refreshed:

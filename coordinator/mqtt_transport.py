@@ -65,7 +65,11 @@ class MqttTransport(Transport):
 
     def clients(self) -> list[str]:
         self.poll(0.0)
-        return sorted(c for c, r in self.registry.items() if r.online and r.hello is not None)
+        return sorted(
+            c
+            for c, r in self.registry.items()
+            if r.online and r.hello is not None and not r.hello.problem
+        )
 
     def keep_estimate(self, client_id: str) -> float | None:
         r = self.registry.get(client_id)
@@ -164,6 +168,8 @@ class MqttTransport(Transport):
                     hello = parse_json(Hello, payload)
                     if hello.client_id != client:
                         raise ProtocolError(f"hello on {client}'s topic names {hello.client_id}")
+                    if hello.problem and (reg.hello is None or reg.hello.problem != hello.problem):
+                        log.warning("%s cannot take part: %s", client, hello.problem)
                     reg.hello, reg.online = hello, True
                 return []
             if kind == "update" and data:

@@ -94,6 +94,7 @@ class Coordinator:
             model=self.spec.model_dump(),
             recipe=self.cfg.train.model_dump(),
             deadline_s=self.cfg.federation.deadline_s,
+            budget=self.cfg.clients.settings().model_dump(),
         )
         self.link.publish(self.topics.status, s.model_dump_json(), qos=1, retain=True)
 

@@ -91,7 +91,7 @@ def simulate(
     start = time.perf_counter()
     clients, test_set, spec = federation_data(cfg)
     states = {client_id(i): ClientState(client_id(i), data) for i, data in enumerate(clients)}
-    if cfg.clients.budget == "profiles":
+    if cfg.clients.budget == "measured":
         keeps = emulate_devices(cfg, spec, states)
     else:
         keeps = {client_id(i): cfg.keep_of(i) for i in range(len(clients))}
@@ -124,11 +124,11 @@ def simulate(
 
 
 def emulate_devices(cfg: Config, spec: ModelSpec, states: dict[str, ClientState]):
-    """Give every simulated client the budget model of its device profile: this machine's
-    calibration scaled by the profile's relative speed, its memory and uplink. Returns each
+    """Give every simulated client the budget of the board it emulates (its
+    ``clients.profiles`` entry), set up as a real client's is (``device_budget``). Returns each
     client's initial keep estimate (its 'hello')."""
     from device_profiles import load_profile
-    from edge_client.budget import BudgetModel
+    from edge_client.budget import device_budget
     from edge_client.calibrate import calibrate
     from edge_client.task import decide_keep
 
@@ -141,18 +141,11 @@ def emulate_devices(cfg: Config, spec: ModelSpec, states: dict[str, ClientState]
         recipe=cfg.train,
         payload="state",
         deadline_s=cfg.federation.deadline_s,
+        budget=cfg.clients.settings(),
     )
     keeps = {}
     for i, (cid, state) in enumerate(sorted(states.items())):
-        profile = load_profile(cfg.profile_of(i))
-        state.profile = profile.name
-        state.time_scale = profile.time_scale(calibration.flops_per_second)
-        state.budget = BudgetModel(
-            calibration.scaled(state.time_scale), min_keep=cfg.clients.min_keep
-        )
-        state.memory_bytes = profile.memory_bytes
-        state.uplink_bytes_per_s = profile.uplink_bytes_per_s
-        state.safety = cfg.clients.safety
+        state.device = device_budget(calibration, 0, load_profile(cfg.profile_of(i)))
         try:
             keeps[cid] = decide_keep(state, probe.model_copy(update={"client_id": cid})).keep
         except BudgetInfeasible:

@@ -48,7 +48,12 @@ class ProgressView:
             self.start(data["record"])
             return
         if kind == "registered":
-            log.info("client %s registered (keep %.2f)", data["client"], data["keep"])
+            log.info(
+                "client %s registered (keep %.2f, %s)",
+                data["client"],
+                data["keep"],
+                data.get("source", ""),
+            )
             return
         if kind == "extended":
             log.warning(

@@ -24,14 +24,14 @@ REFERENCE_FLOPS_PER_SECOND = 200e9
 
 
 class Emulation(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     cpu_quota: float = Field(gt=0, description="cores of the reference machine")
     memory_limit_mb: int = Field(gt=0)
     bandwidth_mbps: float = Field(gt=0)
 
 
 class DeviceProfile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str
     description: str
     cores: int = Field(ge=1)
@@ -87,6 +87,11 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
             f"unknown device profile {name_or_path!r}; known: {', '.join(profile_names())}"
         )
     try:
-        return DeviceProfile.model_validate(tomllib.loads(path.read_text()))
-    except (tomllib.TOMLDecodeError, ValidationError) as exc:
+        return DeviceProfile.model_validate(tomllib.loads(path.read_text(encoding="utf-8")))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise CAHFPError(f"device profile {path} is invalid: {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise CAHFPError(f"device profile {path} is invalid: {problems}") from None

@@ -11,7 +11,11 @@ coordinator restarts.
 * an update is resent until the coordinator acknowledges it (after a reconnect, or when no
   acknowledgement arrives within ``resend_after`` seconds);
 * on stop (SIGTERM) a running task is abandoned at its next training step and reported as
-  failed, presence is set to offline and the connection closed.
+  failed, presence is set to offline and the connection closed;
+* local data that cannot train the federation's model (other channels, image size, more
+  classes), found when the retained status names the model: the hello says why
+  (``problem``), so the coordinator never selects this device, and the agent stops
+  (``problem`` is set).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cahfp.errors import BudgetInfeasible, CAHFPError
-from cahfp.messages import ModelSpec, TaskMessage, UpdateMessage
+from cahfp.messages import BudgetSettings, ModelSpec, TaskMessage, UpdateMessage
 from cahfp.protocol import (
     Ack,
     Hello,
@@ -37,7 +41,7 @@ from cahfp.protocol import (
 )
 from cahfp.training import Recipe
 from edge_client.link import MqttLink
-from edge_client.task import ClientState, decide_keep, run_task
+from edge_client.task import ClientState, data_mismatch, decide_keep, run_task
 
 log = logging.getLogger("cahfp.client")
 
@@ -86,6 +90,8 @@ class Agent:
         self.answers: OrderedDict[str, _Answer] = OrderedDict()  # task id -> answer
         self.coordinator_round = -1
         self.keep_estimate: float | None = None
+        self.problem = ""  # why this device cannot take part (then the agent stops)
+        self.infeasible = ""  # why no keep fits the deadline and memory (logged once)
         self.stop = threading.Event()
         self.stats = AgentStats()
         self._connects = 0
@@ -105,6 +111,7 @@ class Agent:
             samples=len(self.state.data),
             keep_estimate=self.keep_estimate,
             profile=self.profile,
+            problem=self.problem,
         )
 
     def announce(self) -> None:
@@ -114,9 +121,16 @@ class Agent:
             self.topics.hello(self.me), self.hello().model_dump_json(), qos=1, retain=True
         )
 
-    def run(self, connect_timeout: float = 30.0) -> AgentStats:
+    def run(self, connect_timeout: float = 30.0, status_wait: float = 3.0) -> AgentStats:
         self.link.start(connect_timeout)
         self._connects = self.link.connects
+        # the retained status names the federation's model: check the local data against it
+        # before announcing, so that a device that cannot take part is never selected
+        end = time.monotonic() + status_wait
+        while self.coordinator_round < 0 and time.monotonic() < end and not self.stop.is_set():
+            msg = self.link.get(0.1)
+            if msg is not None:
+                self._handle(msg.topic, msg.payload)
         self.announce()
         log.info("%s ready (%d local samples)", self.me, len(self.state.data))
         try:
@@ -183,25 +197,45 @@ class Agent:
             log.info("%s: the federation has finished", self.me)
             self.stop.set()
             return
-        if status.model and self.state.budget is None and self.calibrate_budget is not None:
+        if not status.model:
+            return
+        try:
+            spec, recipe = ModelSpec(**status.model), Recipe(**status.recipe or {})
+            budget = BudgetSettings(**status.budget or {})
+        except (TypeError, ValueError) as exc:
+            log.warning("%s: ignored a malformed status: %s", self.me, exc)
+            return
+        problem = data_mismatch(spec, self.state.data)
+        if problem:
+            self.problem = problem
+            log.error("%s: cannot take part: %s", self.me, problem)
+            self.announce()  # the coordinator learns why, and never selects this device
+            self.stop.set()
+            return
+        if self.state.device is None and self.calibrate_budget is not None:
             try:
-                self.calibrate_budget(ModelSpec(**status.model), Recipe(**status.recipe))
+                self.calibrate_budget(spec, recipe)
             except (CAHFPError, TypeError, ValueError) as exc:
                 log.warning("%s: calibration failed: %s", self.me, exc)
-        if status.model and self.state.budget is not None and status.deadline_s:
+        if self.state.device is not None and status.deadline_s:
             probe = TaskMessage(
                 task_id="hello",
                 round=0,
                 client_id=self.me,
-                model=ModelSpec(**status.model),
-                recipe=Recipe(**status.recipe),
+                model=spec,
+                recipe=recipe,
                 payload="state",
                 deadline_s=status.deadline_s,
+                budget=budget,
             )
             try:
                 keep = decide_keep(self.state, probe).keep
-            except BudgetInfeasible:
+                self.infeasible = ""
+            except BudgetInfeasible as exc:
                 keep = 0.0
+                if str(exc) != self.infeasible:  # say why this device is never selected
+                    self.infeasible = str(exc)
+                    log.warning("%s: no keep fits this device: %s", self.me, exc)
             if keep != self.keep_estimate:
                 self.keep_estimate = keep
                 self.announce()

@@ -12,13 +12,19 @@ The client predicts, for a keep fraction k (of dense training FLOPs):
               + batch * activation_bytes * sqrt(k)    activations scale with the channel
                                                       fraction, FLOPs with its square
 
-and keeps the largest k on a grid whose time fits ``safety * remaining deadline`` and whose
-memory fits ``safety * usable memory``. ``c`` is a correction learned in closed loop: after
-every round the measured training time is compared with the prediction and ``c`` moves toward
-their ratio (exponential moving average), so a throttled or busy board adapts within a few
-rounds; ``s`` and the time outside training are learned the same way. Until the first round
-has been measured the time limit is tightened further (``unmeasured_margin``). If not even
-the smallest keep fits, the client declines the round.
+and keeps the largest k on a grid from ``max_keep`` down to ``min_keep`` whose time fits
+``safety * remaining deadline`` and whose memory fits ``safety * usable memory`` (safety and
+the keep range are the federation's ``clients`` settings, sent with every task). ``c`` is a
+correction learned in closed loop: after every round the measured training time is compared
+with the prediction and ``c`` moves toward their ratio (exponential moving average), so a
+throttled or busy board adapts within a few rounds; ``s`` and the time outside training are
+learned the same way. Until the first round has been measured the time limit is tightened
+further (``unmeasured_margin``). If not even the smallest keep fits, the client declines the
+round.
+
+``DeviceBudget`` is a device's whole budget (this model, its memory, its uplink and, for an
+emulated board, its time scale), made in one place, ``device_budget``, for the MQTT client,
+the simulation's emulated clients and ``cahfp profile`` alike.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import math
 from dataclasses import dataclass, field
 
 from cahfp.errors import BudgetInfeasible
+from cahfp.messages import BudgetSettings
 
 MIB = 1 << 20
 
@@ -78,6 +85,8 @@ class Constraints:
     score_samples: int = 0  # refresh rounds: samples scored on the dense model
     elapsed_s: float = 0.0  # already spent on this task (e.g. receiving it)
     safety: float = 0.8
+    min_keep: float = 0.1
+    max_keep: float = 1.0
 
 
 @dataclass
@@ -92,7 +101,6 @@ class Choice:
 @dataclass
 class BudgetModel:
     calibration: Calibration
-    min_keep: float = 0.1
     grid_step: float = 0.05
     correction: float = 1.0  # learned: measured / predicted training time
     overhead_s: float = 0.0  # learned: time spent outside training, scoring and upload
@@ -125,10 +133,11 @@ class BudgetModel:
         total = cons.elapsed_s + self.overhead_s + compute + score + upload
         return total, compute, self.memory(keep, cons.batch_size)
 
-    def grid(self) -> list[float]:
-        n = round((1.0 - self.min_keep) / self.grid_step)
+    def grid(self, min_keep: float = 0.1, max_keep: float = 1.0) -> list[float]:
+        """Keeps from ``max_keep`` down to ``min_keep`` in steps of ``grid_step``."""
+        n = math.floor((max_keep - min_keep) / self.grid_step + 1e-9)
         return sorted(
-            {round(1.0 - i * self.grid_step, 6) for i in range(n + 1)} | {self.min_keep},
+            {round(max_keep - i * self.grid_step, 6) for i in range(n + 1)} | {min_keep},
             reverse=True,
         )
 
@@ -139,7 +148,7 @@ class BudgetModel:
             time_limit *= self.unmeasured_margin
         mem_limit = cons.safety * cons.memory_bytes
         sps = self.train_seconds(1.0, 1)
-        for keep in self.grid():
+        for keep in self.grid(cons.min_keep, cons.max_keep):
             total, compute, mem = self.predict(keep, cons)
             if total <= time_limit and mem <= mem_limit:
                 reason = (
@@ -149,9 +158,9 @@ class BudgetModel:
                     f"{cons.memory_bytes / MIB:.0f} MiB"
                 )
                 return Choice(keep, total, compute, mem, reason)
-        total, compute, mem = self.predict(self.min_keep, cons)
+        total, compute, mem = self.predict(cons.min_keep, cons)
         raise BudgetInfeasible(
-            f"even keep {self.min_keep:.2f} does not fit: predicted {total:.1f} s against "
+            f"even keep {cons.min_keep:.2f} does not fit: predicted {total:.1f} s against "
             f"{time_limit:.1f} s ({time_limit / cons.deadline_s:.0%} of the "
             f"{cons.deadline_s:.0f} s deadline), "
             f"memory {mem / MIB:.0f} MiB against {mem_limit / MIB:.0f} MiB; sitting this round out"
@@ -179,3 +188,55 @@ class BudgetModel:
             self.score_factor = (1 - self.alpha) * self.score_factor + self.alpha * factor
         if other_seconds is not None and other_seconds >= 0:
             self.overhead_s = (1 - self.alpha) * self.overhead_s + self.alpha * other_seconds
+
+
+@dataclass
+class DeviceBudget:
+    """What one device can afford: its budget model (its calibration, in the device's own
+    seconds), memory and uplink. ``time_scale`` turns seconds measured on this host into the
+    device's seconds: 1 on a real board, more for a slower board emulated here."""
+
+    model: BudgetModel
+    memory_bytes: int
+    uplink_bytes_per_s: float | None = None
+    time_scale: float = 1.0
+    profile: str | None = None  # the emulated board's profile name
+
+    def constraints(
+        self,
+        settings: BudgetSettings,
+        deadline_s: float,
+        samples: int,
+        batch_size: int,
+        score_samples: int = 0,
+        elapsed_s: float = 0.0,
+    ) -> Constraints:
+        return Constraints(
+            deadline_s=deadline_s,
+            samples=samples,
+            batch_size=batch_size,
+            memory_bytes=self.memory_bytes,
+            uplink_bytes_per_s=self.uplink_bytes_per_s,
+            score_samples=score_samples,
+            elapsed_s=elapsed_s,
+            safety=settings.safety,
+            min_keep=settings.min_keep,
+            max_keep=settings.max_keep,
+        )
+
+
+def device_budget(measured: Calibration, usable_memory: int, profile=None) -> DeviceBudget:
+    """The one way a device's budget is set up. ``profile`` None: this device as measured, with
+    its usable memory. A ``device_profiles.DeviceProfile``: the board it describes, emulated on
+    this host (the measurement scaled to the board's training throughput, whatever this host's
+    speed is today; the board's memory and uplink)."""
+    if profile is None:
+        return DeviceBudget(BudgetModel(measured), usable_memory)
+    scale = profile.time_scale(measured.flops_per_second)
+    return DeviceBudget(
+        BudgetModel(measured.scaled(scale)),
+        profile.memory_bytes,
+        profile.uplink_bytes_per_s,
+        scale,
+        profile.name,
+    )

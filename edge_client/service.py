@@ -15,7 +15,7 @@ from cahfp.messages import ModelSpec
 from cahfp.protocol import Topics, check_name
 from cahfp.training import Recipe
 from edge_client.agent import Agent
-from edge_client.budget import BudgetModel
+from edge_client.budget import device_budget
 from edge_client.link import MqttLink, read_credentials
 from edge_client.task import ClientState
 
@@ -44,9 +44,10 @@ def local_data(args: argparse.Namespace):
 
 
 def budget_setup(state: ClientState, profile: str):
-    """``none``: the coordinator assigns the keep; ``auto``: this device measures itself;
-    a profile name: emulate that board (its speed - its training throughput against this host's
-    measured one -, memory and uplink)."""
+    """``none``: this device does not measure itself (it trains what the coordinator assigns:
+    the dense model, or its fixed tier); ``auto``: it measures itself; a profile name: it
+    emulates that board (``edge_client.budget.device_budget``). Returns the calibration step
+    (run once the federation's model is known) and what the hello describes."""
     if profile == "none":
         return None, {}
     from edge_client.calibrate import calibrate
@@ -55,24 +56,16 @@ def budget_setup(state: ClientState, profile: str):
     info = measure_device()
     described = {"device": {k: v for k, v in info.to_dict().items() if k != "cgroup"}}
     board = None
-    if profile == "auto":
-        state.memory_bytes = info.usable_memory
-    else:
+    if profile != "auto":
         from device_profiles import load_profile
 
         board = load_profile(profile)
-        state.profile = board.name
-        state.memory_bytes = board.memory_bytes
-        state.uplink_bytes_per_s = board.uplink_bytes_per_s
-        state.time_scale = board.time_scale()  # refined once this host's speed is measured
         described["profile"] = board.name
 
     def calibrate_budget(spec: ModelSpec, recipe: Recipe) -> None:
         measured = calibrate(spec, recipe.batch_size)
-        if board is not None:  # the board's speed, whatever this host's speed is today
-            state.time_scale = board.time_scale(measured.flops_per_second)
-        cal = measured.scaled(state.time_scale)
-        state.budget = BudgetModel(cal)
+        state.device = device_budget(measured, info.usable_memory, board)
+        cal = state.device.model.calibration
         described["calibration"] = {
             "seconds_per_sample": cal.seconds_per_sample,
             "seconds_per_sample_small": cal.seconds_per_sample_small,
@@ -130,4 +123,6 @@ def run_client(args: argparse.Namespace) -> int:
         stats.acked,
         stats.rejected,
     )
+    if agent.problem:
+        raise CAHFPError(f"{args.id}: {agent.problem}")
     return 0

@@ -25,7 +25,7 @@ from cahfp.pruning.extract import IndexMap, same_index_map
 from cahfp.pruning.reconstruct import is_statistic
 from cahfp.training import TrainingCancelled, recalibrate_batchnorm, train
 from cahfp.wire import decode_update, encode_state, encode_update
-from edge_client.budget import BudgetModel, Constraints
+from edge_client.budget import DeviceBudget
 
 
 @dataclass
@@ -38,21 +38,38 @@ class Result:
 @dataclass
 class ClientState:
     """What a device keeps between rounds: its data, its current plan and, when it chooses its
-    own keep, its budget model. ``time_scale`` converts this machine's seconds into the
-    emulated device's seconds (1 on a real board)."""
+    own keep, its budget (``edge_client.budget.device_budget``)."""
 
     client_id: str
     data: ImageData
     index_map: IndexMap | None = None
     keep_achieved: float = 1.0
     dense_flops: dict[tuple, float] = field(default_factory=dict)
-    budget: BudgetModel | None = None
-    memory_bytes: int | None = None
-    uplink_bytes_per_s: float | None = None
-    time_scale: float = 1.0
-    safety: float = 0.8
-    profile: str | None = None
+    device: DeviceBudget | None = None
     statistics: dict[str, torch.Tensor] | None = None  # BatchNorm buffers of the last submodel
+
+    @property
+    def time_scale(self) -> float:
+        """This machine's seconds -> the (emulated) device's seconds (1 on a real board)."""
+        return self.device.time_scale if self.device else 1.0
+
+
+def data_mismatch(spec: ModelSpec, data: ImageData) -> str:
+    """Why ``data`` cannot train the federation's model ``spec`` ("" when it can): another
+    number of channels, image size, or more classes than the model has outputs."""
+    problems = []
+    if data.in_channels != spec.in_channels:
+        problems.append(f"{data.in_channels} channels, the model takes {spec.in_channels}")
+    if data.image_size != spec.image_size:
+        problems.append(
+            f"{data.image_size}x{data.image_size} images, the model takes "
+            f"{spec.image_size}x{spec.image_size}"
+        )
+    if data.num_classes > spec.num_classes:
+        problems.append(f"{data.num_classes} classes, the model has {spec.num_classes}")
+    if not problems:
+        return ""
+    return "local data does not fit the federation's model: " + "; ".join(problems)
 
 
 def architecture(spec: ModelSpec, device: str | torch.device | None = None) -> nn.Module:
@@ -173,28 +190,25 @@ def _reply(task: TaskMessage, status: str, metrics: Metrics, reason: str = "") -
     )
 
 
-def _constraints(
-    state: ClientState, task: TaskMessage, score_samples: int, elapsed: float
-) -> Constraints:
-    r, n = task.recipe, len(state.data)
-    samples = r.steps * r.batch_size if r.steps else math.ceil(r.epochs * n)
-    return Constraints(
-        deadline_s=task.deadline_s,
-        samples=samples,
-        batch_size=task.recipe.batch_size,
-        memory_bytes=state.memory_bytes or 1 << 62,
-        uplink_bytes_per_s=state.uplink_bytes_per_s,
-        score_samples=score_samples,
-        elapsed_s=elapsed,
-        safety=state.safety,
-    )
+def round_samples(task: TaskMessage, local: int) -> int:
+    """Samples a round of ``task``'s recipe processes on ``local`` images."""
+    r = task.recipe
+    return r.steps * r.batch_size if r.steps else math.ceil(r.epochs * local)
 
 
 def decide_keep(
     state: ClientState, task: TaskMessage, score_samples: int = 0, elapsed: float = 0.0
 ):
     """The device's own budget choice for ``task`` (raises ``BudgetInfeasible``)."""
-    return state.budget.choose(_constraints(state, task, score_samples, elapsed))
+    cons = state.device.constraints(
+        task.budget,
+        task.deadline_s,
+        round_samples(task, len(state.data)),
+        task.recipe.batch_size,
+        score_samples,
+        elapsed,
+    )
+    return state.device.model.choose(cons)
 
 
 def _dense_model(spec: ModelSpec, payload: bytes) -> tuple[nn.Module, dict]:
@@ -235,6 +249,9 @@ def _statistics_task(state: ClientState, task: TaskMessage, payload: bytes, star
 def _run(
     state: ClientState, task: TaskMessage, payload: bytes, start: float, should_stop=None
 ) -> Result:
+    problem = data_mismatch(task.model, state.data)
+    if problem:
+        raise InvalidUpdate(problem)
     if task.purpose == "statistics":
         return _statistics_task(state, task, payload, start)
     spec, data = task.model, state.data
@@ -245,7 +262,7 @@ def _run(
     keep, reason = task.keep, ""
     if task.payload == "state":
         model, meta = _dense_model(spec, payload)
-        if task.plan is not None and keep is None and state.budget is not None:
+        if task.plan is not None and keep is None and state.device is not None:
             score_samples = task.plan.score_batches * task.recipe.batch_size
             elapsed = (time.perf_counter() - start) * state.time_scale
             choice = decide_keep(state, task, score_samples, elapsed)
@@ -268,7 +285,7 @@ def _run(
             plan_target = keep
             if task.plan.amortize_scoring:  # scoring FLOPs, spread over the refresh period
                 scored = scores.info.get("samples", 0)
-                per_round = _constraints(state, task, 0, 0.0).samples
+                per_round = round_samples(task, len(data))
                 plan_target = keep - scored / max(per_round, 1) / task.plan.refresh_period
                 plan_target = max(plan_target, min(keep, 0.05))
             plan = make_plan(
@@ -314,12 +331,13 @@ def _run(
         {k: v.clone() for k, v in trained.items() if is_statistic(k)} if imap else None
     )
     other = (time.perf_counter() - start - result.seconds) * state.time_scale - score_seconds
-    upload = len(up) / state.uplink_bytes_per_s if state.uplink_bytes_per_s else 0.0
+    uplink = state.device.uplink_bytes_per_s if state.device else None
+    upload = len(up) / uplink if uplink else 0.0
     total = other + score_seconds + train_seconds + upload
     keep_budget = None
-    if state.budget is not None:
+    if state.device is not None:
         scored = task.plan.score_batches * task.recipe.batch_size if refreshed else 0
-        state.budget.observe(
+        state.device.model.observe(
             achieved,
             result.samples,
             train_seconds,

@@ -46,6 +46,8 @@ def write_config(
         },
         "train": {"epochs": 1, "batch_size": 32, "lr": 0.05},
         "pruning": {"tiers": [1.0, 0.5, 0.3], "refresh_period": 2},
+        # these clients do not measure themselves (--profile none): the tiers give their keeps
+        "clients": {"budget": "fixed-tiers"},
     }
     for key, value in extra.items():
         section, _, field = key.partition("__")

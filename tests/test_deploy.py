@@ -361,7 +361,7 @@ def test_testbed_slower_slice_chooses_smaller_keep(fmnist_root, tmp_path):
             # about 2 s of dense training for the fast slice, 11 s for the slow one: the slow one
             # must shrink, with room for the first round's prediction error
             "federation.deadline_s": 12.0,
-            "clients.budget": "profiles",
+            "clients.budget": "measured",
             "model.width": 0.25,
             "data.train_samples": 6000,
             "data.eval_samples": 500,

@@ -72,10 +72,12 @@ def test_choice_is_monotone_in_time_and_memory():
 
 
 def test_infeasible_budget_explains_itself():
-    model = BudgetModel(calibration(), min_keep=0.2)
+    model = BudgetModel(calibration())
     with pytest.raises(BudgetInfeasible, match=r"even keep 0\.20.*sitting this round out"):
         model.choose(
-            Constraints(deadline_s=1.0, samples=10_000, batch_size=32, memory_bytes=1 << 40)
+            Constraints(
+                deadline_s=1.0, samples=10_000, batch_size=32, memory_bytes=1 << 40, min_keep=0.2
+            )
         )
 
 
@@ -221,7 +223,7 @@ def test_an_emulated_board_runs_at_its_profile_speed_whatever_the_hosts_speed(mo
         state = ClientState("c", None)
         setup, _ = budget_setup(state, "raspberry-pi-4")
         setup(spec, Recipe())
-        emulated.append(state.budget.calibration.seconds_per_sample)
+        emulated.append(state.device.model.calibration.seconds_per_sample)
         assert state.time_scale == pytest.approx(flops / host_seconds / pi4.flops_per_second)
     assert emulated == pytest.approx([flops / pi4.flops_per_second] * 2)
 
@@ -238,3 +240,57 @@ def test_calibration_measures_the_dense_models_training_flops():
     assert cal.flops_per_sample == pytest.approx(training_flops(architecture(spec), x))
     assert cal.flops_per_second == pytest.approx(cal.flops_per_sample / cal.seconds_per_sample)
     assert calibration().flops_per_second == 0.0  # not measured
+
+
+def _profile_file(tmp_path, name="odd", **figures):
+    text = Path(__file__).resolve().parents[1] / "device_profiles" / "raspberry-pi-4.toml"
+    text = text.read_text().replace('name = "raspberry-pi-4"', f'name = "{name}"')
+    for key, value in figures.items():
+        text = "\n".join(
+            f"{key} = {value}" if line.startswith(f"{key} =") else line
+            for line in text.splitlines()
+        )
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text + "\n")
+    return path
+
+
+@pytest.mark.parametrize("figure", ["relative_speed", "uplink_mbps", "cpu_quota"])
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_profiles_with_non_finite_figures_are_refused_in_one_line(tmp_path, figure, value):
+    path = _profile_file(tmp_path, **{figure: value})
+    with pytest.raises(Exception, match=f"{figure}: Input should be a finite number") as err:
+        load_profile(path)
+    assert "\n" not in str(err.value)
+
+
+def test_budget_settings_travel_with_the_task_and_bound_the_choice():
+    """The federation's clients.safety / min_keep / max_keep reach a real client in every task
+    (and in the retained status): its choice stays within them."""
+    from cahfp.messages import BudgetSettings, ModelSpec, TaskMessage
+    from cahfp.training import Recipe
+    from edge_client.budget import device_budget
+    from edge_client.task import ClientState, decide_keep
+
+    spec = ModelSpec(name="vgg11", width=0.25, num_classes=10, in_channels=1, image_size=28)
+    state = ClientState("c", torch.zeros(1000))  # only its length matters here
+    state.device = device_budget(calibration(), 1 << 40)
+
+    def task(deadline, **budget):
+        return TaskMessage(
+            task_id="t",
+            round=1,
+            client_id="c",
+            model=spec,
+            recipe=Recipe(epochs=1, batch_size=32),
+            payload="state",
+            deadline_s=deadline,
+            budget=BudgetSettings(**budget),
+        )
+
+    assert decide_keep(state, task(100.0)).keep == 1.0
+    assert decide_keep(state, task(100.0, max_keep=0.6)).keep == 0.6  # the federation's cap
+    tight = decide_keep(state, task(2.0)).keep
+    assert decide_keep(state, task(2.0, safety=0.5)).keep < tight  # less of the deadline
+    with pytest.raises(BudgetInfeasible, match=r"even keep 0\.90"):
+        decide_keep(state, task(2.0, min_keep=0.9))

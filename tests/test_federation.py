@@ -43,6 +43,7 @@ def small_config(fmnist_root, strategy, rounds=2, **extra):
         "train.batch_size": 32,
         "pruning.refresh_period": 2,
         "pruning.stagger_refresh": False,
+        "clients.budget": "fixed-tiers",
         **extra,
     }
     return load_config(None, overrides)
@@ -403,3 +404,71 @@ def test_an_update_without_the_statistics_it_was_asked_for_is_refused(fmnist_roo
     msg = msg.model_copy(update={"task_id": task.task_id, "round": 2})
     out = engine.accept(msg, data, {task.task_id: (task, len(payload))}, agg, {})
     assert out.status == "ok" and agg.count == 1
+
+
+def test_the_device_decides_its_keep_by_default_and_the_coordinator_only_caps_it(fmnist_root):
+    """clients.budget = "measured" (the default): a client's keep is the one its own measurement
+    chose, capped at clients.max_keep and said so; "fixed-tiers" (simulation and benchmarks)
+    replaces it by the tier, and says so too."""
+    from coordinator.engine import RoundEngine
+    from coordinator.inprocess import InProcessTransport
+
+    def engine(**extra):
+        cfg = small_config(fmnist_root, "cahfp", **extra)
+        _, _, spec = federation_data(cfg)
+        events = []
+        eng = RoundEngine(
+            cfg,
+            spec,
+            InProcessTransport({}),
+            lambda m: None,
+            {},
+            on_event=lambda k, d: events.append(d),
+        )
+        return eng, events
+
+    assert load_config(None).clients.budget == "measured"
+    eng, events = engine(**{"clients.budget": "measured"})
+    assert eng.register("pi", 0.45).keep == 0.45 and events[-1]["source"] == "its own measurement"
+    assert eng.register("plain", None).keep == 1.0  # measures nothing: trains what it is sent
+    capped, events = engine(**{"clients.budget": "measured", "clients.max_keep": 0.3})
+    assert capped.register("pi", 0.45).keep == 0.3
+    assert "capped at clients.max_keep 0.3" in events[-1]["source"]
+    assert capped.register("tiny", 0.2).keep == 0.2
+    fixed, events = engine()  # small_config: fixed tiers 1.0, 0.6, 0.4, 0.2
+    assert fixed.register("pi", 0.45).keep == 1.0
+    assert events[-1]["source"] == "fixed tier; it measured 0.45"
+    # the tasks carry the federation's budget settings to the clients
+    task, _ = capped.make_task("pi", 1)
+    assert task.budget.max_keep == 0.3 and task.keep is None  # the client decides, within it
+    # old names of the two modes still load (run directories written before protocol 6)
+    assert load_config(None, {"clients.budget": "profiles"}).clients.budget == "measured"
+    assert load_config(None, {"clients.budget": "tiers"}).clients.budget == "fixed-tiers"
+
+
+def test_a_task_for_data_that_does_not_fit_is_answered_failed_with_the_reason(fmnist_root):
+    """Checked again when a task arrives: the answer is an immediate `failed` naming the
+    mismatch, never an exception that takes the client down (or a round waiting for it)."""
+    from cahfp.data.datasets import ImageData
+    from coordinator.engine import RoundEngine
+    from coordinator.inprocess import InProcessTransport
+    from edge_client.task import ClientState, run_task
+
+    cfg = small_config(fmnist_root, "cahfp")
+    _, _, spec = federation_data(cfg)
+    photos = ImageData(
+        torch.zeros(8, 3, 32, 32, dtype=torch.uint8),
+        torch.arange(8) % 12,
+        [f"c{i}" for i in range(12)],
+        (0.5,) * 3,
+        (0.25,) * 3,
+        "photos",
+    )
+    engine = RoundEngine(cfg, spec, InProcessTransport({}), lambda m: None, {"c": 1.0})
+    task, payload = engine.make_task("c", 1)
+    msg = run_task(ClientState("c", photos), task, payload).message
+    assert msg.status == "failed"
+    assert msg.reason == (
+        "InvalidUpdate: local data does not fit the federation's model: 3 channels, the model "
+        "takes 1; 32x32 images, the model takes 28x28; 12 classes, the model has 10"
+    )

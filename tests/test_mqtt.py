@@ -343,3 +343,65 @@ def test_resume_refuses_a_corrupt_checkpoint_with_one_line(fmnist_root, tmp_path
     out = (tmp_path / "c.log").read_text()
     assert "error: no usable checkpoint" in out and "Traceback" not in out, out
     assert (run / "metrics.jsonl").read_text() == '{"round": 0}\n'
+
+
+def test_a_client_whose_data_does_not_fit_refuses_and_the_round_does_not_wait(
+    broker, fmnist_root, tmp_path
+):
+    """A board with 3x32x32 photos joining a Fashion-MNIST (1x28x28) federation: it checks its
+    data against the federation's model when it joins, says why in one line and exits 2; its
+    hello tells the coordinator, which never selects it, so the round does not wait for it."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog", "fox"):
+        d = tmp_path / "photos" / "train" / cls
+        d.mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    config = write_config(tmp_path / "fit.toml", "fit", 1, 1, fmnist_root, deadline=120.0)
+    good = client(broker.url, "fit", "good", 0, 2, fmnist_root, tmp_path / "good.log")
+    bad = cli(
+        "client",
+        "--broker",
+        broker.url,
+        "--id",
+        "bad",
+        "--federation",
+        "fit",
+        "--data",
+        f"imagefolder:{tmp_path / 'photos'}",
+        "--profile",
+        "none",
+        "--until-finished",
+        log=tmp_path / "bad.log",
+    )
+    coord = coordinator(
+        broker.url,
+        config,
+        tmp_path / "fit",
+        tmp_path / "coordinator.log",
+        "--set",
+        "federation.clients=2",
+        "--registration-timeout",
+        "15",
+    )
+    try:
+        codes = finish([coord, good, bad], timeout=240)
+    finally:
+        kill_all([coord, good, bad])
+    assert codes == [0, 0, 2], logs(tmp_path)
+    out = (tmp_path / "bad.log").read_text()
+    assert "Traceback" not in out, out
+    assert (
+        "error: bad: local data does not fit the federation's model: 3 channels, the model "
+        "takes 1; 32x32 images, the model takes 28x28" in out
+    ), out
+    assert (
+        "bad cannot take part: local data does not fit"
+        in (tmp_path / "coordinator.log").read_text()
+    )
+    m = metrics(tmp_path / "fit")
+    assert [c["client_id"] for c in m[1]["clients"]] == ["good"]
+    assert m[1]["seconds"] < 60  # not the 120 s deadline

@@ -27,6 +27,7 @@ def test_fifty_lightweight_clients_in_under_a_minute(broker, fmnist_root, tmp_pa
             "data.eval_samples": 200,
             "data.data_dir": str(fmnist_root),
             "pruning.refresh_period": 2,
+            "clients.budget": "fixed-tiers",
         },
     )
     spec = ModelSpec(name="vgg11", width=0.25, num_classes=10, in_channels=1, image_size=28)
