@@ -239,6 +239,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         f"{info.memory_available / mib:.0f} of {info.memory_total / mib:.0f} MiB available, "
         f"usable {info.usable_memory / mib:.0f} MiB"
     )
+
     def shown(value, fmt: str = "", unit: str = "") -> str:
         return "n/a" if value is None else f"{format(value, fmt)}{unit}"
 
