@@ -148,7 +148,7 @@ def load_dataset(
 
 def _load(spec, split, root: Path, download, image_size, channels) -> ImageData:
     if spec.startswith("imagefolder:"):
-        return load_imagefolder(Path(spec.split(":", 1)[1]), split, image_size or 32, channels or 3)
+        return load_imagefolder(Path(spec.split(":", 1)[1]), split, image_size, channels)
     if spec not in STATS:
         raise UnknownName(f"unknown dataset {spec!r}; known: {', '.join(DATASETS)}")
     from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST
@@ -175,14 +175,36 @@ def _load(spec, split, root: Path, download, image_size, channels) -> ImageData:
     )
 
 
-def load_imagefolder(path: Path, split: str, image_size: int, channels: int) -> ImageData:
+def _native_format(files: list[str]) -> tuple[int, int]:
+    """(image size, channels) that a folder's images share: their own side when all are square
+    of one size (else 32) and 1 channel when all are grey (else 3). Reads headers only."""
+    from PIL import Image, UnidentifiedImageError
+
+    sizes, grey = set(), True
+    for file in files:
+        try:
+            with Image.open(file) as img:
+                sizes.add(img.size)
+                grey = grey and img.mode in ("L", "1", "I;16", "I")
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DatasetCorrupt(f"cannot read image {file}: {exc}") from None
+    (w, h), *others = sorted(sizes) or [(32, 32)]
+    size = w if not others and w == h else 32
+    return size, 1 if grey and files else 3
+
+
+def load_imagefolder(
+    path: Path, split: str, image_size: int | None = None, channels: int | None = None
+) -> ImageData:
     """Labelled images in class sub-folders (torchvision ``ImageFolder`` layout). If ``path`` has
     ``train/`` and ``test/`` (or ``val/``) sub-folders they are the splits; otherwise the whole
-    folder is the training split."""
+    folder is the training split. Without ``image_size`` / ``channels`` the images keep the
+    size and colour mode they all share (28x28 grey PNGs stay 1x28x28); images of mixed or
+    non-square sizes are resized to 32x32, colour ones or mixed ones read as RGB."""
     from PIL import Image, UnidentifiedImageError
     from torchvision.datasets import ImageFolder
 
-    if channels not in (1, 3):
+    if channels not in (None, 1, 3):
         raise ValueError(f"imagefolder channels must be 1 or 3, got {channels}")
     folder = path
     subdirs = {"train": ["train"], "test": ["test", "val"]}[split]
@@ -199,6 +221,9 @@ def load_imagefolder(path: Path, split: str, image_size: int, channels: int) -> 
         ds = ImageFolder(str(folder))
     except (FileNotFoundError, RuntimeError) as exc:
         raise DatasetUnavailable(f"imagefolder {folder}: {exc}") from None
+    if image_size is None or channels is None:
+        size, grey = _native_format([file for file, _ in ds.samples])
+        image_size, channels = image_size or size, channels or grey
     mode = "L" if channels == 1 else "RGB"
     images = torch.empty(len(ds.samples), channels, image_size, image_size, dtype=torch.uint8)
     for i, (file, _) in enumerate(ds.samples):
