@@ -143,9 +143,12 @@ class RoundEngine:
 
     # ------------------------------------------------------------------ selection and tasks
 
-    def register(self, cid: str, measured: float | None = None) -> ClientRecord:
+    def register(
+        self, cid: str, measured: float | None = None, restored: bool = False
+    ) -> ClientRecord:
         """Add a client that appeared (e.g. sent its hello) with the keep its own measurement
-        chose (None: it does not measure itself); its index fixes its seeds."""
+        chose (None: it does not measure itself), or (``restored``) the keep a checkpoint
+        recorded for it; its index fixes its seeds."""
         index = len(self.clients)
         rec = self.clients[cid] = ClientRecord(cid, index, 1.0)
         self._announced[cid] = measured
@@ -153,6 +156,7 @@ class RoundEngine:
             self._adopt(rec, measured)
             wanted = 1.0 if measured is None else measured
             source = "its own measurement" if measured is not None else "it does not measure"
+            source = "restored from the checkpoint" if restored else source
             if rec.keep < wanted:
                 source += f", capped at clients.max_keep {self.cfg.clients.max_keep:g}"
         else:

@@ -128,7 +128,7 @@ class Coordinator:
             for cid, info in sorted(
                 extra.get("clients", {}).items(), key=lambda kv: kv[1]["index"]
             ):
-                self.engine.register(cid, info.get("keep"))
+                self.engine.register(cid, info.get("keep"), restored=True)
             recorder.truncate_after(done)
             start_round = done + 1
             log.info("resuming after round %d", done)

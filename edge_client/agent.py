@@ -91,6 +91,9 @@ class Agent:
         self.coordinator_round = -1
         self.keep_estimate: float | None = None
         self.problem = ""  # why this device cannot take part (then the agent stops)
+        # a device that measures itself says hello once it has measured (or failed to), so the
+        # coordinator never registers it before its own choice of keep is known
+        self.ready = calibrate_budget is None
         self.infeasible = ""  # why no keep fits the deadline and memory (logged once)
         self.stop = threading.Event()
         self.stats = AgentStats()
@@ -117,9 +120,10 @@ class Agent:
     def announce(self) -> None:
         online = Presence(client_id=self.me, status="online").model_dump_json()
         self.link.publish(self.topics.presence(self.me), online, qos=1, retain=True)
-        self.link.publish(
-            self.topics.hello(self.me), self.hello().model_dump_json(), qos=1, retain=True
-        )
+        if self.ready or self.problem:
+            self.link.publish(
+                self.topics.hello(self.me), self.hello().model_dump_json(), qos=1, retain=True
+            )
 
     def run(self, connect_timeout: float = 30.0, status_wait: float = 3.0) -> AgentStats:
         self.link.start(connect_timeout)
@@ -132,7 +136,14 @@ class Agent:
             if msg is not None:
                 self._handle(msg.topic, msg.payload)
         self.announce()
-        log.info("%s ready (%d local samples)", self.me, len(self.state.data))
+        log.info(
+            "%s %s (%d local samples)",
+            self.me,
+            "ready"
+            if self.ready
+            else "connected, measures itself once the federation's model is known",
+            len(self.state.data),
+        )
         try:
             while not self.stop.is_set():
                 msg = self.link.get(0.2)
@@ -238,7 +249,11 @@ class Agent:
                     log.warning("%s: no keep fits this device: %s", self.me, exc)
             if keep != self.keep_estimate:
                 self.keep_estimate = keep
+                log.info("%s: measured; chooses keep %.2f for the next round", self.me, keep)
                 self.announce()
+        if not self.ready:  # measured (or failed to): now the hello says what it can afford
+            self.ready = True
+            self.announce()
 
     # ------------------------------------------------------------------ work
 

@@ -1,0 +1,270 @@
+"""The operator acceptance test: what docs/deploy.md tells an operator to do, with the real
+components and the units' own command lines.
+
+`cahfp deploy init`, `add-device` for three boards and one that is then revoked, mosquitto
+started with the generated configuration (TLS, passwords, ACL) on a free loopback port, the
+coordinator started with the exact `ExecStart` line of its unit (environment file substituted)
+on an empty run directory and the unmodified `examples/fmnist-vgg11.toml` (rounds, data and
+deadline shrunk by `--set`), three boards provisioned with `provision-board.sh` and started with
+their unit's `ExecStart` line, each in a cgroup with another CPU quota (so each measures a
+different board), their own images as `imagefolder:`. Mid-run the coordinator is killed with
+SIGKILL and started again with the same line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import missing
+from tests.mqtt_helpers import REPO, finish, kill_all, metrics, wait_for
+
+pytestmark = pytest.mark.slow
+
+FED = "fmnist-vgg11"  # the example config's federation.name
+BOARDS = {"pi-01": 0.25, "pi-02": 0.6, "jetson-01": 1.5}  # CPU quota (cores) of each board
+CG = Path("/sys/fs/cgroup")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cahfp(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cahfp.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+    )
+
+
+def read_env(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def exec_start(unit: str, env: dict[str, str], state_dir: Path) -> list[str]:
+    """The unit's ExecStart line with its environment substituted, as systemd runs it: the
+    installed `cahfp` becomes this interpreter's `-m cahfp.cli`, /var/lib/cahfp the test's
+    state directory."""
+    text = (REPO / "deploy" / "systemd" / unit).read_text()
+    line = next(x for x in text.splitlines() if x.startswith("ExecStart="))
+    words = shlex.split(line.removeprefix("ExecStart="))
+    assert words[0] == "/opt/cahfp/venv/bin/cahfp", words
+    out = [sys.executable, "-m", "cahfp.cli"]
+    for w in words[1:]:
+        w = re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], w)
+        out.append(w.replace("/var/lib/cahfp", str(state_dir)))
+    return out
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path, cwd: Path, cgroup: list[Path] = ()):
+    """Start ``cmd`` with ``env`` (as the unit's EnvironmentFile gives it), inside ``cgroup``."""
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    if cgroup:
+        procs = " ".join(str(c / "cgroup.procs") for c in cgroup)
+        cmd = ["sh", "-c", f'for f in {procs}; do echo $$ > "$f"; done; exec "$@"', "sh", *cmd]
+    out = open(log, "wb")  # noqa: SIM115 - lives with the process
+    return subprocess.Popen(
+        cmd, env=full_env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def cpu_cgroup(name: str, cores: float) -> list[Path]:
+    """A cgroup (v1 cpu controller, or v2) limited to ``cores`` of CPU time."""
+    if (CG / "cgroup.controllers").exists():
+        subprocess.run(["sh", "-c", f"echo +cpu > {CG}/cgroup.subtree_control"], check=False)
+        d = CG / name
+        d.mkdir(exist_ok=True)
+        (d / "cpu.max").write_text(f"{int(cores * 100000)} 100000\n")
+        return [d]
+    d = CG / "cpu" / name
+    d.mkdir(exist_ok=True)
+    (d / "cpu.cfs_period_us").write_text("100000\n")
+    (d / "cpu.cfs_quota_us").write_text(f"{int(cores * 100000)}\n")
+    return [d]
+
+
+def remove_cgroups(groups: list[Path]) -> None:
+    for c in groups:
+        for _ in range(50):
+            try:
+                if c.exists():
+                    c.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def write_images(fmnist, indices, folder: Path) -> None:
+    """A board's own images: Fashion-MNIST PNGs in class folders (c0 ... c9, in label order)."""
+    for i in indices:
+        d = folder / "train" / f"c{int(fmnist.targets[i])}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(fmnist.images[i, 0].numpy()).save(d / f"{i}.png")
+
+
+def test_operator_path_end_to_end(fmnist_root, fmnist_train, tmp_path):
+    for tool in ("mosquitto", "mosquitto_passwd"):
+        if not shutil.which(tool):
+            missing(f"{tool} is not installed (apt-get install mosquitto)")
+    cgroups = (CG / "cpu").exists() or (CG / "cgroup.controllers").exists()
+    if os.geteuid() != 0 or not cgroups:
+        missing("the operator test needs root and cgroups (CPU quotas emulate the boards)")
+    deploy = Path(tempfile.mkdtemp(prefix="cahfp-operator-"))  # /tmp: readable by mosquitto
+    port = free_port()
+    procs: list[subprocess.Popen] = []
+    groups: list[Path] = []
+    try:
+        # -- the server: broker configuration, credentials, the broker itself
+        r = cahfp(
+            "deploy", "init", "--out", str(deploy), "--federation", FED,
+            "--host", "localhost,127.0.0.1", "--port", str(port), "--bind", "127.0.0.1",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        for name in [*BOARDS, "stolen-01"]:
+            r = cahfp("deploy", "add-device", "--dir", str(deploy), name)
+            assert r.returncode == 0 and "added" in r.stdout, r.stderr
+        broker = subprocess.Popen(
+            ["mosquitto", "-c", str(deploy / "mosquitto.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "mosquitto.log", "wb"),  # noqa: SIM115
+            start_new_session=True,
+        )
+        procs.append(broker)
+
+        # -- each board: provisioned from its bundle into its own root, its own images
+        boards = {}
+        for i, name in enumerate([*BOARDS, "stolen-01"]):
+            root = tmp_path / name
+            (root / "etc").mkdir(parents=True)
+            for f in ("passwd", "group", "shadow", "gshadow"):
+                if Path("/etc", f).exists():
+                    shutil.copy(Path("/etc", f), root / "etc" / f)
+            write_images(fmnist_train, range(1500 * i, 1500 * (i + 1)), root / "data")
+            r = subprocess.run(
+                [
+                    "bash", str(REPO / "deploy" / "provision" / "provision-board.sh"),
+                    "--bundle", str(deploy / "clients" / name), "--platform", "pi",
+                    "--root", str(root), "--skip-install",
+                    "--data", f"imagefolder:{root / 'data'}",
+                ],
+                capture_output=True,
+                text=True,
+            )  # fmt: skip
+            assert r.returncode == 0, r.stdout + r.stderr
+            env = read_env(root / "etc" / "cahfp" / "client.env")
+            env["CAHFP_CA"] = str(root / "etc" / "cahfp" / "ca.crt")
+            env["XDG_CACHE_HOME"] = str(root / "var" / "lib" / "cahfp" / ".cache")
+            boards[name] = (root, env)
+        r = cahfp("deploy", "revoke-device", "--dir", str(deploy), "stolen-01")
+        assert r.returncode == 0, r.stderr
+        broker.send_signal(signal.SIGHUP)  # the reload docs/deploy.md asks for
+
+        # -- the coordinator, as its unit starts it, on an empty run directory
+        server = tmp_path / "server"
+        (server / "runs").mkdir(parents=True)
+        coord_env = read_env(deploy / "clients" / "coordinator" / "client.env")
+        coord_env.update(
+            CAHFP_CA=str(deploy / "certs" / "ca.crt"),
+            CAHFP_CONFIG=str(REPO / "examples" / "fmnist-vgg11.toml"),
+            CAHFP_RUN_DIR=str(server / "runs" / "main"),
+            CAHFP_DATA_DIR=str(fmnist_root),
+        )
+        shrink = [
+            "--set", "federation.rounds=4", "--set", "federation.clients=3",
+            "--set", "federation.deadline_s=10", "--set", "data.eval_samples=500",
+            "--registration-timeout", "90",
+        ]  # fmt: skip
+        coord_cmd = exec_start("cahfp-coordinator.service", coord_env, server) + shrink
+        run = server / "runs" / "main"
+        coord1 = start(coord_cmd, coord_env, tmp_path / "coordinator-1.log", server)
+        procs.append(coord1)
+
+        # -- the boards, as their unit starts them, each in its CPU quota
+        clients = {}
+        for name, cores in BOARDS.items():
+            root, env = boards[name]
+            groups += cpu_cgroup(f"cahfp-op-{name}", cores)
+            cmd = exec_start("cahfp-client.service", env, root / "var" / "lib" / "cahfp")
+            log = tmp_path / f"{name}.log"
+            clients[name] = start(cmd, env, log, root, [groups[-1]])
+            procs.append(clients[name])
+        root, env = boards["stolen-01"]
+        cmd = exec_start("cahfp-client.service", env, root / "var" / "lib" / "cahfp")
+        stolen = start(cmd, env, tmp_path / "stolen-01.log", root)
+        procs.append(stolen)
+
+        # -- mid-run: SIGKILL the coordinator after round 2, start it again with the same line
+        wait_for(lambda: len(metrics(run)) >= 3, 150, "round 2 of the first coordinator")
+        os.killpg(coord1.pid, signal.SIGKILL)
+        coord1.wait(10)
+        done = len(metrics(run)) - 1
+        coord2 = start(coord_cmd, coord_env, tmp_path / "coordinator-2.log", server)
+        procs.append(coord2)
+        codes = finish([coord2, stolen], timeout=240)
+        for proc in clients.values():  # what `systemctl stop` does: SIGTERM, then wait
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        codes += finish(list(clients.values()), timeout=30)
+    finally:
+        kill_all(procs)
+        remove_cgroups(groups)
+        shutil.rmtree(deploy, ignore_errors=True)
+    logs = {p.name: p.read_text(errors="replace") for p in tmp_path.glob("*.log")}
+    everything = "\n".join(f"--- {k}\n{v[-3000:]}" for k, v in sorted(logs.items()))
+    assert codes == [0, 2, 0, 0, 0], everything
+
+    # every round completed, none lost or repeated across the kill
+    m = metrics(run)
+    assert [r["round"] for r in m] == [0, 1, 2, 3, 4], everything
+    assert all(r["aggregated"] >= 1 for r in m[1:]), m
+    assert f"resuming after round {done}" in logs["coordinator-2.log"]
+    assert "starting a fresh run" in logs["coordinator-1.log"]
+
+    # each board's keep is the one its own measurement chose; the slowest keeps the least
+    first = {c["client_id"]: c for c in m[1]["clients"]}
+    assert set(first) == set(BOARDS), first
+    for name in BOARDS:
+        chosen = re.search(r"round 1 ok in .*?: keep (\d\.\d\d):", logs[f"{name}.log"])
+        assert chosen, logs[f"{name}.log"][-2000:]
+        assert first[name]["keep_target"] == pytest.approx(float(chosen.group(1)), abs=0.005)
+    keeps = {name: first[name]["keep_target"] for name in BOARDS}
+    assert keeps["pi-01"] < keeps["jetson-01"], keeps
+    assert keeps["pi-01"] == min(keeps.values()), keeps
+
+    # the revoked board is refused with one clear line
+    assert "error: broker refused the connection: Not authorized" in logs["stolen-01.log"]
+    assert not any("Traceback" in text for text in logs.values()), everything
+
+    # and the result serves the device: export a pruned model, classify one of the images
+    onnx = tmp_path / "model.onnx"
+    r = cahfp(
+        "export", "--run", str(run), "--keep", "0.5", "--out", str(onnx),
+        env={"CAHFP_DATA_DIR": str(fmnist_root)},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    image = next((tmp_path / "pi-01" / "data" / "train").rglob("*.png"))
+    r = cahfp("infer", str(onnx), str(image))
+    assert r.returncode == 0 and str(image) in r.stdout, r.stdout + r.stderr
