@@ -98,6 +98,8 @@ if [ "$SKIP_INSTALL" -eq 0 ]; then
   step "virtualenv and packages ($PLATFORM$([ "$INFERENCE_ONLY" -eq 1 ] && echo ', inference only'))"
   if [ -x "$VENV/bin/python" ]; then done_already "$VENV"; else run python3 -m venv "$VENV"; fi
   PIP="$VENV/bin/python -m pip install --quiet"
+  # the project's pinned versions, where the source is a checkout that has them
+  if [ -f "$SOURCE/constraints.txt" ]; then PIP="$PIP -c $SOURCE/constraints.txt"; fi
   if [ "$INFERENCE_ONLY" -eq 1 ]; then
     # `cahfp infer` imports only onnxruntime, numpy and Pillow
     run $PIP onnxruntime numpy pillow
