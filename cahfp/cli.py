@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -577,9 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int)
     p.add_argument(
         "--profile",
-        default="auto",
-        help="auto (measure this device), none (the "
-        "coordinator assigns the keep) or a device profile name to emulate",
+        default=os.environ.get("CAHFP_PROFILE", "auto"),
+        help="auto (measure this device; the default, or $CAHFP_PROFILE), none (do not measure: "
+        "train what the coordinator assigns) or a device profile name to emulate on this host",
     )
     p.add_argument("--export-dir", help="write the trained submodel as model.onnx here")
     p.add_argument(

@@ -6,9 +6,14 @@ started with the generated configuration (TLS, passwords, ACL) on a free loopbac
 coordinator started with the exact `ExecStart` line of its unit (environment file substituted)
 on an empty run directory and the unmodified `examples/fmnist-vgg11.toml` (rounds, data and
 deadline shrunk by `--set`), three boards provisioned with `provision-board.sh` and started with
-their unit's `ExecStart` line, each in a cgroup with another CPU quota (so each measures a
-different board), their own images as `imagefolder:`. Mid-run the coordinator is killed with
-SIGKILL and started again with the same line.
+their unit's `ExecStart` line, each emulating another board (`CAHFP_PROFILE` in its
+environment file: it measures this host and scales the measurement to the board's speed, memory
+and uplink), their own images as `imagefolder:`. Mid-run the coordinator is killed with SIGKILL
+and started again with the same line.
+
+CPU quotas (the testbed's cgroups) are not used here: an emulated board already predicts its
+own board's times, and a Raspberry Pi 4's quota (0.12 of this machine) would make the real
+rounds miss any deadline short enough for a test.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -33,8 +37,8 @@ from tests.mqtt_helpers import REPO, finish, kill_all, metrics, wait_for
 pytestmark = pytest.mark.slow
 
 FED = "fmnist-vgg11"  # the example config's federation.name
-BOARDS = {"pi-01": 0.25, "pi-02": 0.6, "jetson-01": 1.5}  # CPU quota (cores) of each board
-CG = Path("/sys/fs/cgroup")
+BOARDS = {"pi-01": "raspberry-pi-4", "pi-02": "raspberry-pi-5", "jetson-01": "jetson-orin-nano"}
+IMAGES = 4000  # per board: the emulated Pi 4 needs about 17 s for them dense, the Pi 5 about 7
 
 
 def free_port() -> int:
@@ -79,42 +83,13 @@ def exec_start(unit: str, env: dict[str, str], state_dir: Path) -> list[str]:
     return out
 
 
-def start(cmd: list[str], env: dict[str, str], log: Path, cwd: Path, cgroup: list[Path] = ()):
-    """Start ``cmd`` with ``env`` (as the unit's EnvironmentFile gives it), inside ``cgroup``."""
+def start(cmd: list[str], env: dict[str, str], log: Path, cwd: Path):
+    """Start ``cmd`` with ``env`` (as the unit's EnvironmentFile gives it)."""
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
-    if cgroup:
-        procs = " ".join(str(c / "cgroup.procs") for c in cgroup)
-        cmd = ["sh", "-c", f'for f in {procs}; do echo $$ > "$f"; done; exec "$@"', "sh", *cmd]
     out = open(log, "wb")  # noqa: SIM115 - lives with the process
     return subprocess.Popen(
         cmd, env=full_env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
     )
-
-
-def cpu_cgroup(name: str, cores: float) -> list[Path]:
-    """A cgroup (v1 cpu controller, or v2) limited to ``cores`` of CPU time."""
-    if (CG / "cgroup.controllers").exists():
-        subprocess.run(["sh", "-c", f"echo +cpu > {CG}/cgroup.subtree_control"], check=False)
-        d = CG / name
-        d.mkdir(exist_ok=True)
-        (d / "cpu.max").write_text(f"{int(cores * 100000)} 100000\n")
-        return [d]
-    d = CG / "cpu" / name
-    d.mkdir(exist_ok=True)
-    (d / "cpu.cfs_period_us").write_text("100000\n")
-    (d / "cpu.cfs_quota_us").write_text(f"{int(cores * 100000)}\n")
-    return [d]
-
-
-def remove_cgroups(groups: list[Path]) -> None:
-    for c in groups:
-        for _ in range(50):
-            try:
-                if c.exists():
-                    c.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
 
 
 def write_images(fmnist, indices, folder: Path) -> None:
@@ -129,13 +104,11 @@ def test_operator_path_end_to_end(fmnist_root, fmnist_train, tmp_path):
     for tool in ("mosquitto", "mosquitto_passwd"):
         if not shutil.which(tool):
             missing(f"{tool} is not installed (apt-get install mosquitto)")
-    cgroups = (CG / "cpu").exists() or (CG / "cgroup.controllers").exists()
-    if os.geteuid() != 0 or not cgroups:
-        missing("the operator test needs root and cgroups (CPU quotas emulate the boards)")
+    if os.geteuid() != 0:
+        missing("the operator test needs root (provisioning creates the cahfp user)")
     deploy = Path(tempfile.mkdtemp(prefix="cahfp-operator-"))  # /tmp: readable by mosquitto
     port = free_port()
     procs: list[subprocess.Popen] = []
-    groups: list[Path] = []
     try:
         # -- the server: broker configuration, credentials, the broker itself
         r = cahfp(
@@ -162,7 +135,7 @@ def test_operator_path_end_to_end(fmnist_root, fmnist_train, tmp_path):
             for f in ("passwd", "group", "shadow", "gshadow"):
                 if Path("/etc", f).exists():
                     shutil.copy(Path("/etc", f), root / "etc" / f)
-            write_images(fmnist_train, range(1500 * i, 1500 * (i + 1)), root / "data")
+            write_images(fmnist_train, range(IMAGES * i, IMAGES * (i + 1)), root / "data")
             r = subprocess.run(
                 [
                     "bash", str(REPO / "deploy" / "provision" / "provision-board.sh"),
@@ -174,6 +147,9 @@ def test_operator_path_end_to_end(fmnist_root, fmnist_train, tmp_path):
                 text=True,
             )  # fmt: skip
             assert r.returncode == 0, r.stdout + r.stderr
+            if name in BOARDS:  # what an operator adds to /etc/cahfp/client.env to emulate
+                with open(root / "etc" / "cahfp" / "client.env", "a") as f:
+                    f.write(f"CAHFP_PROFILE={BOARDS[name]}\n")
             env = read_env(root / "etc" / "cahfp" / "client.env")
             env["CAHFP_CA"] = str(root / "etc" / "cahfp" / "ca.crt")
             env["XDG_CACHE_HOME"] = str(root / "var" / "lib" / "cahfp" / ".cache")
@@ -193,8 +169,8 @@ def test_operator_path_end_to_end(fmnist_root, fmnist_train, tmp_path):
             CAHFP_DATA_DIR=str(fmnist_root),
         )
         shrink = [
-            "--set", "federation.rounds=4", "--set", "federation.clients=3",
-            "--set", "federation.deadline_s=10", "--set", "data.eval_samples=500",
+            "--set", "federation.rounds=3", "--set", "federation.clients=3",
+            "--set", "federation.deadline_s=20", "--set", "data.eval_samples=500",
             "--registration-timeout", "90",
         ]  # fmt: skip
         coord_cmd = exec_start("cahfp-coordinator.service", coord_env, server) + shrink
@@ -202,22 +178,20 @@ def test_operator_path_end_to_end(fmnist_root, fmnist_train, tmp_path):
         coord1 = start(coord_cmd, coord_env, tmp_path / "coordinator-1.log", server)
         procs.append(coord1)
 
-        # -- the boards, as their unit starts them, each in its CPU quota
+        # -- the boards, as their unit starts them
         clients = {}
-        for name, cores in BOARDS.items():
+        for name in BOARDS:
             root, env = boards[name]
-            groups += cpu_cgroup(f"cahfp-op-{name}", cores)
             cmd = exec_start("cahfp-client.service", env, root / "var" / "lib" / "cahfp")
-            log = tmp_path / f"{name}.log"
-            clients[name] = start(cmd, env, log, root, [groups[-1]])
+            clients[name] = start(cmd, env, tmp_path / f"{name}.log", root)
             procs.append(clients[name])
         root, env = boards["stolen-01"]
         cmd = exec_start("cahfp-client.service", env, root / "var" / "lib" / "cahfp")
         stolen = start(cmd, env, tmp_path / "stolen-01.log", root)
         procs.append(stolen)
 
-        # -- mid-run: SIGKILL the coordinator after round 2, start it again with the same line
-        wait_for(lambda: len(metrics(run)) >= 3, 150, "round 2 of the first coordinator")
+        # -- mid-run: SIGKILL the coordinator after round 1, start it again with the same line
+        wait_for(lambda: len(metrics(run)) >= 2, 150, "round 1 of the first coordinator")
         os.killpg(coord1.pid, signal.SIGKILL)
         coord1.wait(10)
         done = len(metrics(run)) - 1
@@ -230,7 +204,6 @@ def test_operator_path_end_to_end(fmnist_root, fmnist_train, tmp_path):
         codes += finish(list(clients.values()), timeout=30)
     finally:
         kill_all(procs)
-        remove_cgroups(groups)
         shutil.rmtree(deploy, ignore_errors=True)
     logs = {p.name: p.read_text(errors="replace") for p in tmp_path.glob("*.log")}
     everything = "\n".join(f"--- {k}\n{v[-3000:]}" for k, v in sorted(logs.items()))
@@ -238,7 +211,7 @@ def test_operator_path_end_to_end(fmnist_root, fmnist_train, tmp_path):
 
     # every round completed, none lost or repeated across the kill
     m = metrics(run)
-    assert [r["round"] for r in m] == [0, 1, 2, 3, 4], everything
+    assert [r["round"] for r in m] == [0, 1, 2, 3], everything
     assert all(r["aggregated"] >= 1 for r in m[1:]), m
     assert f"resuming after round {done}" in logs["coordinator-2.log"]
     assert "starting a fresh run" in logs["coordinator-1.log"]
@@ -251,8 +224,10 @@ def test_operator_path_end_to_end(fmnist_root, fmnist_train, tmp_path):
         assert chosen, logs[f"{name}.log"][-2000:]
         assert first[name]["keep_target"] == pytest.approx(float(chosen.group(1)), abs=0.005)
     keeps = {name: first[name]["keep_target"] for name in BOARDS}
-    assert keeps["pi-01"] < keeps["jetson-01"], keeps
+    assert keeps["pi-01"] < 1.0 == keeps["jetson-01"], keeps  # the Pi 4 must prune
     assert keeps["pi-01"] == min(keeps.values()), keeps
+    pattern = r"client (\S+) registered \(keep \S+, its own measurement\)"
+    assert sorted(re.findall(pattern, logs["coordinator-1.log"])) == sorted(BOARDS), everything
 
     # the revoked board is refused with one clear line
     assert "error: broker refused the connection: Not authorized" in logs["stolen-01.log"]
