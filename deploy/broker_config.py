@@ -27,6 +27,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from cryptography import x509
+
 from cahfp.errors import CAHFPError
 from cahfp.protocol import CLIENT_ID_PREFIX, DEFAULT_CHUNK, check_name
 from deploy import pki
@@ -165,24 +167,39 @@ def _write_meta(d: Path, meta: dict) -> None:
 
 
 def _client_bundle(d: Path, meta: dict, name: str, password: str, client_cert: bool) -> Path:
-    """The files a board (or the coordinator host) needs."""
+    """The files a board (or the coordinator host) needs. ``client.env`` names the files where
+    the provisioning script installs them (``/etc/cahfp``)."""
     out = d / "clients" / name
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
     (out / "credentials").write_text(f"{name}:{password}\n")
     url = f"mqtts://{meta['hosts'][0]}:{meta['port']}"
-    (out / "client.env").write_text(
+    env = (
         f"CAHFP_MQTT_USERNAME={name}\nCAHFP_MQTT_PASSWORD={password}\nCAHFP_BROKER={url}\n"
-        f"CAHFP_FEDERATION={meta['federation']}\nCAHFP_CA={'/etc/cahfp/ca.crt'}\n"
+        f"CAHFP_FEDERATION={meta['federation']}\nCAHFP_CA={INSTALLED}/ca.crt\n"
     )
     shutil.copy(d / "certs" / "ca.crt", out / "ca.crt")
     if client_cert:
-        pki.issue(d / "certs", f"client-{name}", name, client=True)
-        shutil.move(d / "certs" / f"client-{name}.crt", out / "client.crt")
-        shutil.move(d / "certs" / f"client-{name}.key", out / "client.key")
+        _issue_client(d, name, out)
+        env += f"CAHFP_CERT={INSTALLED}/client.crt\nCAHFP_KEY={INSTALLED}/client.key\n"
+    (out / "client.env").write_text(env)
     for f in out.iterdir():
         os.chmod(f, 0o600)
     return out
+
+
+def _issue_client(d: Path, name: str, out: Path) -> None:
+    """A client certificate (CN = ``name``) and its key into ``out``; the certificate is also
+    kept as ``certs/issued/<name>.crt`` so that it can be revoked after the bundle is gone."""
+    certs = d / "certs"
+    if not (certs / pki.CRL).is_file():
+        pki.write_crl(certs)
+    stem = f"client-{name}"
+    pki.issue(certs, stem, name, client=True)
+    (certs / "issued").mkdir(exist_ok=True)
+    shutil.copy(certs / f"{stem}.crt", out / "client.crt")
+    shutil.move(certs / f"{stem}.crt", certs / "issued" / f"{name}.crt")
+    shutil.move(certs / f"{stem}.key", out / "client.key")
 
 
 def init(
@@ -227,8 +244,10 @@ def init(
             f.write(_hash_lines(new))
     meta["devices"] = sorted(set(meta["devices"]) | (set(new) - {COORDINATOR}))
     _write_meta(d, meta)
+    if client_certs:
+        pki.write_crl(d / "certs")  # (re)signed: keeps the entries, renews its dates
     for name, pw in new.items():
-        _client_bundle(d, meta, name, pw, client_certs and name != COORDINATOR)
+        _client_bundle(d, meta, name, pw, client_certs)
     (d / "acl").write_text(acl_text(federation))
     (d / "mosquitto.conf").write_text(config_text(d, port, bind, client_certs, chunk))
     _fix_modes(d)
@@ -252,9 +271,12 @@ def add_device(dir_: str | os.PathLike, name: str, client_cert: bool | None = No
     return out
 
 
-def revoke_device(dir_: str | os.PathLike, name: str) -> None:
-    """Remove a device's password (and bundle). A running broker needs a reload
-    (``systemctl reload mosquitto`` or ``kill -HUP``) to drop its sessions' credentials."""
+def revoke_device(dir_: str | os.PathLike, name: str) -> bool:
+    """Remove a device's password and bundle and, if it was issued a client certificate, add
+    that certificate to the revocation list. A running broker applies both on a reload
+    (``systemctl reload mosquitto`` or ``kill -HUP``): mosquitto 2.0 rereads the password file
+    and the CRL, ends the device's connected session (its password is gone) and refuses its
+    certificate from then on. Returns whether a certificate was revoked."""
     d = Path(dir_).resolve()
     meta = _read_meta(d)
     if name not in meta["devices"]:
@@ -264,10 +286,16 @@ def revoke_device(dir_: str | os.PathLike, name: str) -> None:
     )
     if proc.returncode != 0:
         raise DeployError(f"mosquitto_passwd -D failed: {proc.stderr.strip()}")
+    issued = d / "certs" / "issued" / f"{name}.crt"
+    had_cert = issued.is_file()
+    if had_cert:
+        pki.write_crl(d / "certs", x509.load_pem_x509_certificate(issued.read_bytes()))
+        issued.rename(issued.with_suffix(".revoked"))
     meta["devices"] = [n for n in meta["devices"] if n != name]
     _write_meta(d, meta)
     shutil.rmtree(d / "clients" / name, ignore_errors=True)
     _fix_modes(d)
+    return had_cert
 
 
 def _fix_modes(d: Path) -> None:
@@ -277,8 +305,11 @@ def _fix_modes(d: Path) -> None:
         if (d / f).exists():
             _chmod(d / f, 0o640, g)
     _chmod(d / "certs", 0o750, g)
-    for f in ("ca.crt", "server.crt", "server.key"):
-        _chmod(d / "certs" / f, 0o640, g)
+    for f in ("ca.crt", "server.crt", "server.key", pki.CRL):
+        if (d / "certs" / f).exists():
+            _chmod(d / "certs" / f, 0o640, g)
+    if (d / "certs" / "issued").is_dir():
+        _chmod(d / "certs" / "issued", 0o700, None)
     _chmod(d / "certs" / "ca.key", 0o600, None)
     _chmod(d / "data", 0o750, g, owner_mosquitto=True)
     if (d / "clients").is_dir():
