@@ -12,7 +12,8 @@
 
 Files are readable by the ``mosquitto`` group (mosquitto drops privileges to that user when
 started as root); the CA key and client secrets stay readable by root only. Running ``init``
-again keeps the CA and existing passwords and adds missing devices.
+again keeps the CA and existing passwords and adds missing devices; with ``--client-certs`` it
+also issues a certificate to every bundle still in ``clients/`` that has none.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from deploy import pki
 
 COORDINATOR = "coordinator"
 INSTALLED = "/etc/cahfp"  # where the provisioning script puts a bundle's files on a board
+_CERT_ENV = f"CAHFP_CERT={INSTALLED}/client.crt\nCAHFP_KEY={INSTALLED}/client.key\n"
 
 
 class DeployError(CAHFPError):
@@ -181,7 +183,7 @@ def _client_bundle(d: Path, meta: dict, name: str, password: str, client_cert: b
     shutil.copy(d / "certs" / "ca.crt", out / "ca.crt")
     if client_cert:
         _issue_client(d, name, out)
-        env += f"CAHFP_CERT={INSTALLED}/client.crt\nCAHFP_KEY={INSTALLED}/client.key\n"
+        env += _CERT_ENV
     (out / "client.env").write_text(env)
     for f in out.iterdir():
         os.chmod(f, 0o600)
@@ -248,6 +250,14 @@ def init(
         pki.write_crl(d / "certs")  # (re)signed: keeps the entries, renews its dates
     for name, pw in new.items():
         _client_bundle(d, meta, name, pw, client_certs)
+    if client_certs:  # bundles made before client certificates were required get one now
+        for b in sorted(p for p in (d / "clients").iterdir() if p.name not in new):
+            if (b / "client.env").is_file() and not (b / "client.crt").exists():
+                _issue_client(d, b.name, b)
+                with open(b / "client.env", "a") as f:
+                    f.write(_CERT_ENV)
+                for f in b.iterdir():
+                    os.chmod(f, 0o600)
     (d / "acl").write_text(acl_text(federation))
     (d / "mosquitto.conf").write_text(config_text(d, port, bind, client_certs, chunk))
     _fix_modes(d)

@@ -4,8 +4,8 @@ certificate, last will, persistent session, automatic reconnect with backoff, su
 restored after every reconnect, chunked publishing of large payloads, and a thread-safe inbox of
 received messages.
 
-A broker that refuses the TLS handshake for good (client certificate missing, unknown, revoked
-or expired; broker certificate not trusted) is not retried: the refusal is logged once and
+A TLS handshake refused for good (client certificate missing, unknown, revoked or expired;
+broker certificate not trusted) ends the connection's use: the reason is logged once and
 ``start``/``get`` raise ``CertificateRefused``, whose exit status (77) tells systemd not to
 restart the service (``RestartPreventExitStatus=77`` in deploy/systemd/).
 """
@@ -125,10 +125,12 @@ _REFUSALS = (
 def tls_refusal(error: str, cert: str | None, ca: str | None) -> str | None:
     """The one-line reason for a TLS failure ``error`` that retrying cannot fix, else None."""
     upper = error.upper()
-    if "HANDSHAKE_FAILURE" in upper and cert is None:  # TLS 1.2 brokers say only this
+    if cert is None and "HANDSHAKE_FAILURE" in upper:  # a TLS 1.2 broker says only this
         return _REFUSALS[0][1]
     for alert, text in _REFUSALS:
         if alert in upper:
+            if cert is None and alert != "CERTIFICATE_VERIFY_FAILED":
+                return _REFUSALS[0][1]  # whatever the alert says, we presented none
             why = error.split("]", 1)[-1].split("(_ssl", 1)[0].strip()
             return text.format(cert=cert, ca=ca or "(system CAs)", why=why)
     return None

@@ -20,6 +20,7 @@ from cryptography import x509
 
 from cahfp.protocol import Topics
 from coordinator.broker import free_port, wait_port
+from deploy import broker_config as bc
 from deploy import pki
 from edge_client.link import CertificateRefused, MqttLink, read_credentials
 from tests.conftest import missing
@@ -350,3 +351,21 @@ def test_provisioned_board_uses_its_certificate(mtls, tmp_path):
         ["bash", str(script), *args, "--skip-install", "--dry-run"], capture_output=True, text=True
     )
     assert "client.key (0640, group cahfp)" in dry.stdout
+
+
+def test_init_again_with_client_certs_equips_existing_bundles(tmp_path):
+    """A deployment made without certificates, then `init --client-certs`: the bundles still
+    there (the coordinator's included) get a certificate, and the broker requires them."""
+    if not shutil.which("mosquitto_passwd"):
+        missing("mosquitto_passwd is not installed")
+    d = tmp_path / "dep"
+    bc.init(d, ["pi-1"], federation="x")
+    assert not (d / "clients" / "coordinator" / "client.crt").exists()
+    bc.init(d, ["pi-1"], federation="x", client_certs=True)
+    for name in ("coordinator", "pi-1"):
+        b = d / "clients" / name
+        assert (b / "client.crt").is_file() and (b / "client.key").is_file()
+        assert (b / "client.env").read_text().count("CAHFP_CERT=/etc/cahfp/client.crt\n") == 1
+    assert "require_certificate true" in (d / "mosquitto.conf").read_text()
+    bc.init(d, ["pi-1"], federation="x", client_certs=True)  # idempotent: nothing issued twice
+    assert (d / "clients" / "pi-1" / "client.env").read_text().count("CAHFP_CERT=") == 1
