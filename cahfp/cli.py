@@ -377,6 +377,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         resume=args.resume,
         credentials=args.credentials,
         ca_file=args.ca,
+        cert_file=args.cert,
+        key_file=args.key,
         protocol=args.mqtt_version,
         on_event=view.event,
         inbox_memory=int(args.inbox_memory_mb * (1 << 20)),
@@ -418,12 +420,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         )
     elif args.action == "add-device":
         out = bc.add_device(args.dir, args.name)
-        print(f"added {args.name}; its bundle is {out}; reload the broker to apply")
+        cert = " (with its client certificate)" if (out / "client.crt").is_file() else ""
+        print(f"added {args.name}; its bundle{cert} is {out}; reload the broker to apply")
     else:
-        bc.revoke_device(args.dir, args.name)
+        cert = bc.revoke_device(args.dir, args.name)
+        what = "its password and certificate" if cert else "its password"
         print(
             f"revoked {args.name}; reload the broker (systemctl reload mosquitto or "
-            "kill -HUP) so that it stops accepting the old password"
+            f"kill -HUP <its pid>) so that it stops accepting {what}"
         )
     return 0
 
@@ -482,6 +486,11 @@ def _add_broker(p: argparse.ArgumentParser) -> None:
         help="file with 'username:password' (else CAHFP_MQTT_USERNAME / CAHFP_MQTT_PASSWORD)",
     )
     p.add_argument("--ca", help="CA certificate for mqtts://")
+    p.add_argument(
+        "--cert",
+        help="client certificate (PEM) for a broker that requires one (else CAHFP_CERT)",
+    )
+    p.add_argument("--key", help="the client certificate's private key (else CAHFP_KEY)")
     p.add_argument(
         "--mqtt-version",
         type=_mqtt_level,
@@ -747,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except CAHFPError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)  # 77: refused for good, systemd does not restart
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -43,6 +43,12 @@ MAGIC = b"CHFP"
 PREFIX = "cahfp"
 DEFAULT_CHUNK = 1 << 20
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Every MQTT connection sends CLIENT_ID_PREFIX + its name as its client id. The generated broker
+# configuration refuses any other client id before it reads the credentials (``clientid_prefixes``)
+# and then replaces the id by the username; ':' never occurs in a name (NAME_RE), so no session
+# is ever keyed by a prefixed id. Why: docs/deploy.md, threat model (a refused connection must
+# not be able to name another client's session).
+CLIENT_ID_PREFIX = "cahfp:"
 
 
 class ProtocolError(CAHFPError):

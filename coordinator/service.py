@@ -26,7 +26,7 @@ from coordinator.records import (
 )
 from coordinator.simulation import evaluation_data
 from edge_client.inbox import DEFAULT_MEMORY
-from edge_client.link import MqttLink, read_credentials
+from edge_client.link import MqttLink, client_certificate, read_credentials
 
 log = logging.getLogger("cahfp.coordinator")
 
@@ -41,6 +41,8 @@ class Coordinator:
         resume: bool = False,
         credentials: str | None = None,
         ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
         protocol: int = 5,
         on_event=None,
         inbox_memory: int = DEFAULT_MEMORY,
@@ -57,6 +59,7 @@ class Coordinator:
             resume = False
         self.resume = resume
         user, password = read_credentials(credentials)
+        cert_file, key_file = client_certificate(cert_file, key_file)
         stopped = Status(round=0, state="stopped", detail="coordinator connection lost")
         self.link = MqttLink(
             broker_url,
@@ -64,6 +67,8 @@ class Coordinator:
             username=user,
             password=password,
             ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
             protocol=protocol,
             will=(self.topics.status, stopped.model_dump_json().encode(), 1, True),
             inbox_memory=inbox_memory,

@@ -1,5 +1,6 @@
 """A small private PKI for one federation's broker (``cryptography``): a CA, a server
-certificate for the broker's host names, and optional client certificates."""
+certificate for the broker's host names, optional client certificates and the certificate
+revocation list (``crl.pem``) that the broker checks them against."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def make_ca(dir_: Path, name: str) -> None:
 
 def issue(
     dir_: Path, stem: str, common: str, hosts: list[str] | None = None, client: bool = False
-) -> None:
+) -> x509.Certificate:
     """Sign ``<stem>.key``/``<stem>.crt`` with the CA in ``dir_``: a server certificate for
     ``hosts`` (DNS names or IP addresses) or a client certificate."""
     ca_key, ca_cert = _load(dir_)
@@ -114,3 +115,47 @@ def issue(
     cert = builder.sign(ca_key, hashes.SHA256())
     _write_key(key, dir_ / f"{stem}.key")
     _write_cert(cert, dir_ / f"{stem}.crt")
+    return cert
+
+
+CRL = "crl.pem"
+
+
+def _revoked(dir_: Path) -> list[x509.RevokedCertificate]:
+    path = dir_ / CRL
+    return list(x509.load_pem_x509_crl(path.read_bytes())) if path.is_file() else []
+
+
+def revoked_serials(dir_: Path) -> set[int]:
+    """Serial numbers listed in ``dir_/crl.pem`` (none when there is no list yet)."""
+    return {entry.serial_number for entry in _revoked(dir_)}
+
+
+def write_crl(dir_: Path, revoke: x509.Certificate | None = None) -> None:
+    """(Re)sign ``dir_/crl.pem`` with the CA: the entries already listed, plus ``revoke``.
+
+    The list is valid until the CA expires: a broker that checks revocation refuses every
+    client certificate once its list is out of date, so the list must not expire first."""
+    ca_key, ca_cert = _load(dir_)
+    entries = _revoked(dir_)
+    if revoke is not None:
+        if revoke.issuer != ca_cert.subject:
+            raise ValueError(f"{revoke.subject.rfc4514_string()} was not issued by this CA")
+        if revoke.serial_number not in {e.serial_number for e in entries}:
+            entries.append(
+                x509.RevokedCertificateBuilder()
+                .serial_number(revoke.serial_number)
+                .revocation_date(dt.datetime.now(dt.timezone.utc))
+                .build()
+            )
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(ca_cert.not_valid_after_utc)
+    )
+    for entry in entries:
+        builder = builder.add_revoked_certificate(entry)
+    crl = builder.sign(ca_key, hashes.SHA256())
+    (dir_ / CRL).write_bytes(crl.public_bytes(serialization.Encoding.PEM))

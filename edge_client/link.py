@@ -1,7 +1,13 @@
 """One MQTT connection (paho-mqtt 2.x, callback API v2), shared by the device agent and the
-coordinator service: ``mqtt://`` and ``mqtts://`` URLs, credentials, CA file, last will,
-persistent session, automatic reconnect with backoff, subscriptions restored after every
-reconnect, chunked publishing of large payloads, and a thread-safe inbox of received messages.
+coordinator service: ``mqtt://`` and ``mqtts://`` URLs, credentials, CA file, client
+certificate, last will, persistent session, automatic reconnect with backoff, subscriptions
+restored after every reconnect, chunked publishing of large payloads, and a thread-safe inbox of
+received messages.
+
+A TLS handshake refused for good (client certificate missing, unknown, revoked or expired;
+broker certificate not trusted) ends the connection's use: the reason is logged once and
+``start``/``get`` raise ``CertificateRefused``, whose exit status (77) tells systemd not to
+restart the service (``RestartPreventExitStatus=77`` in deploy/systemd/).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import contextlib
 import logging
 import os
 import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -21,7 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from cahfp.errors import CAHFPError
-from cahfp.protocol import DEFAULT_CHUNK, iter_chunks
+from cahfp.protocol import CLIENT_ID_PREFIX, DEFAULT_CHUNK, iter_chunks
 from edge_client.inbox import DEFAULT_MEMORY, Incoming, SpoolingInbox
 
 log = logging.getLogger("cahfp.link")
@@ -30,6 +37,12 @@ HEADER_ROOM = 512  # chunk header + MQTT fixed header + topic, kept below the pa
 
 class LinkError(CAHFPError):
     """The broker could not be reached or refused us."""
+
+
+class CertificateRefused(LinkError):
+    """The TLS handshake failed for a reason that retrying cannot fix."""
+
+    exit_code = 77  # EX_NOPERM; the systemd units do not restart on it
 
 
 @dataclass(frozen=True)
@@ -73,6 +86,73 @@ def read_credentials(path: str | os.PathLike | None) -> tuple[str | None, str | 
     return os.environ.get("CAHFP_MQTT_USERNAME"), os.environ.get("CAHFP_MQTT_PASSWORD")
 
 
+def client_certificate(cert: str | None, key: str | None) -> tuple[str | None, str | None]:
+    """The client certificate and key files, else ``CAHFP_CERT`` / ``CAHFP_KEY`` (empty means
+    none); both or neither, and both readable."""
+    cert = cert or os.environ.get("CAHFP_CERT") or None
+    key = key or os.environ.get("CAHFP_KEY") or None
+    if bool(cert) != bool(key):
+        raise LinkError(
+            "a client certificate needs its key: give both --cert and --key "
+            "(or CAHFP_CERT and CAHFP_KEY)"
+        )
+    for kind, path in (("certificate", cert), ("key", key)):
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    f.read(1)
+            except OSError as exc:
+                raise LinkError(f"cannot read client {kind} file {path}: {exc.strerror}") from None
+    return cert, key
+
+
+# TLS alerts from the broker (and our own verification failure) that no retry can fix
+_REFUSALS = (
+    (
+        "CERTIFICATE_REQUIRED",
+        "the broker requires a client certificate: give --cert and --key "
+        "(or CAHFP_CERT and CAHFP_KEY)",
+    ),
+    ("CERTIFICATE_REVOKED", "the broker refused the client certificate {cert}: it is revoked"),
+    ("CERTIFICATE_EXPIRED", "the broker refused the client certificate {cert}: it has expired"),
+    ("UNKNOWN_CA", "the broker refused the client certificate {cert}: not issued by its CA"),
+    ("BAD_CERTIFICATE", "the broker refused the client certificate {cert}"),
+    ("CERTIFICATE_UNKNOWN", "the broker refused the client certificate {cert}"),
+    ("CERTIFICATE_VERIFY_FAILED", "the broker's certificate is not trusted with CA {ca} ({why})"),
+)
+
+
+def tls_refusal(error: str, cert: str | None, ca: str | None) -> str | None:
+    """The one-line reason for a TLS failure ``error`` that retrying cannot fix, else None."""
+    upper = error.upper()
+    if cert is None and "HANDSHAKE_FAILURE" in upper:  # a TLS 1.2 broker says only this
+        return _REFUSALS[0][1]
+    for alert, text in _REFUSALS:
+        if alert in upper:
+            if cert is None and alert != "CERTIFICATE_VERIFY_FAILED":
+                return _REFUSALS[0][1]  # whatever the alert says, we presented none
+            why = error.split("]", 1)[-1].split("(_ssl", 1)[0].strip()
+            return text.format(cert=cert, ca=ca or "(system CAs)", why=why)
+    return None
+
+
+def _tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext:
+    """Verify the broker with ``ca`` (else the system CAs); present ``cert``/``key`` if given."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # hostname check and CERT_REQUIRED
+    try:
+        ctx.load_verify_locations(ca) if ca else ctx.load_default_certs()
+    except (ssl.SSLError, OSError) as exc:
+        raise LinkError(f"cannot use the CA file {ca}: {exc}") from None
+    if cert:
+        try:
+            ctx.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise LinkError(
+                f"cannot use the client certificate {cert} with the key {key}: {exc}"
+            ) from None
+    return ctx
+
+
 class MqttLink:
     def __init__(
         self,
@@ -82,6 +162,8 @@ class MqttLink:
         username: str | None = None,
         password: str | None = None,
         ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
         will: tuple[str, bytes, int, bool] | None = None,
         protocol: int = 5,
         keepalive: int = 20,
@@ -94,16 +176,23 @@ class MqttLink:
         self.protocol = mqtt.MQTTv5 if protocol == 5 else mqtt.MQTTv311
         kwargs = {} if protocol == 5 else {"clean_session": False}
         self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=self.protocol, **kwargs
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=CLIENT_ID_PREFIX + client_id,  # see CLIENT_ID_PREFIX
+            protocol=self.protocol,
+            **kwargs,
         )
         if username is not None:
             self.client.username_pw_set(username, password)
+        self.ca_file, self.cert_file = ca_file, cert_file
         if self.address.tls:
-            self.client.tls_set(
-                ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT
-            )
+            self.client.tls_set_context(_tls_context(ca_file, cert_file, key_file))
         elif ca_file:
             raise LinkError("a CA file was given but the broker URL is not mqtts://")
+        elif cert_file or key_file:
+            raise LinkError(
+                "a client certificate was given but the broker URL is not mqtts:// "
+                "(certificates need TLS)"
+            )
         if will:
             self.client.will_set(*will)
         self.client.reconnect_delay_set(min_delay=1, max_delay=16)
@@ -114,12 +203,15 @@ class MqttLink:
         self.subscriptions: dict[str, int] = {}
         self.connected = threading.Event()
         self.error: str | None = None
+        self.refused: str | None = None  # a TLS refusal that retrying cannot fix
         self.max_packet: int | None = None  # announced by an MQTT 5 broker
         self.connects = 0
         self.stopping = False
         self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_log = self._on_log
 
     # ------------------------------------------------------------------ callbacks (paho thread)
 
@@ -145,10 +237,25 @@ class MqttLink:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.connected.clear()
-        if not self.stopping:
+        if not self.stopping and not self.refused:
             log.warning(
                 "%s disconnected (%s); reconnecting with backoff", self.client_id, reason_code
             )
+
+    def _tls_failed(self, error: str) -> None:
+        reason = tls_refusal(error, self.cert_file, self.ca_file)
+        if reason and not self.refused:
+            self.refused = self.error = reason
+            log.error("%s: %s", self.client_id, reason)  # once; start/get raise it
+
+    def _on_connect_fail(self, client, userdata):
+        exc = sys.exc_info()[1]  # paho calls this inside its `except OSError`
+        if isinstance(exc, ssl.SSLError):  # the handshake failed (TLS 1.2)
+            self._tls_failed(str(exc))
+
+    def _on_log(self, client, userdata, level, buf):
+        if level == mqtt.MQTT_LOG_ERR and buf.startswith("failed to receive on socket: [SSL"):
+            self._tls_failed(buf)  # TLS 1.3: the broker's alert arrives with the first read
 
     def _on_message(self, client, userdata, msg):
         self.inbox.put(Incoming(msg.topic, bytes(msg.payload), bool(msg.retain)))
@@ -179,6 +286,8 @@ class MqttLink:
         self.client.loop_start()
         if not self.wait_connected(timeout):
             self.stop()
+            if self.refused:
+                raise CertificateRefused(self.refused)
             raise LinkError(
                 self.error
                 or f"no connection to {self.address.host}:"
@@ -190,6 +299,8 @@ class MqttLink:
         while time.monotonic() < end:
             if self.connected.wait(0.1):
                 return True
+            if self.refused:
+                return False
             if self.error and "refused" in self.error and "authorized" in self.error.lower():
                 return False
         return self.connected.is_set()
@@ -218,6 +329,10 @@ class MqttLink:
         return transfer, [self.publish(topic, c, qos=1) for c in chunks]
 
     def get(self, timeout: float) -> Incoming | None:
+        """The next message, waiting up to ``timeout``; raises ``CertificateRefused`` once the
+        broker has refused this client's certificate (e.g. revoked while it ran)."""
+        if self.refused:
+            raise CertificateRefused(self.refused)
         return self.inbox.get(timeout)
 
     def stop(self, final: list[tuple[str, bytes, bool]] | None = None) -> None:

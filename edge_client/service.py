@@ -16,7 +16,7 @@ from cahfp.protocol import Topics, check_name
 from cahfp.training import Recipe
 from edge_client.agent import Agent
 from edge_client.budget import device_budget
-from edge_client.link import MqttLink, read_credentials
+from edge_client.link import MqttLink, client_certificate, read_credentials
 from edge_client.task import ClientState
 
 log = logging.getLogger("cahfp.client")
@@ -81,6 +81,7 @@ def budget_setup(state: ClientState, profile: str):
 def run_client(args: argparse.Namespace) -> int:
     check_name("client id", args.id)
     topics = Topics(args.federation)
+    cert, key = client_certificate(args.cert, args.key)  # before the data: fail at once
     if args.threads:
         torch.set_num_threads(args.threads)
     data = local_data(args)
@@ -96,6 +97,8 @@ def run_client(args: argparse.Namespace) -> int:
         username=user,
         password=password,
         ca_file=args.ca,
+        cert_file=cert,
+        key_file=key,
         protocol=args.mqtt_version,
         will=(topics.presence(args.id), offline, 1, True),
     )

@@ -6,14 +6,17 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 
-from cahfp.protocol import Topics
+from cahfp.protocol import CLIENT_ID_PREFIX, Topics
 from coordinator.broker import free_port, wait_port
 from deploy import broker_config as bc
 from edge_client.link import LinkError, MqttLink, read_credentials
@@ -32,7 +35,7 @@ def secured():
     port = free_port()
     bc.init(
         d,
-        ["dev-a", "dev-b", "dev-c"],
+        ["dev-a", "dev-b", "dev-c", "dev-d"],
         federation=FED,
         hosts=["localhost", "127.0.0.1"],
         port=port,
@@ -132,6 +135,49 @@ def test_acl_isolates_devices(secured):
     a.publish(t.update("dev-a"), b"still here").wait_for_publish(5)
     assert [m.payload for m in received(coord)] == [b"still here"]
     for lnk in (impostor, coord, a, b):
+        lnk.stop()
+
+
+def outsider_refused(url: str, ca: str, client_id: str) -> bool:
+    """Connect with ``client_id`` and no username at all; True when the broker refuses."""
+    host, port = url.split("//")[1].split(":")
+    out = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    out.tls_set(ca_certs=ca, cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    answers = []
+    out.on_connect = lambda c, u, f, rc, p: answers.append(rc)
+    out.connect(host, int(port), 20)
+    end = time.monotonic() + 5
+    while not answers and time.monotonic() < end:
+        out.loop(0.1)
+    out.disconnect()
+    return bool(answers) and answers[0].is_failure
+
+
+def test_outsider_without_username_cannot_deafen_a_board(secured):
+    """Issue 20 item 13. In mosquitto 2.0.11 a CONNECT without a username is refused by
+    ``use_username_as_clientid`` *after* the broker has taken the client id from the packet,
+    and cleaning up the refused connection removes whichever session holds that id from the
+    broker's index: the board's. On its next reconnect the board gets a new session while its
+    subscriptions stay with the lost one, so it receives retained messages (sent on subscribe)
+    but no live ones. The generated configuration refuses unprefixed client ids first."""
+    d, url = secured
+    t = Topics(FED)
+    coord, board = link(secured, "coordinator"), link(secured, "dev-d")
+    board.subscribe(t.task("dev-d"))
+    coord.start(10)
+    board.start(10)
+    ca = str(d / "certs" / "ca.crt")
+    for cid in ("dev-d", CLIENT_ID_PREFIX + "dev-d", board.client._client_id.decode()):
+        assert outsider_refused(url, ca, cid)
+    board.client.socket().shutdown(socket.SHUT_RDWR)  # the board's connection drops...
+    end = time.monotonic() + 15
+    while board.connects < 2 and time.monotonic() < end:  # ...and it reconnects by itself
+        time.sleep(0.1)
+    assert board.connects == 2
+    time.sleep(0.5)  # its subscription is restored
+    coord.publish(t.task("dev-d"), b"live").wait_for_publish(5)
+    assert [m.payload for m in received(board)] == [b"live"]
+    for lnk in (coord, board):
         lnk.stop()
 
 

@@ -6,7 +6,8 @@
 #   provision-board.sh --bundle DIR/clients/pi-01 --platform pi --source /path/to/cahfp-edge
 #
 # Options:
-#   --bundle DIR       the board's bundle from `cahfp deploy init` (credentials, client.env, ca.crt)
+#   --bundle DIR       the board's bundle from `cahfp deploy init` (credentials, client.env, ca.crt;
+#                      client.crt and client.key with --client-certs)
 #   --platform P       pi (Raspberry Pi OS 64-bit), jetson (JetPack), x86
 #   --source S         what to pip-install: a checkout of this repository or a wheel
 #   --data SPEC        the board's data (default imagefolder:/var/lib/cahfp/data)
@@ -22,7 +23,7 @@ BUNDLE="" PLATFORM="" SOURCE="" DATA="imagefolder:/var/lib/cahfp/data" INFERENCE
 TORCH_WHEEL="" ROOT="/" SKIP_INSTALL=0 DRY_RUN=0
 TORCH_VERSION="${CAHFP_TORCH_VERSION:-2.14.1}"
 
-usage() { sed -n '2,22p' "$0"; exit 2; }
+usage() { sed -n '2,19p' "$0"; exit 2; }
 die() { echo "provision: $*" >&2; exit 1; }
 
 while [ $# -gt 0 ]; do
@@ -118,8 +119,12 @@ if [ "$DRY_RUN" -eq 0 ]; then
   install -m 0644 "$BUNDLE/ca.crt" "$ETC/ca.crt"
   tmp="$(mktemp)"
   {
-    grep -v '^CAHFP_CA=' "$BUNDLE/client.env"
+    grep -v -e '^CAHFP_CA=' -e '^CAHFP_CERT=' -e '^CAHFP_KEY=' "$BUNDLE/client.env"
     echo "CAHFP_CA=/etc/cahfp/ca.crt"
+    if [ -f "$BUNDLE/client.crt" ]; then
+      echo "CAHFP_CERT=/etc/cahfp/client.crt"
+      echo "CAHFP_KEY=/etc/cahfp/client.key"
+    fi
     echo "CAHFP_CLIENT_ID=$CLIENT_ID"
     echo "CAHFP_DATA=$DATA"
   } > "$tmp"
@@ -128,12 +133,19 @@ if [ "$DRY_RUN" -eq 0 ]; then
   if [ -f "$BUNDLE/client.crt" ]; then
     install -m 0644 "$BUNDLE/client.crt" "$ETC/client.crt"
     install -m 0640 "$BUNDLE/client.key" "$ETC/client.key"
+    # the service runs as cahfp: it reads the key through the group
+    if [ -n "$CAHFP_GID" ]; then chown "0:$CAHFP_GID" "$ETC/client.crt" "$ETC/client.key"; fi
+  else
+    rm -f "$ETC/client.crt" "$ETC/client.key"  # a bundle without certificate: none left over
   fi
   if [ -n "$CAHFP_GID" ]; then
     chown "0:$CAHFP_GID" "$ETC/client.env" "$ETC/ca.crt"
   fi
 else
   echo "would install $ETC/ca.crt and $ETC/client.env (0640) for client $CLIENT_ID"
+  if [ -f "$BUNDLE/client.crt" ]; then
+    echo "would install $ETC/client.crt and $ETC/client.key (0640, group cahfp)"
+  fi
 fi
 
 if [ "$INFERENCE_ONLY" -eq 1 ]; then
