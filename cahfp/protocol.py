@@ -171,6 +171,7 @@ class Status(_Msg):
     recipe: dict | None = None
     deadline_s: float | None = None
     budget: dict | None = None  # BudgetSettings
+    score_samples: int = Field(0, ge=0, description="samples a plan refresh scores")
 
 
 def parse_json(model: type[BaseModel], payload: bytes, max_bytes: int = 1 << 20):

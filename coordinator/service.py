@@ -100,6 +100,7 @@ class Coordinator:
             recipe=self.cfg.train.model_dump(),
             deadline_s=self.cfg.federation.deadline_s,
             budget=self.cfg.clients.settings().model_dump(),
+            score_samples=self.cfg.pruning.score_batches * self.cfg.train.batch_size,
         )
         self.link.publish(self.topics.status, s.model_dump_json(), qos=1, retain=True)
 

@@ -13,8 +13,7 @@ from rich.console import Console
 from cahfp.config import Config
 from cahfp.data import ImageData, load_dataset, partition
 from cahfp.data import training_pool as data_training_pool
-from cahfp.errors import BudgetInfeasible
-from cahfp.messages import ModelSpec, TaskMessage
+from cahfp.messages import ModelSpec
 from cahfp.training import evaluate
 from coordinator.engine import RoundEngine
 from coordinator.inprocess import InProcessTransport
@@ -130,24 +129,14 @@ def emulate_devices(cfg: Config, spec: ModelSpec, states: dict[str, ClientState]
     from device_profiles import load_profile
     from edge_client.budget import device_budget
     from edge_client.calibrate import calibrate
-    from edge_client.task import decide_keep
+    from edge_client.task import announced_keep
 
     calibration = calibrate(spec, cfg.train.batch_size)
-    probe = TaskMessage(
-        task_id="hello",
-        round=0,
-        client_id="-",
-        model=spec,
-        recipe=cfg.train,
-        payload="state",
-        deadline_s=cfg.federation.deadline_s,
-        budget=cfg.clients.settings(),
-    )
+    scored = cfg.pruning.score_batches * cfg.train.batch_size
     keeps = {}
     for i, (cid, state) in enumerate(sorted(states.items())):
         state.device = device_budget(calibration, 0, load_profile(cfg.profile_of(i)))
-        try:
-            keeps[cid] = decide_keep(state, probe.model_copy(update={"client_id": cid})).keep
-        except BudgetInfeasible:
-            keeps[cid] = 0.0
+        keeps[cid], _ = announced_keep(
+            state, spec, cfg.train, cfg.federation.deadline_s, cfg.clients.settings(), scored
+        )
     return keeps

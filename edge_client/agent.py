@@ -27,7 +27,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cahfp.errors import BudgetInfeasible, CAHFPError
+from cahfp.errors import CAHFPError
 from cahfp.messages import BudgetSettings, ModelSpec, TaskMessage, UpdateMessage
 from cahfp.protocol import (
     Ack,
@@ -41,7 +41,7 @@ from cahfp.protocol import (
 )
 from cahfp.training import Recipe
 from edge_client.link import MqttLink
-from edge_client.task import ClientState, data_mismatch, decide_keep, run_task
+from edge_client.task import ClientState, announced_keep, data_mismatch, run_task
 
 log = logging.getLogger("cahfp.client")
 
@@ -229,24 +229,12 @@ class Agent:
             except (CAHFPError, TypeError, ValueError) as exc:
                 log.warning("%s: calibration failed: %s", self.me, exc)
         if self.state.device is not None and status.deadline_s:
-            probe = TaskMessage(
-                task_id="hello",
-                round=0,
-                client_id=self.me,
-                model=spec,
-                recipe=recipe,
-                payload="state",
-                deadline_s=status.deadline_s,
-                budget=budget,
+            keep, reason = announced_keep(
+                self.state, spec, recipe, status.deadline_s, budget, status.score_samples
             )
-            try:
-                keep = decide_keep(self.state, probe).keep
-                self.infeasible = ""
-            except BudgetInfeasible as exc:
-                keep = 0.0
-                if str(exc) != self.infeasible:  # say why this device is never selected
-                    self.infeasible = str(exc)
-                    log.warning("%s: no keep fits this device: %s", self.me, exc)
+            if keep == 0 and reason != self.infeasible:  # say why it is never selected
+                log.warning("%s: no keep fits this device: %s", self.me, reason)
+            self.infeasible = reason if keep == 0 else ""
             if keep != self.keep_estimate:
                 self.keep_estimate = keep
                 log.info("%s: measured; chooses keep %.2f for the next round", self.me, keep)

@@ -18,12 +18,12 @@ from torch import nn
 from cahfp.costs import forward_flops, training_flops
 from cahfp.data import ImageData
 from cahfp.errors import BudgetInfeasible, CAHFPError, InvalidUpdate
-from cahfp.messages import Metrics, ModelSpec, TaskMessage, UpdateMessage
+from cahfp.messages import BudgetSettings, Metrics, ModelSpec, TaskMessage, UpdateMessage
 from cahfp.models import build_model
 from cahfp.pruning import build_compact, extract, make_plan, normalised_scores, score_groups
 from cahfp.pruning.extract import IndexMap, same_index_map
 from cahfp.pruning.reconstruct import is_statistic
-from cahfp.training import TrainingCancelled, recalibrate_batchnorm, train
+from cahfp.training import Recipe, TrainingCancelled, recalibrate_batchnorm, train
 from cahfp.wire import decode_update, encode_state, encode_update
 from edge_client.budget import DeviceBudget
 
@@ -209,6 +209,34 @@ def decide_keep(
         elapsed,
     )
     return state.device.model.choose(cons)
+
+
+def announced_keep(
+    state: ClientState,
+    spec: ModelSpec,
+    recipe: Recipe,
+    deadline_s: float,
+    budget: BudgetSettings,
+    score_samples: int,
+) -> tuple[float, str]:
+    """What a device announces it can afford before its first task (its hello): the keep for a
+    round of ``recipe`` that refreshes its plan (scoring ``score_samples``), and why; keep 0
+    when not even ``budget.min_keep`` fits."""
+    probe = TaskMessage(
+        task_id="hello",
+        round=0,
+        client_id=state.client_id,
+        model=spec,
+        recipe=recipe,
+        payload="state",
+        deadline_s=deadline_s,
+        budget=budget,
+    )
+    try:
+        choice = decide_keep(state, probe, score_samples)
+    except BudgetInfeasible as exc:
+        return 0.0, str(exc)
+    return choice.keep, choice.reason
 
 
 def _dense_model(spec: ModelSpec, payload: bytes) -> tuple[nn.Module, dict]:
