@@ -9,7 +9,9 @@ its speed-up on multiples of 8), single channels in narrower layers; every layer
 ``floor`` of its channels. Starting dense, the planner repeatedly removes one block until the
 budget is met, then adds back the best blocks that still fit. On the last removal it chooses
 among the removals that meet the budget and land within ``slack`` (0.03) of it (else the one
-that overshoots least) the one that costs least.
+that overshoots least) the one that costs least. Where whole blocks are too coarse to land
+within ``slack`` of the budget, a fill step adds back blocks of half, a quarter, ... of
+``multiple`` channels until the plan does (or single channels fit no more).
 
 *Which layer* gives up the next block is the allocation:
 
