@@ -99,3 +99,13 @@ def test_fill_keeps_whole_blocks_where_they_land_close_enough():
     coarse = make_plan(model, score_groups(model, [(x, y)], "curvature"), 0.5)
     assert coarse.flops_fraction >= 0.45
     assert any(len(coarse.keep[g.gid]) % 8 for g in coarse.groups)
+
+
+@pytest.mark.parametrize("name", ["two-conv-32", "mobilenet", "residual-concat-48"])
+def test_joint_objective_fills_the_budget_too(name):
+    model, scores, _ = scored(name)
+    assert scores.directional is not None
+    for keep in (0.35, 0.5, 0.6):
+        plan = make_plan(model, scores, keep, interactions=True)
+        assert plan.objective == "joint"
+        assert keep - 0.05 <= plan.flops_fraction <= keep + 1e-9, (keep, plan.counts())
