@@ -109,3 +109,21 @@ def test_joint_objective_fills_the_budget_too(name):
         plan = make_plan(model, scores, keep, interactions=True)
         assert plan.objective == "joint"
         assert keep - 0.05 <= plan.flops_fraction <= keep + 1e-9, (keep, plan.counts())
+
+
+def test_groups_of_same_shaped_models_with_other_strides_are_not_confused():
+    from cahfp.pruning import find_groups
+
+    def net(stride):  # same tensors, different work: an own model built as nn.Sequential
+        return nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.Conv2d(8, 8, 3, stride=stride, padding=1, groups=8),
+            nn.Conv2d(8, 8, 1),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 10),
+        )
+
+    x = torch.zeros(2, 1, 28, 28)
+    one, two = find_groups(net(1), x), find_groups(net(2), x)
+    assert two.flops["2"] == pytest.approx(one.flops["2"] / 4)
