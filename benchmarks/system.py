@@ -30,11 +30,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import env_line, environment, md_table, write_results
 from cahfp.config import PruningConfig
-from cahfp.costs import training_flops
+from cahfp.costs import flop_counter, training_flops
 from cahfp.models import build_model
 from cahfp.pruning import extract, make_plan, score_groups
 from cahfp.pruning.extract import slice_tensor
@@ -143,7 +142,7 @@ def conv_runner(module, x, input_grad: bool = False):
             conv(inp).backward(grad)
         return time.perf_counter() - t0
 
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         run()
     for _ in range(2):
         run()

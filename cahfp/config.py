@@ -13,7 +13,7 @@ from typing import Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cahfp.errors import CAHFPError, ConfigError  # noqa: F401 (ConfigError re-exported)
+from cahfp.errors import CAHFPError, ConfigError, UnknownName  # noqa: F401 (ConfigError re-exported)
 from cahfp.messages import BudgetSettings
 from cahfp.training import Recipe
 
@@ -59,11 +59,12 @@ class ModelConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known_model(cls, v: str) -> str:
-        from cahfp.models import model_names
+        from cahfp.models.registry import check_model_name
 
-        if v not in model_names():
-            raise ValueError(f"unknown model; known: {', '.join(model_names())}")
-        return v
+        try:
+            return check_model_name(v)
+        except UnknownName as exc:
+            raise ValueError(str(exc)) from None
 
 
 class DataConfig(_Strict):

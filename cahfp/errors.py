@@ -21,6 +21,10 @@ class UnknownName(CAHFPError):
     """A model, dataset, partitioner or method name is not registered."""
 
 
+class ModelUnavailable(UnknownName):
+    """A model given as ``package.module:callable`` cannot be imported or built here."""
+
+
 class UnsupportedModel(CAHFPError):
     """A network contains a layer the pruning code cannot slice."""
 

@@ -60,9 +60,9 @@ def write_config(
     return path
 
 
-def cli(*args: str, log: Path | None = None) -> subprocess.Popen:
+def cli(*args: str, log: Path | None = None, env: dict | None = None) -> subprocess.Popen:
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - lives with the process
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "cahfp.cli", *args],
         cwd=REPO,
@@ -83,6 +83,7 @@ def client(
     log: Path,
     *extra: str,
     train_samples: int | None = None,
+    env: dict | None = None,
 ) -> subprocess.Popen:
     return cli(
         "client",
@@ -113,10 +114,13 @@ def client(
         "--until-finished",
         *extra,
         log=log,
+        env=env,
     )
 
 
-def coordinator(url: str, config: Path, out: Path, log: Path, *extra: str) -> subprocess.Popen:
+def coordinator(
+    url: str, config: Path, out: Path, log: Path, *extra: str, env: dict | None = None
+) -> subprocess.Popen:
     return cli(
         "coordinator",
         "--broker",
@@ -129,6 +133,7 @@ def coordinator(url: str, config: Path, out: Path, log: Path, *extra: str) -> su
         "60",
         *extra,
         log=log,
+        env=env,
     )
 
 

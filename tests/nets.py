@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from examples.mobilenet_like import MobileNetLike  # noqa: F401  (the documented own-model example)
+
 
 class CustomResidualNet(nn.Module):
     """Conv/Linear/BatchNorm network with residual adds (one branch without BatchNorm), a
@@ -33,6 +35,49 @@ class CustomResidualNet(nn.Module):
         out = self.relu(self.bnd(self.down(out)))
         out = nn.functional.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.fc2(self.relu(self.fc1(out)))
+
+
+class TwoConvNet(nn.Module):
+    """Two plain convolutions of ``channels`` channels and a linear classifier: coarse, few
+    groups."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, channels: int = 32):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, stride=2)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.classifier(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class ResidualConcatNet(nn.Module):
+    """``channels``-wide convolutions with a residual add (stem and block share one group) and a
+    concatenation of two branches."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, channels: int = 48):
+        super().__init__()
+        c = channels
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, c, 3, padding=1), nn.BatchNorm2d(c))
+        self.body = nn.Sequential(
+            nn.Conv2d(c, c, 3, padding=1),
+            nn.BatchNorm2d(c),
+            nn.ReLU(),
+            nn.Conv2d(c, c, 3, padding=1),
+            nn.BatchNorm2d(c),
+        )
+        self.left = nn.Conv2d(c, c, 3, padding=1, stride=2)
+        self.right = nn.Conv2d(c, c // 2, 1, stride=2)
+        self.mix = nn.Conv2d(c + c // 2, c, 3, padding=1)
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.body(x))
+        x = torch.relu(torch.cat([self.left(x), self.right(x)], dim=1))
+        x = torch.relu(self.mix(x))
+        return self.classifier(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -150,9 +150,13 @@ _CACHE: dict[tuple, GroupSet] = {}
 
 
 def structure_key(model: nn.Module, example_input: torch.Tensor) -> tuple:
+    """What decides a model's groups and FLOPs: its class, its layers' settings (``repr``:
+    strides, kernels, groups, which parameter-free layers an ``nn.Sequential`` holds), its
+    tensor shapes and the input shape."""
     return (
         type(model).__module__,
         type(model).__qualname__,
+        repr(model),
         tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()),
         tuple(example_input.shape[1:]),
     )

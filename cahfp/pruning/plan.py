@@ -9,7 +9,9 @@ its speed-up on multiples of 8), single channels in narrower layers; every layer
 ``floor`` of its channels. Starting dense, the planner repeatedly removes one block until the
 budget is met, then adds back the best blocks that still fit. On the last removal it chooses
 among the removals that meet the budget and land within ``slack`` (0.03) of it (else the one
-that overshoots least) the one that costs least.
+that overshoots least) the one that costs least. Where whole blocks are too coarse to land
+within ``slack`` of the budget, a fill step adds back blocks of half, a quarter, ... of
+``multiple`` channels until the plan does (or single channels fit no more).
 
 *Which layer* gives up the next block is the allocation:
 
@@ -249,31 +251,48 @@ def make_plan(
         objective.remove(g, block)
         counts[g.gid] = new
         totals = [t - s for t, s in zip(totals, saved, strict=True)]
+
+    def add_back(step_up) -> None:
+        """Add blocks (``step_up(group, count)`` gives the next count) while one fits every
+        budget: the best value per FLOP (global) or to the narrowest layer (uniform)."""
+        nonlocal totals
+        while True:
+            adds = []
+            for g in groups:
+                k = counts[g.gid]
+                if k >= g.size:
+                    continue
+                new = step_up(g, k)
+                costs = [-cm.delta(g.gid, counts, new) for cm, _ in models]
+                if all(fits([t + c for t, c in zip(totals, costs, strict=True)])):
+                    block, gain = objective.restore(g, new - k)
+                    adds.append((g, new, costs, block, gain))
+            if not adds:
+                return
+            if allocation == "global":
+                g, new, costs, block, _ = max(
+                    adds, key=lambda a: (a[4] / max(a[2][0] / fm.dense, 1e-12), -a[0].gid)
+                )
+            else:
+                g, new, costs, block, _ = max(
+                    adds, key=lambda a: (-counts[a[0].gid] / a[0].size, -a[2][0], -a[0].gid)
+                )
+            objective.add(g, block)
+            counts[g.gid] = new
+            totals = [t + c for t, c in zip(totals, costs, strict=True)]
+
     # Add back what still fits every budget.
-    while True:
-        adds = []
-        for g in groups:
-            k = counts[g.gid]
-            if k >= g.size:
-                continue
-            new = _step_up(g.size, k, multiple)
-            costs = [-cm.delta(g.gid, counts, new) for cm, _ in models]
-            if all(fits([t + c for t, c in zip(totals, costs, strict=True)])):
-                block, gain = objective.restore(g, new - k)
-                adds.append((g, new, costs, block, gain))
-        if not adds:
-            break
-        if allocation == "global":
-            g, new, costs, block, _ = max(
-                adds, key=lambda a: (a[4] / max(a[2][0] / fm.dense, 1e-12), -a[0].gid)
+    add_back(lambda g, k: _step_up(g.size, k, multiple))
+    # Fill: where whole blocks are too coarse to land within ``slack`` of the FLOPs budget,
+    # add blocks of half, a quarter, ... of ``multiple`` channels to the blocked layers.
+    fine = multiple // 2
+    while fine >= 1 and totals[0] < models[0][1] - slack * fm.dense:
+        add_back(
+            lambda g, k, fine=fine: (
+                min(g.size, (k // fine + 1) * fine) if _blocked(g.size, multiple) else k + 1
             )
-        else:
-            g, new, costs, block, _ = max(
-                adds, key=lambda a: (-counts[a[0].gid] / a[0].size, -a[2][0], -a[0].gid)
-            )
-        objective.add(g, block)
-        counts[g.gid] = new
-        totals = [t + c for t, c in zip(totals, costs, strict=True)]
+        )
+        fine //= 2
     kept = {g.gid: objective.kept(g) for g in groups}
     assert all(len(kept[g.gid]) == counts[g.gid] for g in groups)
     plan = Plan(
