@@ -12,8 +12,9 @@ coordinator restarts.
   acknowledgement arrives within ``resend_after`` seconds);
 * on stop (SIGTERM) a running task is abandoned at its next training step and reported as
   failed, presence is set to offline and the connection closed;
-* local data that cannot train the federation's model (other channels, image size, more
-  classes), found when the retained status names the model: the hello says why
+* a model this device cannot build (your own model's module is missing here) or local data
+  that cannot train it (other channels, image size, more classes), found when the retained
+  status names the model: the hello says why
   (``problem``), so the coordinator never selects this device, and the agent stops
   (``problem`` is set).
 """
@@ -41,7 +42,13 @@ from cahfp.protocol import (
 )
 from cahfp.training import Recipe
 from edge_client.link import MqttLink
-from edge_client.task import ClientState, announced_keep, data_mismatch, run_task
+from edge_client.task import (
+    ClientState,
+    announced_keep,
+    data_mismatch,
+    model_problem,
+    run_task,
+)
 
 log = logging.getLogger("cahfp.client")
 
@@ -216,7 +223,7 @@ class Agent:
         except (TypeError, ValueError) as exc:
             log.warning("%s: ignored a malformed status: %s", self.me, exc)
             return
-        problem = data_mismatch(spec, self.state.data)
+        problem = model_problem(spec) or data_mismatch(spec, self.state.data)
         if problem:
             self.problem = problem
             log.error("%s: cannot take part: %s", self.me, problem)

@@ -190,6 +190,16 @@ def _reply(task: TaskMessage, status: str, metrics: Metrics, reason: str = "") -
     )
 
 
+def model_problem(spec: ModelSpec) -> str:
+    """Why this device cannot build the federation's model ("" when it can): for your own
+    model, its module is missing here or its builder fails. Costs no memory (``meta``)."""
+    try:
+        architecture(spec, "meta")
+    except CAHFPError as exc:
+        return str(exc)
+    return ""
+
+
 def round_samples(task: TaskMessage, local: int) -> int:
     """Samples a round of ``task``'s recipe processes on ``local`` images."""
     r = task.recipe

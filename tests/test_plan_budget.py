@@ -127,3 +127,18 @@ def test_groups_of_same_shaped_models_with_other_strides_are_not_confused():
     x = torch.zeros(2, 1, 28, 28)
     one, two = find_groups(net(1), x), find_groups(net(2), x)
     assert two.flops["2"] == pytest.approx(one.flops["2"] / 4)
+
+
+@pytest.mark.parametrize("name", ["mobilenet", "mobilenet-x0.25", "residual-concat-48"])
+@pytest.mark.parametrize("keep", [0.15, 0.25, 0.5])
+def test_every_concatenated_branch_keeps_a_channel(name, keep):
+    """HeteroFL's ordered selector keeps a concatenation's first channels: all of them from its
+    first branch, none from the second, whose layer would be left with no output (the
+    extracted model then fails to run). Each branch keeps at least its best channel."""
+    model, _, x = scored(name)
+    ordered = score_groups(model, None, "ordered", example_input=x)
+    for allocation in ("uniform", "global"):
+        plan = make_plan(model, ordered, keep, allocation=allocation)
+        sub = extract(model, plan).module
+        assert all(p.numel() for p in sub.parameters())
+        sub.eval()(x)  # runs

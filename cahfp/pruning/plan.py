@@ -293,13 +293,32 @@ def make_plan(
             )
         )
         fine //= 2
-    kept = {g.gid: objective.kept(g) for g in groups}
+    kept = {g.gid: _feed_every_producer(g, objective.kept(g), scores.values[g.gid]) for g in groups}
     assert all(len(kept[g.gid]) == counts[g.gid] for g in groups)
     plan = Plan(
         groups, kept, keep, fm.total(counts) / fm.dense, allocation, "joint" if joint else "ranked"
     )
     plan.param_fraction = CostModel.params(groups).total(counts) / CostModel.params(groups).dense
     return plan
+
+
+def _feed_every_producer(g: ChannelGroup, kept: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Where a group joins layers by a concatenation, each layer produces some of its channels:
+    a plan that kept none of one layer's would leave that layer with no output. Swap in that
+    layer's best channel for the worst kept channel of a layer that keeps several (the count,
+    and so the plan's cost, stays the same)."""
+    keep = set(kept.tolist())
+    sources = [sorted(set(p.root.tolist())) for p in g.producers if len(p.root)]
+    for roots in sources:
+        if keep.intersection(roots) or len(roots) == len(keep) == 0:
+            continue
+        shared = [c for c in keep if all(len(keep.intersection(r)) > 1 for r in sources if c in r)]
+        if not shared:
+            continue
+        worst = min(shared, key=lambda c: float(values[c]))
+        best = max(roots, key=lambda c: float(values[c]))
+        keep = (keep - {worst}) | {best}
+    return torch.tensor(sorted(keep), dtype=kept.dtype)
 
 
 def coverage_bonus(groups: GroupSet, coverage: dict[int, torch.Tensor], scale: float):
