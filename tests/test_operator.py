@@ -6,7 +6,9 @@ mosquitto started with the generated configuration (TLS, passwords, ACL, client 
 revocation list) on a free loopback port, the
 coordinator started with the exact `ExecStart` line of its unit (environment file substituted)
 on an empty run directory and the unmodified `examples/fmnist-vgg11.toml` (rounds, data and
-deadline shrunk by `--set`), three boards provisioned with `provision-board.sh` and started with
+deadline shrunk by `--set`, and the operator's own model: `model.name = "op_net:build"`, a
+module the test writes, with a depthwise convolution, on `PYTHONPATH` in every environment
+file), three boards provisioned with `provision-board.sh` and started with
 their unit's `ExecStart` line, each emulating another board (`CAHFP_PROFILE` in its
 environment file: it measures this host and scales the measurement to the board's speed, memory
 and uplink), their own images as `imagefolder:`. Mid-run the coordinator is killed with SIGKILL
@@ -44,6 +46,23 @@ BOARDS = {"pi-01": "raspberry-pi-4", "pi-02": "raspberry-pi-5", "jetson-01": "je
 # margin) the Pi 4 must prune and the others need not; the real rounds stay well inside 8 s.
 IMAGES = 1200
 DEADLINE = 8
+
+
+OWN_MODEL = """
+from torch import nn
+
+
+def build(num_classes, in_channels, width):
+    c = max(8, round(128 * width))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+        nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c), nn.ReLU(),  # depthwise
+        nn.Conv2d(c, 2 * c, 1), nn.BatchNorm2d(2 * c), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * c, num_classes),
+    )
+"""
 
 
 def free_port() -> int:
@@ -90,7 +109,7 @@ def exec_start(unit: str, env: dict[str, str], state_dir: Path) -> list[str]:
 
 def start(cmd: list[str], env: dict[str, str], log: Path, cwd: Path):
     """Start ``cmd`` with ``env`` (as the unit's EnvironmentFile gives it)."""
-    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     out = open(log, "wb")  # noqa: SIM115 - lives with the process
     return subprocess.Popen(
         cmd, env=full_env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -113,6 +132,9 @@ def test_operator_path_end_to_end(fmnist_root, fmnist_train, tmp_path):
         missing("the operator test needs root (provisioning creates the cahfp user)")
     deploy = Path(tempfile.mkdtemp(prefix="cahfp-operator-"))  # /tmp: readable by mosquitto
     port = free_port()
+    models = tmp_path / "models"  # what an operator copies to /opt/cahfp/models
+    models.mkdir()
+    (models / "op_net.py").write_text(OWN_MODEL)
     procs: list[subprocess.Popen] = []
     try:
         # -- the server: broker configuration, credentials, the broker itself
@@ -153,8 +175,9 @@ def test_operator_path_end_to_end(fmnist_root, fmnist_train, tmp_path):
                 text=True,
             )  # fmt: skip
             assert r.returncode == 0, r.stdout + r.stderr
-            if name in BOARDS:  # what an operator adds to /etc/cahfp/client.env to emulate
-                with open(root / "etc" / "cahfp" / "client.env", "a") as f:
+            with open(root / "etc" / "cahfp" / "client.env", "a") as f:
+                f.write(f"PYTHONPATH={models}\n")  # the operator's own model (docs/deploy.md)
+                if name in BOARDS:  # to emulate a board (here: three on one machine)
                     f.write(f"CAHFP_PROFILE={BOARDS[name]}\n")
             env = read_env(root / "etc" / "cahfp" / "client.env")
             for key, file in (("CAHFP_CA", "ca.crt"), ("CAHFP_CERT", "client.crt")):
@@ -177,11 +200,12 @@ def test_operator_path_end_to_end(fmnist_root, fmnist_train, tmp_path):
             CAHFP_CONFIG=str(REPO / "examples" / "fmnist-vgg11.toml"),
             CAHFP_RUN_DIR=str(server / "runs" / "main"),
             CAHFP_DATA_DIR=str(fmnist_root),
+            PYTHONPATH=str(models),
         )
         shrink = [
             "--set", "federation.rounds=3", "--set", "federation.clients=3",
             "--set", f"federation.deadline_s={DEADLINE}", "--set", "data.eval_samples=500",
-            "--registration-timeout", "90",
+            "--set", "model.name=op_net:build", "--registration-timeout", "90",
         ]  # fmt: skip
         coord_cmd = exec_start("cahfp-coordinator.service", coord_env, server) + shrink
         run = server / "runs" / "main"
@@ -263,7 +287,7 @@ def test_operator_path_end_to_end(fmnist_root, fmnist_train, tmp_path):
     onnx = tmp_path / "model.onnx"
     r = cahfp(
         "export", "--run", str(run), "--keep", "0.5", "--out", str(onnx),
-        env={"CAHFP_DATA_DIR": str(fmnist_root)},
+        env={"CAHFP_DATA_DIR": str(fmnist_root), "PYTHONPATH": str(models)},
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     image = next((tmp_path / "pi-01" / "data" / "train").rglob("*.png"))
