@@ -245,11 +245,11 @@ def test_calibration_measures_the_dense_models_training_flops():
 def _profile_file(tmp_path, name="odd", **figures):
     text = Path(__file__).resolve().parents[1] / "device_profiles" / "raspberry-pi-4.toml"
     text = text.read_text().replace('name = "raspberry-pi-4"', f'name = "{name}"')
-    for key, value in figures.items():
-        text = "\n".join(
-            f"{key} = {value}" if line.startswith(f"{key} =") else line
-            for line in text.splitlines()
-        )
+    lines = text.splitlines()
+    for key, value in figures.items():  # the figure, not its source (same key, later)
+        i = next(i for i, line in enumerate(lines) if line.startswith(f"{key} ="))
+        lines[i] = f"{key} = {value}"
+    text = "\n".join(lines)
     path = tmp_path / f"{name}.toml"
     path.write_text(text + "\n")
     return path
@@ -294,3 +294,66 @@ def test_budget_settings_travel_with_the_task_and_bound_the_choice():
     assert decide_keep(state, task(2.0, safety=0.5)).keep < tight  # less of the deadline
     with pytest.raises(BudgetInfeasible, match=r"even keep 0\.90"):
         decide_keep(state, task(2.0, min_keep=0.9))
+
+
+class _Link:
+    """Records what the agent publishes (no broker)."""
+
+    def __init__(self):
+        self.published: list[tuple[str, bytes]] = []
+
+    def subscribe(self, topic, qos=1):
+        pass
+
+    def publish(self, topic, payload, qos=1, retain=False):
+        self.published.append((topic, payload if isinstance(payload, bytes) else payload.encode()))
+
+
+def test_a_board_that_no_keep_fits_says_why_in_its_own_log(tmp_path, caplog, monkeypatch):
+    """Issue 20 item 19: a profile under which not even min_keep fits (1e-12 of the reference
+    speed) announces keep 0 (never selected) and its own log says why, once."""
+    import json
+    import logging
+
+    import edge_client.calibrate as calibrate_mod
+    from cahfp.data.datasets import ImageData
+    from cahfp.messages import BudgetSettings, ModelSpec
+    from cahfp.protocol import Status, Topics
+    from cahfp.training import Recipe
+    from edge_client.agent import Agent
+    from edge_client.service import budget_setup
+    from edge_client.task import ClientState
+
+    board = _profile_file(tmp_path, "glacial", relative_speed="1e-12")
+    cal = calibration()
+    cal.flops_per_sample = 3e8
+    monkeypatch.setattr(calibrate_mod, "calibrate", lambda *a, **k: cal)
+    data = ImageData(
+        torch.zeros(100, 1, 28, 28, dtype=torch.uint8),
+        torch.arange(100) % 10,
+        [str(i) for i in range(10)],
+        (0.5,),
+        (0.5,),
+        "tiny",
+    )
+    state = ClientState("slow-01", data)
+    setup, profile = budget_setup(state, str(board))
+    link, topics = _Link(), Topics("fed")
+    agent = Agent(link, topics, state, profile=profile, calibrate_budget=setup)
+    spec = ModelSpec(name="vgg11", width=0.25, num_classes=10, in_channels=1, image_size=28)
+    status = Status(
+        round=0,
+        state="waiting",
+        model=spec.model_dump(),
+        recipe=Recipe().model_dump(),
+        deadline_s=60,
+        budget=BudgetSettings().model_dump(),
+        score_samples=128,
+    )
+    with caplog.at_level(logging.INFO, logger="cahfp.client"):
+        agent._handle(topics.status, status.model_dump_json().encode())
+        agent._handle(topics.status, status.model_dump_json().encode())  # said once
+    said = [r.getMessage() for r in caplog.records if "no keep fits" in r.getMessage()]
+    assert len(said) == 1 and "even keep 0.10 does not fit" in said[0], caplog.text
+    hellos = [json.loads(p) for t, p in link.published if t == topics.hello("slow-01")]
+    assert hellos and hellos[-1]["keep_estimate"] == 0.0
