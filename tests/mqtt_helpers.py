@@ -73,6 +73,21 @@ def cli(*args: str, log: Path | None = None, env: dict | None = None) -> subproc
     )
 
 
+def run_cli(
+    *args: str, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Run ``cahfp ARGS`` to completion (``python -m`` from the repository root, which is then on
+    sys.path, as for an operator in a checkout) and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "cahfp.cli", *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def client(
     url: str,
     fed: str,

@@ -24,23 +24,10 @@ from deploy import broker_config as bc
 from deploy import pki
 from edge_client.link import CertificateRefused, MqttLink, read_credentials
 from tests.conftest import missing
-from tests.mqtt_helpers import REPO, cli, finish, kill_all, metrics, write_config
+from tests.mqtt_helpers import REPO, cli, finish, kill_all, metrics, run_cli, write_config
 
 FED = "mt"
 DEVICES = ["dev-a", "dev-b", "dev-r", "dev-s"]
-
-
-def run_cli(
-    *args: str, env: dict | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cahfp.cli", *args],
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def spawn(*args: str, env: dict, log: Path) -> subprocess.Popen:

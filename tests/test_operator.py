@@ -36,6 +36,7 @@ from PIL import Image
 
 from tests.conftest import missing
 from tests.mqtt_helpers import REPO, finish, kill_all, metrics, wait_for
+from tests.mqtt_helpers import run_cli as cahfp
 
 pytestmark = pytest.mark.slow
 
@@ -71,16 +72,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def cahfp(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cahfp.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        cwd=REPO,
-    )
 
 
 def read_env(path: Path) -> dict[str, str]:

@@ -4,28 +4,19 @@ cannot import the module."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.mqtt_helpers import REPO, client, coordinator, finish, kill_all, metrics, write_config
+from tests.mqtt_helpers import (
+    client,
+    coordinator,
+    finish,
+    kill_all,
+    metrics,
+    run_cli,
+    write_config,
+)
 
 EXAMPLE = "examples.mobilenet_like:build"
-
-
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    # ``python -m`` puts the working directory (the repository root) on sys.path, so
-    # ``examples.mobilenet_like`` is importable, as docs/own-model.md tells the operator
-    return subprocess.run(
-        [sys.executable, "-m", "cahfp.cli", *args],
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def test_simulate_compare_and_export_an_own_model(fmnist_root, tmp_path):
