@@ -103,14 +103,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         "data.download": True if args.download else None,
         **_parse_set(args.set),
     }
-    cfg = load_config(args.config, overrides)
+    config = args.config
+    if args.resume and config is None and args.out:
+        from pathlib import Path
+
+        config = Path(args.out) / "config.toml"  # the interrupted run's own configuration
+        if not config.is_file():
+            raise CAHFPError(f"{args.out} holds no run to resume (no config.toml); give --config")
+    cfg = load_config(config, overrides)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     if args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    summary = simulate(cfg, args.out, quiet=args.quiet)
+    summary = simulate(cfg, args.out, quiet=args.quiet, resume=args.resume, force=args.force)
     print(
         f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f})"
         f", mean client FLOPs {summary['mean_client_flops_vs_dense'] or 1:.2f} of dense, "
@@ -128,7 +135,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from cahfp.config import load_config
     from coordinator.plots import plot_compare
-    from coordinator.records import load_metrics
+    from coordinator.records import load_metrics, run_summary
 
     table = Table(title="runs")
     cols = [
@@ -148,19 +155,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for run in args.runs:
         path = Path(run)
         runs[path.name] = load_metrics(path)
-        summary_file = path / "summary.json"
-        if not summary_file.is_file():
-            raise CAHFPError(f"{path} has no summary.json (run not finished?)")
-        import json
-
-        s = json.loads(summary_file.read_text())
-        load_config(path / "config.toml")  # the run's config must still be valid
+        cfg = load_config(path / "config.toml")  # the run's config must still be valid
+        s, name = run_summary(path, cfg), path.name
+        if not s["finished"]:
+            name += " (unfinished)"
+            print(
+                f"note: {path} is unfinished (no summary.json): summarised from its "
+                f"metrics.jsonl, {s['rounds']} of {cfg.federation.rounds} rounds",
+                file=sys.stderr,
+            )
 
         def f(v, fmt):
             return "-" if v is None else format(v, fmt)
 
         table.add_row(
-            path.name,
+            name,
             s["strategy"],
             str(s["rounds"]),
             f(s["final_accuracy"], ".4f"),
@@ -270,6 +279,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint or (run / "model.safetensors" if run else None)
     if config is None or checkpoint is None:
         raise CAHFPError("give --run RUN_DIR, or --config and --checkpoint")
+    if run and not args.checkpoint and not checkpoint.is_file():
+        from coordinator.records import checkpoint_weights
+
+        rnd, checkpoint = checkpoint_weights(run)
+        print(
+            f"note: {run} has no model.safetensors (the run is unfinished); exporting its "
+            f"checkpoint of round {rnd}",
+            file=sys.stderr,
+        )
     result = export_checkpoint(
         config,
         checkpoint,
@@ -589,6 +607,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help="run directory for metrics, checkpoints, model and plots")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in --out from its last checkpoint (with its "
+        "config.toml unless --config is given); the result is the uninterrupted run's",
+    )
+    again.add_argument(
+        "--force", action="store_true", help="start over in an --out that holds a run (deletes it)"
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -601,7 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(p)
     p.set_defaults(handler=cmd_simulate)
 
-    p = sub.add_parser("compare", help="compare finished runs: one table and a combined plot")
+    p = sub.add_parser(
+        "compare", help="compare runs (unfinished ones from their metrics): one table and a plot"
+    )
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--out", default="compare.png", help="plot file (default %(default)s)")
     p.set_defaults(handler=cmd_compare)
@@ -625,7 +655,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_profile)
 
     p = sub.add_parser("export", help="prune a checkpoint to a keep fraction and export ONNX")
-    p.add_argument("--run", help="a run directory (config.toml + model.safetensors)")
+    p.add_argument(
+        "--run",
+        help="a run directory (config.toml + model.safetensors, or its last checkpoint when "
+        "the run is unfinished)",
+    )
     p.add_argument("--config")
     p.add_argument("--checkpoint")
     p.add_argument("--keep", type=float, default=1.0)

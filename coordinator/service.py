@@ -115,7 +115,7 @@ class Coordinator:
                 self.out_dir, self.cfg, self.engine.dense_flops, resume=self.resume
             )
         if self.resume:
-            done, state, extra = load_checkpoint(self.out_dir)
+            done, state, extra = load_checkpoint(self.out_dir, like=self.engine.state)
             self.engine.momentum.load(load_server_state(self.out_dir, done), state)
             self.engine.state = state
             self.engine.model.load_state_dict(state)
