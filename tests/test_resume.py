@@ -159,12 +159,22 @@ def test_malformed_checkpoints_are_one_clear_line(runs, tmp_path):
         state = run / "checkpoint" / "state.json"
         state.write_text(json.dumps(edit(json.loads(state.read_text()))))
         one_error_line(cli("simulate", "--resume", "--out", run), match)
+    # the MQTT coordinator's --resume reads checkpoints the same way (it fails before connecting)
+    coordinator = ("coordinator", "--broker", "mqtt://127.0.0.1:9", "--resume", "--out")
+    one_error_line(
+        cli(*coordinator, tmp_path / "list", "--config", cut / "config.toml"),
+        r"state.json is a JSON list",
+    )
     run = tmp_path / "width"
     shutil.copytree(cut, run)
     one_error_line(
         cli("simulate", "--resume", "--out", run, "--set", "model.width=0.5"),
         r"checkpoint of round 2 in .* is of another model than the configured one: "
         r"\S+ has shape \(\d+, 1, 3, 3\), the configured model's \(\d+, 1, 3, 3\)",
+    )
+    one_error_line(
+        cli(*coordinator, run, "--config", cut / "config.toml", "--set", "model.width=0.5"),
+        r"is of another model than the configured one",
     )
     assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in cut.iterdir())
     assert (run / "config.toml").read_text() == (cut / "config.toml").read_text()  # not lost
