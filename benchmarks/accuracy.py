@@ -137,7 +137,7 @@ def run_one(job: dict) -> dict:
 
     cfg = load_config(None, job["overrides"])
     start = time.perf_counter()
-    summary = simulate(cfg, job["run_dir"], quiet=True)
+    summary = simulate(cfg, job["run_dir"], quiet=True, force=True)  # a rerun replaces it
     summary["wall_seconds"] = time.perf_counter() - start
     return {**job, "summary": summary}
 

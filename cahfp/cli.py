@@ -112,14 +112,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         "data.download": True if args.download else None,
         **_parse_set(args.set),
     }
-    cfg = load_config(args.config, overrides)
+    config = args.config
+    if args.resume and config is None and args.out:
+        from pathlib import Path
+
+        config = Path(args.out) / "config.toml"  # the interrupted run's own configuration
+        if not config.is_file():
+            raise CAHFPError(f"{args.out} holds no run to resume (no config.toml); give --config")
+    cfg = load_config(config, overrides)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     if args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    summary = simulate(cfg, args.out, quiet=args.quiet)
+    summary = simulate(cfg, args.out, quiet=args.quiet, resume=args.resume, force=args.force)
     print(
         f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f})"
         f", mean client FLOPs {summary['mean_client_flops_vs_dense'] or 1:.2f} of dense, "
@@ -137,7 +144,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from cahfp.config import load_config
     from coordinator.plots import plot_compare
-    from coordinator.records import load_metrics
+    from coordinator.records import load_metrics, run_summary
 
     table = Table(title="runs")
     cols = [
@@ -157,19 +164,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for run in args.runs:
         path = Path(run)
         runs[path.name] = load_metrics(path)
-        summary_file = path / "summary.json"
-        if not summary_file.is_file():
-            raise CAHFPError(f"{path} has no summary.json (run not finished?)")
-        import json
-
-        s = json.loads(summary_file.read_text())
-        load_config(path / "config.toml")  # the run's config must still be valid
+        cfg = load_config(path / "config.toml")  # the run's config must still be valid
+        s, name = run_summary(path, cfg), path.name
+        if not s["finished"]:
+            name += " (unfinished)"
+            print(
+                f"note: {path} is unfinished (no summary.json): summarised from its "
+                f"metrics.jsonl, {s['rounds']} of {cfg.federation.rounds} rounds",
+                file=sys.stderr,
+            )
 
         def f(v, fmt):
             return "-" if v is None else format(v, fmt)
 
         table.add_row(
-            path.name,
+            name,
             s["strategy"],
             str(s["rounds"]),
             f(s["final_accuracy"], ".4f"),
@@ -298,6 +307,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint or (run / "model.safetensors" if run else None)
     if config is None or checkpoint is None:
         raise CAHFPError("give --run RUN_DIR, or --config and --checkpoint")
+    if run and not args.checkpoint and not checkpoint.is_file():
+        from coordinator.records import checkpoint_weights
+
+        rnd, checkpoint = checkpoint_weights(run)
+        print(
+            f"note: {run} has no model.safetensors (the run is unfinished); exporting its "
+            f"checkpoint of round {rnd}",
+            file=sys.stderr,
+        )
     result = export_checkpoint(
         config,
         checkpoint,
@@ -317,7 +335,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     from cahfp.inference import OnnxClassifier
 
+    if not args.inputs and not args.benchmark:
+        raise CAHFPError(
+            "nothing to do: give images or .npy batches to classify "
+            "(cahfp infer MODEL IMAGE...), or --benchmark"
+        )
     clf = OnnxClassifier(args.model, threads=args.threads)
+    if not clf.verified:
+        print(
+            f"note: {args.model} carries no weights digest (exported before digests); "
+            "its integrity is not checked",
+            file=sys.stderr,
+        )
     if args.benchmark:
         for batch in dict.fromkeys([1, args.batch]):
             b = clf.benchmark(batch, iterations=args.iterations)
@@ -325,7 +354,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
                 f"batch {batch:>3}: p50 {b['p50_ms']:.3f} ms, p95 {b['p95_ms']:.3f} ms, "
                 f"{b['throughput']:.1f} images/s"
             )
-    for pred in clf.classify(args.inputs, args.top_k, args.fit):
+    for pred in clf.classify(args.inputs, args.top_k, strict=args.strict):
+        if pred.note:
+            print(f"note: {pred.note}", file=sys.stderr)
         labels = ", ".join(f"{label} {p:.3f}" for label, p in pred.top)
         print(f"{pred.source}: {labels}")
     return 0
@@ -375,6 +406,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         args.broker,
         args.out,
         resume=args.resume,
+        force=args.force,
         credentials=args.credentials,
         ca_file=args.ca,
         cert_file=args.cert,
@@ -536,7 +568,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_broker(p)
     p.add_argument("--config", required=True)
     p.add_argument("--out", help="run directory (metrics, checkpoints, model, plots)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the last checkpoint (a run directory without one starts fresh)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="start over in an --out that holds a run (deletes it)"
+    )
     p.add_argument(
         "--registration-timeout",
         type=float,
@@ -613,6 +652,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help="run directory for metrics, checkpoints, model and plots")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in --out from its last checkpoint (with its "
+        "config.toml unless --config is given); the result is the uninterrupted run's",
+    )
+    again.add_argument(
+        "--force", action="store_true", help="start over in an --out that holds a run (deletes it)"
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -625,7 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(p)
     p.set_defaults(handler=cmd_simulate)
 
-    p = sub.add_parser("compare", help="compare finished runs: one table and a combined plot")
+    p = sub.add_parser(
+        "compare", help="compare runs (unfinished ones from their metrics): one table and a plot"
+    )
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--out", default="compare.png", help="plot file (default %(default)s)")
     p.set_defaults(handler=cmd_compare)
@@ -654,7 +705,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_profile)
 
     p = sub.add_parser("export", help="prune a checkpoint to a keep fraction and export ONNX")
-    p.add_argument("--run", help="a run directory (config.toml + model.safetensors)")
+    p.add_argument(
+        "--run",
+        help="a run directory (config.toml + model.safetensors, or its last checkpoint when "
+        "the run is unfinished)",
+    )
     p.add_argument("--config")
     p.add_argument("--checkpoint")
     p.add_argument("--keep", type=float, default=1.0)
@@ -679,10 +734,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", help="PNG/JPEG images or .npy batches")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument(
-        "--fit",
+        "--strict",
         action="store_true",
-        help="convert and resize images that do not match the model input",
+        help="refuse images whose size or channels differ from the model input (default: "
+        "convert to grey/RGB and resize them, with a note on stderr)",
     )
+    p.add_argument("--fit", action="store_true", help=argparse.SUPPRESS)  # now the default
     p.add_argument("--benchmark", action="store_true", help="print latency and throughput")
     p.add_argument("--batch", type=int, default=32, help="benchmark batch size")
     p.add_argument("--iterations", type=int, default=50)

@@ -4,12 +4,16 @@ The exporter is chosen explicitly: torch's TorchScript-based exporter (``dynamo=
 needs nothing beyond torch and onnx and handles these CNNs exactly; the opset is pinned. The
 batch axis is dynamic. Metadata (``cahfp.*`` keys) carries what ``cahfp infer`` needs: class
 names, input shape, normalisation, and where the model came from (keep fraction, round, global
-model hash). Right after export, onnxruntime runs the file on random inputs and the result must
-match torch within ``atol`` or the export fails loudly.
+model hash). The last metadata entry, ``cahfp.sha256``, is the SHA-256 of every byte of the file
+before that entry (the graph, its weights and the other metadata): ``cahfp infer`` recomputes it
+without the ``onnx`` package and refuses a file that does not match (``digest_tail``). Right
+after export, onnxruntime runs the file on random inputs and the result must match torch within
+``atol`` or the export fails loudly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -23,6 +27,7 @@ import torch
 from torch import nn
 
 from cahfp.errors import CAHFPError
+from cahfp.inference import DIGEST_KEY, digest_tail
 
 OPSET = 17
 FORMAT = "1"
@@ -82,7 +87,13 @@ def export_onnx(
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(model)
+    body = model.SerializeToString()
+    digest = hashlib.sha256(body).hexdigest()
+    entry = model.metadata_props.add()
+    entry.key, entry.value = DIGEST_KEY, digest
     data = model.SerializeToString()
+    if data != body + digest_tail(digest):  # metadata_props must be the file's last field
+        raise ExportError("the weights digest is not the ONNX file's last field; cannot sign it")
     diff = parity(module, data, input_shape)
     if diff > atol:
         raise ExportError(

@@ -3,18 +3,30 @@ round (written atomically), the final model, a summary and plots.
 
     runs/NAME/config.toml          resolved configuration
     runs/NAME/metrics.jsonl        one JSON object per round (round 0 = initial model)
-    runs/NAME/checkpoint/          state.json of the last completed round, and its
-                                   global-<round>.safetensors (+ server-<round>.safetensors)
+    runs/NAME/checkpoint/          state.json and the files of the last two completed rounds:
+                                   global-<round>.safetensors (+ server-<round>.safetensors, the
+                                   momentum buffer; + sim-<round>.safetensors, a simulation's
+                                   engine and client state)
     runs/NAME/model.safetensors    final global model
     runs/NAME/summary.json         headline numbers
     runs/NAME/*.png                plots
+
+``state.json`` names the last completed round, the SHA-256 of each of its files and, under
+``previous``, the same for the round before; files of older rounds are removed once the new
+``state.json`` is in place. A resume checks the digests and falls back to the previous round
+when a file of the last one is missing or does not match (a warning says so), so a file
+damaged on disk is refused, never loaded. A torn last line of ``metrics.jsonl`` (a crash while
+writing it) is dropped with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import statistics
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +36,38 @@ from cahfp.config import Config
 from cahfp.errors import CAHFPError
 from cahfp.wire import decode_state, encode_state
 from coordinator.engine import RoundRecord
+
+log = logging.getLogger("cahfp.records")
+
+
+class NoCheckpoint(CAHFPError):
+    """The run directory holds no checkpoint yet (no ``checkpoint/state.json``)."""
+
+
+RUN_FILES = ("metrics.jsonl", "config.toml", "checkpoint", "summary.json", "model.safetensors")
+
+
+def check_new_run(run_dir: str | Path, force: bool = False) -> None:
+    """Refuse to start a new run in a directory that holds one, unless ``force``: then the old
+    run's records (metrics, config, checkpoints, summary, model) are removed first, so nothing
+    of it can mix into the new run or be resumed by mistake."""
+    d = Path(run_dir)
+    found = [n for n in RUN_FILES if (d / n).exists()]
+    if not found:
+        return
+    if not force:
+        raise CAHFPError(
+            f"{d} already holds a run ({', '.join(found)}): --resume continues it, "
+            "--force starts over and deletes it"
+        )
+    import shutil
+
+    log.warning("--force: removing the run in %s (%s)", d, ", ".join(found))
+    for name in found:
+        if (d / name).is_dir():
+            shutil.rmtree(d / name)
+        else:
+            (d / name).unlink()
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -51,9 +95,15 @@ class RunRecorder:
         self.config = config
         self.dense_flops = dense_flops
         self.metrics = self.dir / "metrics.jsonl"
-        if not resume:
-            self.metrics.write_text("")
-        atomic_write(self.dir / "config.toml", config.to_toml())
+        self.resume = resume
+        self._started = False  # nothing in the directory changes before the first record
+
+    def _start(self) -> None:
+        if not self._started:
+            if not self.resume:
+                self.metrics.write_text("")
+            atomic_write(self.dir / "config.toml", self.config.to_toml())
+            self._started = True
 
     def round(
         self,
@@ -61,11 +111,13 @@ class RunRecorder:
         state: dict[str, torch.Tensor],
         extra: dict | None = None,
         server: dict[str, torch.Tensor] | None = None,
+        more: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     ) -> None:
+        self._start()
         with open(self.metrics, "a") as f:
             f.write(json.dumps(record_dict(rec)) + "\n")
         if rec.round > 0:
-            self.checkpoint(rec.round, state, extra, server)
+            self.checkpoint(rec.round, state, extra, server, more)
 
     def checkpoint(
         self,
@@ -73,29 +125,47 @@ class RunRecorder:
         state: dict[str, torch.Tensor],
         extra: dict | None = None,
         server: dict[str, torch.Tensor] | None = None,
+        more: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     ) -> None:
-        """The global state and the coordinator's own tensors (``server``: the momentum buffer)
-        in files named by the round, then ``state.json``, which names the round, and only then
-        are the previous round's files removed: a crash at any point leaves a whole checkpoint."""
+        """The global state, the coordinator's own tensors (``server``: the momentum buffer) and
+        any ``more`` (kind -> tensors, e.g. ``sim``) in files named by the round, then
+        ``state.json``, which names the round with the files' digests and keeps the previous
+        round's entry, and only then are older rounds' files removed: a crash at any point
+        leaves a whole checkpoint, and a damaged one leaves the round before."""
         ck = self.dir / "checkpoint"
-        keep = {f"global-{rnd}.safetensors"}
-        atomic_write(ck / f"global-{rnd}.safetensors", encode_state(state, {"round": rnd}))
-        if server:
-            keep.add(f"server-{rnd}.safetensors")
-            atomic_write(ck / f"server-{rnd}.safetensors", encode_state(server, {"round": rnd}))
-        atomic_write(ck / "state.json", json.dumps({"round": rnd, **(extra or {})}))
+        kinds = {"global": state, "server": server, **(more or {})}
+        files = {}
+        for kind, tensors in kinds.items():
+            if tensors or kind == "global":
+                data = encode_state(tensors, {"round": rnd})
+                atomic_write(ck / f"{kind}-{rnd}.safetensors", data)
+                files[f"{kind}-{rnd}.safetensors"] = hashlib.sha256(data).hexdigest()
+        try:
+            previous = _read_state(ck)
+        except CAHFPError:
+            previous = None
+        if previous and previous["round"] >= rnd:  # after a fall-back: keep the good round
+            previous = previous.get("previous")
+        if previous:
+            previous.pop("previous", None)
+            if previous["round"] >= rnd or "files" not in previous:
+                previous = None  # a checkpoint written before digests is not kept
+        entry = {"round": rnd, **(extra or {}), "files": files}
+        atomic_write(ck / "state.json", json.dumps({**entry, "previous": previous}))
+        keep = set(files) | set(previous["files"] if previous else ())
         for old in ck.glob("*.safetensors"):
             if old.name not in keep:
                 old.unlink(missing_ok=True)
 
     def truncate_after(self, rnd: int) -> None:
         """Drop metrics lines of rounds after ``rnd`` (written before a crash that came before
-        their checkpoint), so a resumed run's metrics stay continuous."""
-        lines = self.metrics.read_text().splitlines() if self.metrics.is_file() else []
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["round"] <= rnd]
-        atomic_write(self.metrics, "".join(ln + "\n" for ln in kept))
+        their checkpoint) and a torn last line, so a resumed run's metrics stay continuous."""
+        records = load_metrics(self.dir) if self.metrics.is_file() else []
+        kept = [r for r in records if r["round"] <= rnd]
+        atomic_write(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     def finish(self, state: dict[str, torch.Tensor], wall_seconds: float) -> dict:
+        self._start()
         atomic_write(self.dir / "model.safetensors", encode_state(state))
         records = load_metrics(self.dir)
         summary = summarize(records, self.config, self.dense_flops, wall_seconds)
@@ -110,46 +180,223 @@ class RunRecorder:
         return summary
 
 
-def load_checkpoint(run_dir: str | Path) -> tuple[int, dict[str, torch.Tensor], dict]:
-    """The last completed round, its global state and the extra round state saved with it."""
-    ck = Path(run_dir) / "checkpoint"
-    try:
-        meta = json.loads((ck / "state.json").read_text())
-        weights = ck / f"global-{meta.get('round')}.safetensors"
-        if not weights.is_file():  # written before the files were named by round
-            weights = ck / "global.safetensors"
-        state, header = decode_state(weights.read_bytes())
-    except (OSError, json.JSONDecodeError, CAHFPError) as exc:
-        raise CAHFPError(f"no usable checkpoint in {ck}: {exc}") from None
-    if header.get("round") != meta.get("round"):
-        raise CAHFPError(
-            f"checkpoint in {ck} is inconsistent (weights of round "
-            f"{header.get('round')}, state of round {meta.get('round')})"
-        )
-    return int(meta["round"]), state, meta
-
-
-def load_server_state(run_dir: str | Path, rnd: int) -> dict[str, torch.Tensor]:
-    """The coordinator's own tensors saved with round ``rnd``'s checkpoint (empty if none)."""
-    path = Path(run_dir) / "checkpoint" / f"server-{rnd}.safetensors"
+def _read_state(ck: Path) -> dict:
+    """``state.json`` as a dict, checked for the shape every reader relies on."""
+    path = ck / "state.json"
     if not path.is_file():
-        return {}
+        raise NoCheckpoint(f"no checkpoint in {ck} yet (no state.json)")
     try:
-        state, header = decode_state(path.read_bytes())
-    except (OSError, CAHFPError) as exc:
-        raise CAHFPError(f"unreadable server state {path}: {exc}") from None
-    if header.get("round") != rnd:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CAHFPError(f"no usable checkpoint in {ck}: state.json is unreadable: {exc}") from None
+    for entry, where in ((meta, "state.json"), (_get(meta, "previous"), "its previous entry")):
+        if entry is None:
+            continue
+        if not isinstance(entry, dict):
+            raise CAHFPError(
+                f"no usable checkpoint in {ck}: {where} is a JSON {type(entry).__name__}, "
+                "not an object naming the round"
+            )
+        if not isinstance(entry.get("round"), int) or entry["round"] < 1:
+            raise CAHFPError(f"no usable checkpoint in {ck}: {where} names no round")
+        files = entry.get("files", {})
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            raise CAHFPError(f"no usable checkpoint in {ck}: {where} has malformed file digests")
+        clients = entry.get("clients", {})
+        if not isinstance(clients, dict):
+            raise CAHFPError(f"no usable checkpoint in {ck}: {where} has a malformed client list")
+        for cid, info in clients.items():
+            if not isinstance(info, dict) or not isinstance(info.get("index"), int):
+                raise CAHFPError(
+                    f"no usable checkpoint in {ck}: client {cid!r} in {where} has no index"
+                )
+            if info.get("keep") is not None and not isinstance(info["keep"], (int, float)):
+                raise CAHFPError(
+                    f"no usable checkpoint in {ck}: client {cid!r} in {where} has keep "
+                    f"{info['keep']!r}"
+                )
+    return meta
+
+
+def _get(meta, key):
+    return meta.get(key) if isinstance(meta, dict) else None
+
+
+def _read_file(ck: Path, entry: dict, name: str) -> bytes:
+    """One file of a checkpoint entry, checked against its digest when the entry has them."""
+    try:
+        data = (ck / name).read_bytes()
+    except OSError as exc:
+        raise CAHFPError(f"{name}: {exc.strerror or exc}") from None
+    digest = entry.get("files", {}).get(name)
+    if "files" in entry and digest is None:
+        raise CAHFPError(f"{name} is not one of the files state.json records for its round")
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        raise CAHFPError(f"{name} does not match its digest in state.json (damaged on disk)")
+    return data
+
+
+def _weights_name(ck: Path, entry: dict) -> str:
+    name = f"global-{entry['round']}.safetensors"
+    if "files" not in entry and not (ck / name).is_file():
+        return "global.safetensors"  # written before the files were named by round
+    return name
+
+
+def _load_entry(ck: Path, entry: dict) -> dict[str, torch.Tensor]:
+    """The global state of one checkpoint entry, after checking every file it records."""
+    for name in entry.get("files", {}):
+        _read_file(ck, entry, name)
+    try:
+        state, header = decode_state(_read_file(ck, entry, _weights_name(ck, entry)))
+    except CAHFPError as exc:
+        raise CAHFPError(str(exc)) from None
+    if header.get("round") != entry["round"]:
         raise CAHFPError(
-            f"server state {path} is of round {header.get('round')}, the checkpoint of round {rnd}"
+            f"inconsistent: weights of round {header.get('round')}, state of round {entry['round']}"
         )
     return state
 
 
+def checkpoint_entry(run_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The newest checkpoint entry of ``state.json`` whose files are whole and match their
+    digests (the last round, else the previous one, with a warning), and its global state.
+    Raises ``NoCheckpoint`` when there is none yet, ``CAHFPError`` when none is usable."""
+    ck = Path(run_dir) / "checkpoint"
+    meta = _read_state(ck)
+    entries = [e for e in (meta, meta.get("previous")) if e]
+    problems = []
+    for entry in entries:
+        try:
+            state = _load_entry(ck, entry)
+        except CAHFPError as exc:
+            problems.append(f"round {entry['round']}: {exc}")
+            continue
+        if problems:
+            log.warning(
+                "checkpoint of round %d refused (%s); falling back to round %d",
+                entries[0]["round"],
+                problems[0].split(": ", 1)[1],
+                entry["round"],
+            )
+        return {k: v for k, v in entry.items() if k != "previous"}, state
+    raise CAHFPError(f"no usable checkpoint in {ck}: " + "; ".join(problems))
+
+
+def checkpoint_weights(run_dir: str | Path) -> tuple[int, Path]:
+    """The round and global weights file of a run's last usable checkpoint (an unfinished
+    run's best model file), checked like ``load_checkpoint``."""
+    ck = Path(run_dir) / "checkpoint"
+    try:
+        entry, _ = checkpoint_entry(run_dir)
+    except NoCheckpoint:
+        raise NoCheckpoint(
+            f"{run_dir} has neither model.safetensors nor a checkpoint (stopped before round 1 "
+            "completed)"
+        ) from None
+    return entry["round"], ck / _weights_name(ck, entry)
+
+
+def check_fits(
+    state: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor], what: str
+) -> None:
+    """Refuse ``state`` unless it has exactly the tensors of ``like`` in the same shapes."""
+    missing, unknown = sorted(set(like) - set(state)), sorted(set(state) - set(like))
+    if missing or unknown:
+        raise CAHFPError(
+            f"{what} is of another model than the configured one: missing {missing[:3]}, "
+            f"unknown {unknown[:3]}"
+        )
+    for k, ref in like.items():
+        if tuple(state[k].shape) != tuple(ref.shape):
+            raise CAHFPError(
+                f"{what} is of another model than the configured one: {k} has shape "
+                f"{tuple(state[k].shape)}, the configured model's {tuple(ref.shape)} "
+                "(another model.width or model.name?)"
+            )
+
+
+def load_checkpoint(
+    run_dir: str | Path, like: Mapping[str, torch.Tensor] | None = None
+) -> tuple[int, dict[str, torch.Tensor], dict]:
+    """The last usable completed round, its global state and the extra round state saved with
+    it (see ``checkpoint_entry``); with ``like`` (the configured model's state dict) a
+    checkpoint of another architecture or width is refused before anything is loaded."""
+    entry, state = checkpoint_entry(run_dir)
+    if like is not None:
+        check_fits(state, like, f"checkpoint of round {entry['round']} in {run_dir}")
+    return entry["round"], state, entry
+
+
+def load_checkpoint_tensors(run_dir: str | Path, rnd: int, kind: str) -> dict[str, torch.Tensor]:
+    """The ``kind`` tensors (``server``, ``sim``) saved with round ``rnd``'s checkpoint, checked
+    against their digest (empty when that round saved none)."""
+    ck = Path(run_dir) / "checkpoint"
+    name = f"{kind}-{rnd}.safetensors"
+    meta = _read_state(ck)
+    entry = next((e for e in (meta, meta.get("previous")) if e and e["round"] == rnd), {})
+    recorded = name in entry["files"] if "files" in entry else (ck / name).is_file()
+    if not recorded:  # that round saved none (a recorded file that is missing is an error)
+        return {}
+    try:
+        state, header = decode_state(_read_file(ck, entry, name))
+    except CAHFPError as exc:
+        raise CAHFPError(f"unreadable {kind} state {ck / name}: {exc}") from None
+    if header.get("round") != rnd:
+        raise CAHFPError(
+            f"{kind} state {ck / name} is of round {header.get('round')}, the checkpoint of "
+            f"round {rnd}"
+        )
+    return state
+
+
+def load_server_state(run_dir: str | Path, rnd: int) -> dict[str, torch.Tensor]:
+    """The coordinator's own tensors saved with round ``rnd``'s checkpoint (empty if none)."""
+    return load_checkpoint_tensors(run_dir, rnd, "server")
+
+
 def load_metrics(run_dir: str | Path) -> list[dict]:
+    """The run's metrics lines. A torn last line (a crash while writing it) is dropped with a
+    warning; a bad line before the last is an error."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise CAHFPError(f"{run_dir} has no metrics.jsonl (not a run directory?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    records = []
+    for i, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or not isinstance(rec.get("round"), int):
+                raise ValueError("not a round record")
+        except ValueError:
+            if i == len(lines):
+                log.warning("%s: dropped a torn last line (%d bytes)", path, len(line))
+                break
+            raise CAHFPError(f"{path} line {i} is not a round record") from None
+        records.append(rec)
+    return records
+
+
+def run_summary(run_dir: str | Path, config: Config) -> dict:
+    """A run's headline numbers with ``finished``: its summary.json, or for an unfinished run
+    (interrupted, or still running) the same numbers from its metrics so far (wall seconds:
+    the sum of its rounds')."""
+    path = Path(run_dir) / "summary.json"
+    if path.is_file():
+        try:
+            return {**json.loads(path.read_text()), "finished": True}
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CAHFPError(f"{path} is unreadable: {exc}") from None
+    from cahfp.costs import training_flops
+    from cahfp.data.datasets import dataset_info
+    from cahfp.models import build_model
+
+    records = load_metrics(run_dir)
+    info = dataset_info(config.data.dataset, config.data.data_dir)
+    model = build_model(config.model.name, len(info.classes), info.channels, config.model.width)
+    dense = training_flops(model, torch.zeros(1, info.channels, info.image_size, info.image_size))
+    wall = sum(r.get("seconds", 0.0) for r in records)
+    return {**summarize(records, config, dense, wall), "finished": False}
 
 
 def summarize(records: list[dict], config: Config, dense_flops: float, wall: float) -> dict:

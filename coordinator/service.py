@@ -18,7 +18,9 @@ from cahfp.wire import encode_state
 from coordinator.engine import RoundEngine, RoundRecord
 from coordinator.mqtt_transport import MqttTransport
 from coordinator.records import (
+    NoCheckpoint,
     RunRecorder,
+    check_new_run,
     load_checkpoint,
     load_server_state,
     record_dict,
@@ -39,6 +41,7 @@ class Coordinator:
         out_dir: str | Path | None = None,
         *,
         resume: bool = False,
+        force: bool = False,
         credentials: str | None = None,
         ca_file: str | None = None,
         cert_file: str | None = None,
@@ -53,10 +56,8 @@ class Coordinator:
         self.out_dir = Path(out_dir) if out_dir else None
         if resume and self.out_dir is None:
             raise CAHFPError("--resume needs the run directory (--out) of the interrupted run")
-        if resume and not (self.out_dir / "checkpoint" / "state.json").exists():
-            # the service unit always passes --resume: its first start has nothing to resume
-            log.info("no checkpoint in %s yet: starting a fresh run", self.out_dir)
-            resume = False
+        if self.out_dir and not resume:
+            check_new_run(self.out_dir, force)
         self.resume = resume
         user, password = read_credentials(credentials)
         cert_file, key_file = client_certificate(cert_file, key_file)
@@ -126,7 +127,13 @@ class Coordinator:
                 self.out_dir, self.cfg, self.engine.dense_flops, resume=self.resume
             )
         if self.resume:
-            done, state, extra = load_checkpoint(self.out_dir)
+            try:
+                done, state, extra = load_checkpoint(self.out_dir, like=self.engine.state)
+            except NoCheckpoint:
+                # the service unit always passes --resume: its first start has nothing to resume
+                log.info("no checkpoint in %s yet: starting a fresh run", self.out_dir)
+                self.resume = recorder.resume = False
+        if self.resume:
             self.engine.momentum.load(load_server_state(self.out_dir, done), state)
             self.engine.state = state
             self.engine.model.load_state_dict(state)

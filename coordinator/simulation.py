@@ -13,11 +13,21 @@ from rich.console import Console
 from cahfp.config import Config
 from cahfp.data import ImageData, load_dataset, partition
 from cahfp.data import training_pool as data_training_pool
+from cahfp.errors import CAHFPError
 from cahfp.messages import ModelSpec
 from cahfp.training import evaluate
-from coordinator.engine import RoundEngine
+from coordinator import snapshot
+from coordinator.engine import RoundEngine, RoundRecord
 from coordinator.inprocess import InProcessTransport
-from coordinator.records import RunRecorder
+from coordinator.records import (
+    NoCheckpoint,
+    RunRecorder,
+    check_new_run,
+    load_checkpoint,
+    load_checkpoint_tensors,
+    load_metrics,
+    load_server_state,
+)
 from coordinator.view import ProgressView
 from edge_client.task import ClientState
 
@@ -85,8 +95,17 @@ def simulate(
     out_dir: str | Path | None = None,
     quiet: bool = False,
     console: Console | None = None,
+    *,
+    resume: bool = False,
+    force: bool = False,
 ) -> dict:
-    """Run a whole federation; with ``out_dir`` write metrics, checkpoints, model and plots."""
+    """Run a whole federation; with ``out_dir`` write metrics, checkpoints, model and plots.
+    An ``out_dir`` that already holds a run is refused unless ``force`` (start over) or
+    ``resume`` (continue from its last usable checkpoint, exactly as if never interrupted)."""
+    if resume and out_dir is None:
+        raise CAHFPError("--resume needs the run directory (--out) of the interrupted run")
+    if out_dir and not resume:
+        check_new_run(out_dir, force)
     start = time.perf_counter()
     clients, test_set, spec = federation_data(cfg)
     states = {client_id(i): ClientState(client_id(i), data) for i, data in enumerate(clients)}
@@ -100,18 +119,27 @@ def simulate(
     engine = RoundEngine(
         cfg, spec, transport, lambda m: evaluate(m, test_set), keeps, on_event=view.event
     )
-    recorder = RunRecorder(out_dir, cfg, engine.dense_flops) if out_dir else None
-    initial = engine.initial_record()
-    records = [initial]
-    if recorder:
-        recorder.round(initial, engine.state)
-    view.start(initial)
+    recorder = RunRecorder(out_dir, cfg, engine.dense_flops, resume=resume) if out_dir else None
+    done = _resume(engine, states, recorder) if resume else 0
+    records = []
+    if done:
+        last = next(r for r in reversed(load_metrics(out_dir)) if r["accuracy"] is not None)
+        view.start(RoundRecord(done, last["accuracy"], last["loss"], 0.0, 0), resumed=done)
+    else:
+        initial = engine.initial_record()
+        records.append(initial)
+        if recorder:
+            recorder.round(initial, engine.state)
+        view.start(initial)
     try:
-        for rnd in range(1, cfg.federation.rounds + 1):
+        for rnd in range(done + 1, cfg.federation.rounds + 1):
             rec = engine.run_round(rnd)
             records.append(rec)
             if recorder:
-                recorder.round(rec, engine.state, server=engine.momentum.state())
+                extra, tensors = snapshot.capture(engine, states)
+                recorder.round(
+                    rec, engine.state, extra, engine.momentum.state(), more={"sim": tensors}
+                )
     finally:
         view.stop()
     wall = time.perf_counter() - start
@@ -120,6 +148,25 @@ def simulate(
     from coordinator.records import record_dict, summarize
 
     return summarize([record_dict(r) for r in records], cfg, engine.dense_flops, wall)
+
+
+def _resume(engine: RoundEngine, states: dict[str, ClientState], recorder: RunRecorder) -> int:
+    """Load the run's last usable checkpoint into the engine and the clients; the round it
+    completed (0, a fresh start, when the run has none yet)."""
+    try:
+        done, state, entry = load_checkpoint(recorder.dir, like=engine.state)
+    except NoCheckpoint as exc:
+        log.warning("%s: starting from round 1", exc)
+        recorder.resume = False
+        return 0
+    snapshot.restore(engine, states, entry, load_checkpoint_tensors(recorder.dir, done, "sim"))
+    engine.momentum.load(load_server_state(recorder.dir, done), state)
+    engine.state = state
+    engine.model.load_state_dict(state)
+    engine.round = done
+    recorder.truncate_after(done)
+    log.info("resuming %s after round %d", recorder.dir, done)
+    return done
 
 
 def emulate_devices(cfg: Config, spec: ModelSpec, states: dict[str, ClientState]):

@@ -20,11 +20,14 @@ class ProgressView:
         self.cfg, self.console, self.quiet = cfg, console, quiet
         self.progress: Progress | None = None
 
-    def start(self, initial: RoundRecord) -> None:
+    def start(self, initial: RoundRecord, resumed: int = 0) -> None:
+        """Announce the run; ``resumed``: the round it continues after (``initial`` then holds
+        the last evaluated accuracy)."""
+        where = f"resumed after round {resumed}, accuracy" if resumed else "initial accuracy"
         msg = (
             f"{self.cfg.federation.strategy}: {self.cfg.model.name} x{self.cfg.model.width:g}"
             f" on {self.cfg.data.dataset}, {self.cfg.federation.clients} clients, "
-            f"initial accuracy {initial.accuracy:.4f}"
+            f"{where} {initial.accuracy:.4f}"
         )
         if self.quiet:
             log.info(msg)
@@ -39,7 +42,9 @@ class ProgressView:
             console=self.console,
             transient=False,
         )
-        self.rounds = self.progress.add_task("rounds", total=self.cfg.federation.rounds, info="")
+        self.rounds = self.progress.add_task(
+            "rounds", total=self.cfg.federation.rounds, completed=resumed, info=""
+        )
         self.clients = self.progress.add_task("clients", total=1, info="")
         self.progress.start()
 

@@ -172,6 +172,26 @@ def test_bad_configs_fail_fast_with_clear_messages(tmp_path, isolated_cache):
         simulate(cfg, None, quiet=True)
 
 
+def test_non_utf8_config_is_one_clear_line(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes("[federation]\nname = 'caf\u00e9'\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.toml is not UTF-8 text \(byte 0xe9 at"):
+        load_config(bad)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cahfp.cli", "simulate", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {bad} is not UTF-8 text (byte 0xe9 at offset 24); TOML files must be UTF-8"
+    ]
+
+
 def test_example_configs_are_valid():
     from pathlib import Path
 

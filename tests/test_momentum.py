@@ -77,11 +77,20 @@ def test_checkpoint_round_trip_and_bad_buffers(tmp_path):
         with pytest.raises(CAHFPError, match=match):
             again.load(bad, loaded)
         assert torch.equal(again.buffer["w"], mom.buffer["w"])  # nothing lost
-    # a later checkpoint without momentum removes the stale buffer file
+    # a later checkpoint without momentum removes the stale buffer file; the previous round's
+    # files stay (the fall-back when the last round's are damaged), older ones go
     rec.checkpoint(3, state, {"clients": {}}, {})
     assert load_server_state(tmp_path, 3) == {}
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
+        "global-2.safetensors",
         "global-3.safetensors",
+        "server-2.safetensors",
+        "state.json",
+    ]
+    rec.checkpoint(4, state, {"clients": {}}, {})
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
+        "global-3.safetensors",
+        "global-4.safetensors",
         "state.json",
     ]
 

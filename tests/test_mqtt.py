@@ -143,8 +143,11 @@ def test_coordinator_restart_resumes_after_last_completed_round(broker, fmnist_r
     assert "starting a fresh run" in (tmp_path / "coordinator.log").read_text()
     log2 = (tmp_path / "coordinator2.log").read_text()
     assert f"resuming after round {done}" in log2
-    # the server momentum buffer was checkpointed and came back
-    assert [p.name for p in (run / "checkpoint").glob("server-*")] == ["server-4.safetensors"]
+    # the server momentum buffer was checkpointed and came back (the previous round's kept)
+    assert sorted(p.name for p in (run / "checkpoint").glob("server-*")) == [
+        "server-3.safetensors",
+        "server-4.safetensors",
+    ]
     assert "buffers restored" in log2, log2[-2000:]
 
 
@@ -405,3 +408,18 @@ def test_a_client_whose_data_does_not_fit_refuses_and_the_round_does_not_wait(
     m = metrics(tmp_path / "fit")
     assert [c["client_id"] for c in m[1]["clients"]] == ["good"]
     assert m[1]["seconds"] < 60  # not the 120 s deadline
+
+
+def test_coordinator_refuses_to_overwrite_a_run_without_force(fmnist_root, tmp_path):
+    config = write_config(tmp_path / "fed.toml", "again", 2, 1, fmnist_root)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"round": 0}\n')
+    proc = cli(
+        "coordinator", "--broker", "mqtt://127.0.0.1:1", "--config", str(config),
+        "--out", str(run), log=tmp_path / "c.log",
+    )  # fmt: skip
+    assert proc.wait(120) == 2
+    out = (tmp_path / "c.log").read_text()
+    assert f"error: {run} already holds a run (metrics.jsonl): --resume continues it" in out, out
+    assert (run / "metrics.jsonl").read_text() == '{"round": 0}\n'

@@ -12,8 +12,8 @@ from PIL import Image
 
 from cahfp import export as export_mod
 from cahfp.data.datasets import dataset_info
-from cahfp.export import ExportError
-from cahfp.inference import InputError, ModelFileError, OnnxClassifier
+from cahfp.export import ExportError, export_onnx
+from cahfp.inference import DIGEST_KEY, InputError, ModelFileError, OnnxClassifier, digest_tail
 from cahfp.models import build_model
 from cahfp.pruning import extract, make_plan, score_groups
 from cahfp.training import Recipe, train
@@ -85,17 +85,9 @@ def test_cli_infer_on_real_fmnist_png_matches_torch_without_importing_torch(
         Image.fromarray(arr).save(file)
         images.append(str(file))
         expected.append(_torch_label(model, arr))
-    code = (
-        "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None; "
-        "from cahfp.cli import main; sys.exit(main(sys.argv[1:]))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, "infer", str(path), *images, "--top-k", "1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = infer_cli(path, *images, "--top-k", "1")
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # the digest checked out, nothing converted
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 4
     for line, label in zip(lines, expected, strict=True):
@@ -105,14 +97,98 @@ def test_cli_infer_on_real_fmnist_png_matches_torch_without_importing_torch(
     assert [p.top[0][0] for p in preds] == expected
 
 
+def infer_cli(*args) -> subprocess.CompletedProcess:
+    """``cahfp infer ...`` in a fresh interpreter where importing torch fails."""
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None; "
+        "from cahfp.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, "infer", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def one_error_line(proc: subprocess.CompletedProcess, match: str) -> None:
+    """Exit 2 with a single ``error: ...`` line on stderr (beside ``note:`` lines) that matches
+    ``match``."""
+    import re
+
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("note: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert re.search(match, lines[0]), lines[0]
+
+
+def test_photo_of_another_size_is_converted_unless_strict(trained_export, tmp_path):
+    _, path, _ = trained_export
+    photo = tmp_path / "photo.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(photo)
+    proc = infer_cli(path, photo)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == (
+        f"note: {photo}: image is 64x48 with 3 channel(s) (RGB), converted and resized to "
+        "28x28 with 1 channel(s)"
+    )
+    assert proc.stdout.startswith(f"{photo}: ") and len(proc.stdout.split(", ")) == 3
+    proc = infer_cli(path, photo, "--strict")
+    one_error_line(proc, r"64x48 with 3 channel.*expects 28x28 with 1.*--strict")
+    # no inputs is a usage error, not a silent success; --benchmark alone is fine
+    one_error_line(infer_cli(path), "nothing to do: give images")
+    proc = infer_cli(path, "--benchmark", "--batch", "2", "--iterations", "2")
+    assert proc.returncode == 0 and proc.stdout.count("p50") == 2, proc.stderr
+
+
+def test_corrupt_model_files_are_refused_with_one_line(trained_export, tmp_path):
+    import onnx
+
+    _, path, test = trained_export
+    data = path.read_bytes()
+    image = tmp_path / "img.png"
+    Image.fromarray(test.images[0, 0].numpy()).save(image)
+    # 8 bytes of the largest weight tensor overwritten with 0xFF (a float32 NaN pair)
+    weights = max(onnx.load(path).graph.initializer, key=lambda t: len(t.raw_data)).raw_data
+    at = data.index(weights) + len(weights) // 2
+    broken = data[:at] + b"\xff" * 8 + data[at + 8 :]
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(broken)
+    one_error_line(infer_cli(bad, image), r"bad\.onnx does not match the weights digest")
+    # without a digest (a file exported before digests) it loads with a note, and the NaN
+    # weights are caught at the output instead of printing 'T-shirt/top nan'
+    meta = OnnxClassifier(path).metadata
+    tail = digest_tail(meta[DIGEST_KEY])
+    assert data.endswith(tail)
+    unsigned = tmp_path / "unsigned.onnx"
+    unsigned.write_bytes(broken[: -len(tail)])
+    proc = infer_cli(unsigned, image)
+    one_error_line(proc, r"computed non-finite outputs for .*img\.png")
+    assert "carries no weights digest" in proc.stderr and proc.stdout == ""
+    clean = tmp_path / "clean-unsigned.onnx"
+    clean.write_bytes(data[: -len(tail)])
+    proc = infer_cli(clean, image)
+    assert proc.returncode == 0 and "carries no weights digest" in proc.stderr
+    assert not OnnxClassifier(clean).verified and OnnxClassifier(path).verified
+    # a class list shorter than the outputs (a correctly signed file)
+    short = tmp_path / "short.onnx"
+    export_onnx(
+        pruned("vgg11", 1.0), (1, 28, 28), short, classes=INFO.classes[:9], mean=(0.5,), std=(0.5,)
+    )
+    one_error_line(infer_cli(short, image), r"lists 9 class names .* has 10 outputs")
+
+
 def test_bad_inputs_and_files_give_clear_errors(trained_export, tmp_path):
     _, path, _ = trained_export
     clf = OnnxClassifier(path)
     big = tmp_path / "big.png"
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(big)
-    with pytest.raises(InputError, match=r"40x40 with 3 channel.*expects 28x28 with 1.*--fit"):
-        clf.classify([str(big)])
-    assert len(clf.classify([str(big)], fit=True)[0].top) == 3
+    with pytest.raises(InputError, match=r"40x40 with 3 channel.*expects 28x28 with 1.*--strict"):
+        clf.classify([str(big)], strict=True)
+    (pred,) = clf.classify([str(big)])
+    assert len(pred.top) == 3 and "converted and resized to 28x28" in pred.note
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not an image")
     with pytest.raises(InputError, match="not a readable image"):
