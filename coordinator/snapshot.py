@@ -67,7 +67,9 @@ def capture(
             "keep_achieved": st.keep_achieved,
             "map": _put_map(tensors, f"client/{cid}", st.index_map),
             "statistics": st.statistics is not None,
-            "budget": {f: getattr(st.budget, f) for f in BUDGET_FIELDS} if st.budget else None,
+            "budget": (
+                {f: getattr(st.device.model, f) for f in BUDGET_FIELDS} if st.device else None
+            ),
         }
     meta = {"engine_clients": engine_clients, "client_states": client_states}
     registry = {cid: {"index": r.index, "keep": r.keep} for cid, r in engine.clients.items()}
@@ -118,9 +120,9 @@ def restore(
                 if s["statistics"]
                 else None
             )
-            if s["budget"] and st.budget is not None:
+            if s["budget"] and st.device is not None:
                 for f in BUDGET_FIELDS:
-                    setattr(st.budget, f, float(s["budget"][f]))
+                    setattr(st.device.model, f, float(s["budget"][f]))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CAHFPError(
             f"the checkpoint's simulation state is malformed ({type(exc).__name__}: {exc})"
