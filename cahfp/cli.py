@@ -356,10 +356,14 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     )
     import signal
 
-    signal.signal(signal.SIGTERM, lambda *_: coord.stop.set())
+    for sig in (signal.SIGTERM, signal.SIGINT):  # stop within a second, keep completed rounds
+        signal.signal(sig, lambda *_: coord.stop.set())
     summary = coord.run(registration_timeout=args.registration_timeout)
+    acc = summary["final_accuracy"]
     print(
-        f"final accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds"
+        ("stopped: " if coord.stop.is_set() else "")
+        + (f"final accuracy {acc:.4f}" if acc is not None else "no round evaluated")
+        + f" after {summary['rounds']} rounds"
         + (f"; results in {args.out}" if args.out else "")
     )
     return 0

@@ -73,7 +73,7 @@ class MqttTransport(Transport):
 
     def wait_for_clients(self, count: int, timeout: float) -> list[str]:
         end = time.monotonic() + timeout
-        while time.monotonic() < end and len(self.clients()) < count:
+        while time.monotonic() < end and len(self.clients()) < count and not self.stopped():
             self.poll(0.2)
         return self.clients()
 
@@ -164,7 +164,7 @@ class MqttTransport(Transport):
                     hello = parse_json(Hello, payload)
                     if hello.client_id != client:
                         raise ProtocolError(f"hello on {client}'s topic names {hello.client_id}")
-                    reg.hello, reg.online = hello, True
+                    reg.hello = hello  # retained: it says nothing about being online now
                 return []
             if kind == "update" and data:
                 done = self.reassembler.add(payload)
@@ -201,7 +201,7 @@ class MqttTransport(Transport):
 
     def collect(self, pending: set[str], deadline: float) -> Iterator[Received]:
         self.connects_seen = self.link.connects
-        while pending and time.monotonic() < deadline:
+        while pending and time.monotonic() < deadline and not self.stopped():
             if self.link.connects != self.connects_seen:  # reconnected meanwhile
                 self.connects_seen = self.link.connects
                 self._resend_unanswered(set(pending))

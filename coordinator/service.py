@@ -3,6 +3,7 @@ model announcements, checkpoints after every round and ``--resume``."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -15,7 +16,7 @@ from cahfp.messages import ModelSpec
 from cahfp.protocol import ModelAnnouncement, Status, Topics
 from cahfp.training import evaluate
 from cahfp.wire import encode_state
-from coordinator.engine import RoundEngine, RoundRecord
+from coordinator.engine import RoundEngine, RoundInterrupted, RoundRecord
 from coordinator.mqtt_transport import MqttTransport
 from coordinator.records import (
     RunRecorder,
@@ -68,6 +69,9 @@ class Coordinator:
             spool_dir=spool_dir or (str(self.out_dir) if self.out_dir else None),
         )
         self.transport = MqttTransport(self.link, self.topics)
+        # set by SIGTERM / SIGINT: the waiting ends within a second, the round in progress is
+        # abandoned, the completed ones stay checkpointed
+        self.stop = self.transport.stop = threading.Event()
         test = evaluation_data(cfg)  # the same set the simulation evaluates on
         self.spec = ModelSpec(
             name=cfg.model.name,
@@ -79,10 +83,9 @@ class Coordinator:
         self.engine = RoundEngine(
             cfg, self.spec, self.transport, lambda m: evaluate(m, test), {}, on_event=on_event
         )
-        self.stop = threading.Event()
         self.records: list[RoundRecord] = []
 
-    def _status(self, rnd: int, state: str, detail: str = "") -> None:
+    def _status(self, rnd: int, state: str, detail: str = ""):
         s = Status(
             round=rnd,
             state=state,
@@ -91,7 +94,7 @@ class Coordinator:
             recipe=self.cfg.train.model_dump(),
             deadline_s=self.cfg.federation.deadline_s,
         )
-        self.link.publish(self.topics.status, s.model_dump_json(), qos=1, retain=True)
+        return self.link.publish(self.topics.status, s.model_dump_json(), qos=1, retain=True)
 
     def _announce_model(self, rec: RoundRecord) -> None:
         data = encode_state(self.engine.state)
@@ -106,7 +109,12 @@ class Coordinator:
     def _registry(self) -> dict:
         return {c: {"index": r.index, "keep": r.keep} for c, r in self.engine.clients.items()}
 
-    def run(self, connect_timeout: float = 30.0, registration_timeout: float | None = None) -> dict:
+    def run(
+        self,
+        connect_timeout: float = 30.0,
+        registration_timeout: float | None = None,
+        final_timeout: float = 30.0,
+    ) -> dict:
         start_time = time.perf_counter()
         start_round = 1
         recorder = None
@@ -145,7 +153,7 @@ class Coordinator:
             )
             online = self.transport.wait_for_clients(self.cfg.federation.clients, wait)
             log.info("%d clients online: %s", len(online), ", ".join(online))
-            if start_round == 1:
+            if start_round == 1 and not self.stop.is_set():
                 initial = self.engine.initial_record()
                 self.engine.on_event("initial", {"record": initial})
                 self.records.append(initial)
@@ -155,7 +163,11 @@ class Coordinator:
                 if self.stop.is_set():
                     break
                 self._status(rnd, "running")
-                rec = self.engine.run_round(rnd)
+                try:
+                    rec = self.engine.run_round(rnd)
+                except RoundInterrupted as exc:
+                    log.info("%s", exc)
+                    break
                 self.records.append(rec)
                 if recorder:
                     recorder.round(
@@ -165,8 +177,17 @@ class Coordinator:
                         server=self.engine.momentum.state(),
                     )
                 self._announce_model(rec)
-            final = "stopped" if self.stop.is_set() else "finished"
-            self._status(self.engine.round, final)
+            if self.stop.is_set():
+                log.info("stopped after round %d (completed rounds are kept)", self.engine.round)
+                last = self._status(self.engine.round, "stopped", "stopped by the operator")
+            else:
+                last = self._status(self.engine.round, "finished")
+            # the final status replaces the last will's "connection lost": make sure it left
+            # (after a reconnect if the connection dropped meanwhile) before disconnecting
+            with contextlib.suppress(RuntimeError, ValueError):
+                last.wait_for_publish(timeout=final_timeout)
+            if not last.is_published():
+                log.warning("the final status was not confirmed by the broker")
         finally:
             self.transport.close()
         wall = time.perf_counter() - start_time

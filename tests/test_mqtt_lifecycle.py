@@ -1,0 +1,130 @@
+"""The coordinator's life over a real broker, run as an operator runs it (``python -m cahfp.cli
+coordinator``): stopping it, resuming it, boards that come and go, a board that floods."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from cahfp.protocol import Hello, Presence, Status, Topics, parse_json
+from edge_client.link import MqttLink
+from tests.mqtt_helpers import (
+    client,
+    coordinator,
+    finish,
+    kill_all,
+    metrics,
+    wait_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def logs(tmp_path) -> str:
+    return "\n".join(
+        f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(tmp_path.glob("*.log"))
+    )
+
+
+class MuteBoard:
+    """A board that announces itself like a real client (presence online, hello) and records
+    the tasks it is sent, but never answers them."""
+
+    def __init__(self, url: str, fed: str, cid: str = "mute"):
+        self.topics, self.cid = Topics(fed), cid
+        offline = Presence(client_id=cid, status="offline").model_dump_json().encode()
+        self.link = MqttLink(url, cid, will=(self.topics.presence(cid), offline, 1, True))
+        self.link.subscribe(self.topics.task(cid), 1)
+        self.offline = offline
+
+    def start(self) -> MuteBoard:
+        self.link.start(10)
+        online = Presence(client_id=self.cid, status="online").model_dump_json()
+        self.link.publish(self.topics.presence(self.cid), online, 1, True)
+        hello = Hello(client_id=self.cid, samples=100).model_dump_json()
+        self.link.publish(self.topics.hello(self.cid), hello, 1, True).wait_for_publish(5)
+        return self
+
+    def tasks(self) -> int:
+        n = 0
+        while self.link.get(0.0) is not None:
+            n += 1
+        self._seen = getattr(self, "_seen", 0) + n
+        return self._seen
+
+    def stop(self) -> None:
+        """A clean stop, as the agent does it: presence offline (retained), hello left."""
+        self.link.stop(final=[(self.topics.presence(self.cid), self.offline, True)])
+
+
+def retained_status(url: str, fed: str) -> Status:
+    link = MqttLink(url, f"peek-{time.monotonic_ns()}")
+    link.subscribe(Topics(fed).status, 1)
+    link.start(10)
+    try:
+        msg = link.get(5.0)
+        assert msg is not None, "no retained status"
+        return parse_json(Status, msg.payload)
+    finally:
+        link.stop()
+
+
+def small_client(url: str, fed: str, cid: str, data_dir, tmp_path, index: int = 0, *extra: str):
+    """A real client with about 100 local images (one share of two), so rounds take seconds."""
+    return client(
+        url, fed, cid, index, 2, data_dir, tmp_path / f"{cid}.log", *extra, train_samples=200
+    )
+
+
+def checkpoint_round(run) -> int:
+    path = run / "checkpoint" / "state.json"
+    return json.loads(path.read_text())["round"] if path.is_file() else 0
+
+
+def test_sigterm_stops_a_waiting_coordinator_within_seconds(broker, fmnist_root, tmp_path):
+    """Item 18: with a 600 s deadline and a selected board that never answers, SIGTERM ends the
+    coordinator within seconds (exit 0); the completed rounds stay and a --resume continues."""
+    name = "sigterm"
+    config = write_config(tmp_path / "s.toml", name, 4, 1, fmnist_root, deadline=600.0)
+    run = tmp_path / name
+    c0 = small_client(broker.url, name, "c0", fmnist_root, tmp_path)
+    coord = coordinator(broker.url, config, run, tmp_path / "coordinator.log")
+    procs = [c0, coord]
+    mute = None
+    try:
+        wait_for(lambda: checkpoint_round(run) >= 1, 180, "round 1")
+        mute = MuteBoard(broker.url, name).start()
+        wait_for(mute.tasks, 120, "a task for the mute board")
+        time.sleep(2.0)  # the coordinator now waits on the mute board (deadline 600 s)
+        done = checkpoint_round(run)
+        t0 = time.monotonic()
+        os.killpg(coord.pid, signal.SIGTERM)
+        code = coord.wait(30)
+        took = time.monotonic() - t0
+        assert code == 0, logs(tmp_path)
+        assert took < 10, f"the coordinator took {took:.1f} s to stop"
+        m = metrics(run)
+        assert [r["round"] for r in m] == list(range(done + 1))  # the abandoned round: absent
+        assert checkpoint_round(run) == done
+        status = retained_status(broker.url, name)
+        assert (status.state, status.round) == ("stopped", done), status
+        assert "stopped" in (tmp_path / "coordinator.log").read_text()
+        mute.stop()  # gone for good: a resumed coordinator must not wait for it
+        mute = None
+        coord2 = coordinator(broker.url, config, run, tmp_path / "coordinator2.log", "--resume")
+        procs.append(coord2)
+        codes = finish([coord2, c0], timeout=300)
+    finally:
+        kill_all(procs)
+        if mute:
+            mute.stop()
+    assert codes == [0, 0], logs(tmp_path)
+    m = metrics(run)
+    assert [r["round"] for r in m] == [0, 1, 2, 3, 4]
+    assert all(r["aggregated"] == 1 and not r["skipped"] for r in m[1:]), m
+    assert f"resuming after round {done}" in (tmp_path / "coordinator2.log").read_text()
