@@ -20,6 +20,16 @@ def _mqtt_level(text: str) -> int:
     return levels[text]
 
 
+def _presence_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be seconds in (0, 3600], got {text!r}")
+    return value
+
+
 def _add_data_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir", help="dataset root (default: $CAHFP_DATA_DIR, then ~/.cache/cahfp/data)"
@@ -468,6 +478,8 @@ def _add_broker(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cahfp.protocol import PRESENCE_EVERY, PRESENCE_MISSES
+
     parser = argparse.ArgumentParser(
         prog="cahfp",
         description="CA-HFP Edge: curvature-aware heterogeneous federated pruning on edge boards",
@@ -566,6 +578,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int)
     p.add_argument("--connect-timeout", type=float, default=60.0)
+    p.add_argument(
+        "--presence-every",
+        type=_presence_seconds,
+        default=PRESENCE_EVERY,
+        metavar="SECONDS",
+        help="refresh this board's presence every SECONDS (default %(default)g); the "
+        f"coordinator counts it as gone after {PRESENCE_MISSES} missed refreshes",
+    )
     p.add_argument("--quiet", action="store_true")
     _add_data_dir(p)
     p.set_defaults(handler=cmd_client)

@@ -14,9 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from cahfp.training import Recipe
 
 MAX_SAMPLES = 10**12  # far above any board's data; keeps the weights finite floats
-PROTOCOL = 5  # 3: tasks say whether pruned payloads carry BatchNorm statistics (statistics)
+PROTOCOL = 6  # 3: tasks say whether pruned payloads carry BatchNorm statistics (statistics)
 #  4: the training recipe gained logit_adjust
 #  5: statistics tasks (purpose), which recompute the global model's BatchNorm statistics
+#  6: status and model announcements name their run (run); presence is refreshed (every)
 
 
 class _Message(BaseModel):

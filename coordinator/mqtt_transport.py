@@ -30,11 +30,28 @@ from edge_client.link import MqttLink
 log = logging.getLogger("cahfp.coordinator.mqtt")
 
 
+GONE_AFTER = 5.0  # seconds a selected client may stay offline before its task is given up
+
+
 @dataclass
 class Registered:
+    """What the registry knows of one client. Its presence decides whether it is online; its
+    (retained) hello only describes it."""
+
     hello: Hello | None = None
-    online: bool = False
+    online: bool = False  # its last presence said online
+    alive_until: float | None = None  # when that presence lapses (None: until an offline)
+    offline_since: float = 0.0
     last_seen: float = 0.0
+
+    def is_online(self, now: float) -> bool:
+        return self.online and (self.alive_until is None or now < self.alive_until)
+
+    def gone(self, now: float) -> bool:
+        """Offline for good: its presence lapsed, or it said offline over GONE_AFTER s ago."""
+        if self.online:
+            return not self.is_online(now)
+        return now - self.offline_since > GONE_AFTER
 
 
 class MqttTransport(Transport):
@@ -65,7 +82,10 @@ class MqttTransport(Transport):
 
     def clients(self) -> list[str]:
         self.poll(0.0)
-        return sorted(c for c, r in self.registry.items() if r.online and r.hello is not None)
+        now = time.monotonic()
+        return sorted(
+            c for c, r in self.registry.items() if r.is_online(now) and r.hello is not None
+        )
 
     def keep_estimate(self, client_id: str) -> float | None:
         r = self.registry.get(client_id)
@@ -157,7 +177,7 @@ class MqttTransport(Transport):
         try:
             if kind == "presence":
                 if payload:
-                    reg.online = parse_json(Presence, payload).status == "online"
+                    self._presence(reg, parse_json(Presence, payload))
                 return []
             if kind == "hello":
                 if payload:
@@ -188,6 +208,24 @@ class MqttTransport(Transport):
             return [Rejected(client, str(exc))]
         return []
 
+    def _presence(self, reg: Registered, presence: Presence) -> None:
+        now = time.monotonic()
+        if presence.status == "online":
+            lasts = presence.alive_for()
+            reg.online, reg.alive_until = True, None if lasts is None else now + lasts
+        elif reg.online or not reg.offline_since:
+            reg.online, reg.offline_since = False, now
+
+    def _give_up_on_gone(self, pending: set[str]) -> None:
+        """Stop waiting for tasks whose client has gone (the engine records them missing)."""
+        now = time.monotonic()
+        for task_id in list(pending):
+            cid = self.sent[task_id][0].client_id if task_id in self.sent else None
+            reg = self.registry.get(cid) if cid else None
+            if reg is not None and reg.gone(now):
+                pending.discard(task_id)
+                log.info("%s has gone offline: not waiting for its answer", cid)
+
     def _match(self, transfer: str) -> list[Received]:
         if transfer in self.controls and transfer in self.payloads:
             return [(self.controls.pop(transfer), self.payloads.pop(transfer))]
@@ -201,10 +239,16 @@ class MqttTransport(Transport):
 
     def collect(self, pending: set[str], deadline: float) -> Iterator[Received]:
         self.connects_seen = self.link.connects
+        checked = 0.0
         while pending and time.monotonic() < deadline and not self.stopped():
             if self.link.connects != self.connects_seen:  # reconnected meanwhile
                 self.connects_seen = self.link.connects
                 self._resend_unanswered(set(pending))
+            if time.monotonic() - checked > 1.0:
+                checked = time.monotonic()
+                self._give_up_on_gone(pending)
+                if not pending:
+                    break
             # one message at a time: the backlog stays in the link's (memory-bounded) inbox
             # instead of being reassembled all at once
             msg = self.link.get(min(0.5, max(deadline - time.monotonic(), 0.0)))

@@ -6,14 +6,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import re
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from cahfp.config import Config
 from cahfp.errors import CAHFPError
 from cahfp.messages import ModelSpec
-from cahfp.protocol import ModelAnnouncement, Status, Topics
+from cahfp.protocol import RUN_ID, ModelAnnouncement, Status, Topics
 from cahfp.training import evaluate
 from cahfp.wire import encode_state
 from coordinator.engine import RoundEngine, RoundInterrupted, RoundRecord
@@ -54,7 +56,6 @@ class Coordinator:
             raise CAHFPError("--resume needs the run directory (--out) of the interrupted run")
         self.resume = resume
         user, password = read_credentials(credentials)
-        stopped = Status(round=0, state="stopped", detail="coordinator connection lost")
         self.link = MqttLink(
             broker_url,
             f"coordinator-{cfg.federation.name}",
@@ -62,7 +63,6 @@ class Coordinator:
             password=password,
             ca_file=ca_file,
             protocol=protocol,
-            will=(self.topics.status, stopped.model_dump_json().encode(), 1, True),
             inbox_memory=inbox_memory,
             # the backlog beyond the memory budget waits on disk: by default next to the run
             # (the system temp directory may be RAM-backed tmpfs)
@@ -84,11 +84,15 @@ class Coordinator:
             cfg, self.spec, self.transport, lambda m: evaluate(m, test), {}, on_event=on_event
         )
         self.records: list[RoundRecord] = []
+        # names this run in every retained status and model announcement, so that clients tell
+        # it from an earlier run under the same federation name; kept across --resume
+        self.run_id = uuid.uuid4().hex
 
     def _status(self, rnd: int, state: str, detail: str = ""):
         s = Status(
             round=rnd,
             state=state,
+            run=self.run_id,
             detail=detail,
             model=self.spec.model_dump(),
             recipe=self.cfg.train.model_dump(),
@@ -99,6 +103,7 @@ class Coordinator:
     def _announce_model(self, rec: RoundRecord) -> None:
         data = encode_state(self.engine.state)
         ann = ModelAnnouncement(
+            run=self.run_id,
             round=rec.round,
             sha256=hashlib.sha256(data).hexdigest(),
             bytes=len(data),
@@ -134,7 +139,9 @@ class Coordinator:
                 self.engine.register(cid, info.get("keep"))
             recorder.truncate_after(done)
             start_round = done + 1
-            log.info("resuming after round %d", done)
+            if re.fullmatch(RUN_ID[1:-1], str(extra.get("run", ""))):
+                self.run_id = extra["run"]
+            log.info("resuming after round %d (run %s)", done, self.run_id)
             if self.engine.momentum.beta > 0:
                 restored = len(self.engine.momentum.buffer)
                 log.info(
@@ -143,6 +150,15 @@ class Coordinator:
                     if restored
                     else "no buffer in the checkpoint, it starts from zero",
                 )
+        # the last will: the run and the round it resumes from (a fixed "round 0" read after a
+        # resume as if the run had restarted)
+        lost = Status(
+            round=start_round - 1,
+            state="stopped",
+            run=self.run_id,
+            detail="coordinator connection lost",
+        )
+        self.link.set_will(self.topics.status, lost.model_dump_json().encode(), 1, True)
         self.link.start(connect_timeout)
         try:
             self._status(start_round - 1, "waiting", "waiting for clients")
@@ -173,7 +189,7 @@ class Coordinator:
                     recorder.round(
                         rec,
                         self.engine.state,
-                        extra={"clients": self._registry()},
+                        extra={"clients": self._registry(), "run": self.run_id},
                         server=self.engine.momentum.state(),
                     )
                 self._announce_model(rec)

@@ -105,7 +105,7 @@ class MqttLink:
         elif ca_file:
             raise LinkError("a CA file was given but the broker URL is not mqtts://")
         if will:
-            self.client.will_set(*will)
+            self.set_will(*will)
         self.client.reconnect_delay_set(min_delay=1, max_delay=16)
         self.client.max_inflight_messages_set(32)
         self.client.max_queued_messages_set(0)
@@ -185,6 +185,11 @@ class MqttLink:
                 f"{self.address.port} within {timeout:.0f} s"
             )
 
+    def set_will(self, topic: str, payload: bytes, qos: int = 1, retain: bool = True) -> None:
+        """The message the broker publishes if this connection ends uncleanly (takes effect at
+        the next connect)."""
+        self.client.will_set(topic, payload, qos, retain)
+
     def wait_connected(self, timeout: float) -> bool:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -200,10 +205,21 @@ class MqttLink:
             self.client.subscribe(topic, qos)
 
     def publish(
-        self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False
+        self,
+        topic: str,
+        payload: bytes | str,
+        qos: int = 1,
+        retain: bool = False,
+        expiry: float | None = None,
     ) -> mqtt.MQTTMessageInfo:
-        """Publish; while disconnected, QoS 1 messages are queued and sent on reconnect."""
-        return self.client.publish(topic, payload, qos=qos, retain=retain)
+        """Publish; while disconnected, QoS 1 messages are queued and sent on reconnect.
+        ``expiry``: seconds after which the broker drops the message, retained copy included
+        (MQTT 5 only; ignored with 3.1.1)."""
+        props = None
+        if expiry is not None and self.protocol == mqtt.MQTTv5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = max(1, round(expiry))
+        return self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
     def chunk_size(self, wanted: int = DEFAULT_CHUNK) -> int:
         if self.max_packet:

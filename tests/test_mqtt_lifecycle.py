@@ -128,3 +128,50 @@ def test_sigterm_stops_a_waiting_coordinator_within_seconds(broker, fmnist_root,
     assert [r["round"] for r in m] == [0, 1, 2, 3, 4]
     assert all(r["aggregated"] == 1 and not r["skipped"] for r in m[1:]), m
     assert f"resuming after round {done}" in (tmp_path / "coordinator2.log").read_text()
+
+
+def test_a_new_run_under_the_same_name_ignores_the_old_runs_status(broker, fmnist_root, tmp_path):
+    """Item 7: after a federation finished, a new coordinator run (and a --resume of it) under
+    the same name gets --until-finished clients that started after the old 'finished' status:
+    they take part instead of exiting at once. Item 14: a board that stopped cleanly (its
+    retained hello stays) is never selected, so no round waits for it."""
+    name = "again"
+    config = write_config(tmp_path / "a.toml", name, 1, 1, fmnist_root, deadline=600.0)
+    first = small_client(broker.url, name, "c0", fmnist_root, tmp_path)
+    coord = coordinator(broker.url, config, tmp_path / "run1", tmp_path / "coordinator1.log")
+    procs = [first, coord]
+    try:
+        assert finish([coord, first], timeout=240) == [0, 0], logs(tmp_path)
+        old = retained_status(broker.url, name)
+        assert old.state == "finished" and old.run
+        MuteBoard(broker.url, name).start().stop()  # retained hello, presence offline
+        config2 = write_config(tmp_path / "b.toml", name, 4, 1, fmnist_root, deadline=600.0)
+        run = tmp_path / "run2"
+        late = small_client(broker.url, name, "c1", fmnist_root, tmp_path, 1)
+        procs.append(late)
+        time.sleep(8)  # it has read the old run's retained 'finished' by now
+        assert late.poll() is None, logs(tmp_path)
+        coord2 = coordinator(broker.url, config2, run, tmp_path / "coordinator2.log")
+        procs.append(coord2)
+        wait_for(lambda: checkpoint_round(run) >= 2, 240, "round 2 of the new run")
+        os.killpg(coord2.pid, signal.SIGTERM)
+        assert coord2.wait(30) == 0, logs(tmp_path)
+        stopped = retained_status(broker.url, name)
+        assert stopped.state == "stopped" and stopped.run not in (None, old.run)
+        newcomer = small_client(broker.url, name, "c2", fmnist_root, tmp_path)
+        procs.append(newcomer)
+        time.sleep(8)  # it has read the interrupted run's retained 'stopped'
+        coord3 = coordinator(broker.url, config2, run, tmp_path / "coordinator3.log", "--resume")
+        procs.append(coord3)
+        codes = finish([coord3, late, newcomer], timeout=300)
+    finally:
+        kill_all(procs)
+    assert codes == [0, 0, 0], logs(tmp_path)
+    assert retained_status(broker.url, name).run == stopped.run  # the resumed run kept its id
+    m = metrics(run)
+    assert [r["round"] for r in m] == [0, 1, 2, 3, 4]
+    taken = {c["client_id"] for r in m[1:] for c in r["clients"] if c["status"] == "ok"}
+    assert taken == {"c1", "c2"}, m
+    selected = {c["client_id"] for r in m[1:] for c in r["clients"]}
+    assert "mute" not in selected, m
+    assert all(r["seconds"] < 120 for r in m[1:]), [r["seconds"] for r in m]
