@@ -3,14 +3,19 @@ coordinator``): stopping it, resuming it, boards that come and go, a board that 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pwd
+import shutil
 import signal
+import subprocess
 import time
 
 import pytest
 
 from cahfp.protocol import Hello, Presence, Status, Topics, parse_json
+from coordinator.broker import EmbeddedBroker
 from edge_client.link import MqttLink
 from tests.mqtt_helpers import (
     client,
@@ -175,3 +180,90 @@ def test_a_new_run_under_the_same_name_ignores_the_old_runs_status(broker, fmnis
     selected = {c["client_id"] for r in m[1:] for c in r["clients"]}
     assert "mute" not in selected, m
     assert all(r["seconds"] < 120 for r in m[1:]), [r["seconds"] for r in m]
+
+
+class PasswordBroker(EmbeddedBroker):
+    """The test broker with a password file (no ACL), so a board can be revoked by a reload."""
+
+    def config_text(self) -> str:
+        return (
+            super()
+            .config_text()
+            .replace(
+                "allow_anonymous true", f"allow_anonymous false\npassword_file {self.dir}/passwords"
+            )
+        )
+
+    def passwd(self, flag: str, *args: str) -> None:
+        """``-b USER PASSWORD`` adds a user, ``-D USER`` removes one."""
+        cmd = ["mosquitto_passwd", flag, str(self.dir / "passwords"), *args]
+        subprocess.run(cmd, check=True, capture_output=True)
+        with contextlib.suppress(KeyError):
+            pw = pwd.getpwnam("mosquitto")
+            os.chown(self.dir / "passwords", pw.pw_uid, pw.pw_gid)
+
+
+def test_a_revoked_board_is_dropped_without_waiting_for_the_deadline(fmnist_root, tmp_path):
+    """Item 14: a board revoked at a broker reload loses its connection without a last will; its
+    presence stops being refreshed and the coordinator stops selecting it (and gives up on its
+    task) instead of waiting out the 600 s deadline round after round."""
+    if not shutil.which("mosquitto_passwd"):
+        pytest.fail("mosquitto_passwd is not installed (apt-get install mosquitto)")
+    broker = PasswordBroker("mosquitto")
+    broker.dir.joinpath("passwords").write_text("")
+    for user in ("coordinator", "c0", "dev"):
+        broker.passwd("-b", user, f"pw-{user}")
+        (tmp_path / f"{user}.cred").write_text(f"{user}:pw-{user}\n")
+    broker.start()
+    name = "revoke"
+    config = write_config(tmp_path / "r.toml", name, 3, 2, fmnist_root, deadline=600.0)
+    run = tmp_path / name
+    fast = ("--presence-every", "1")
+    procs = [
+        small_client(
+            broker.url,
+            name,
+            "c0",
+            fmnist_root,
+            tmp_path,
+            0,
+            *fast,
+            "--credentials",
+            str(tmp_path / "c0.cred"),
+        ),
+        small_client(
+            broker.url,
+            name,
+            "dev",
+            fmnist_root,
+            tmp_path,
+            1,
+            *fast,
+            "--credentials",
+            str(tmp_path / "dev.cred"),
+        ),
+    ]
+    try:
+        coord = coordinator(
+            broker.url,
+            config,
+            run,
+            tmp_path / "coordinator.log",
+            "--credentials",
+            str(tmp_path / "coordinator.cred"),
+        )
+        procs.append(coord)
+        wait_for(lambda: checkpoint_round(run) >= 1, 240, "round 1")
+        broker.passwd("-D", "dev")
+        os.kill(broker.proc.pid, signal.SIGHUP)  # the reload ends dev's session, no last will
+        codes = finish([coord, procs[0]], timeout=240)
+    finally:
+        kill_all(procs)
+        broker.stop()
+    assert codes == [0, 0], logs(tmp_path)
+    m = metrics(run)
+    assert [r["round"] for r in m] == [0, 1, 2, 3]
+    assert {c["client_id"]: c["status"] for c in m[1]["clients"]} == {"c0": "ok", "dev": "ok"}
+    for r in m[2:]:
+        assert [c["status"] for c in r["clients"] if c["client_id"] == "c0"] == ["ok"], r
+        assert r["seconds"] < 60, r  # not the 600 s deadline
