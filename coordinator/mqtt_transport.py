@@ -25,6 +25,7 @@ from cahfp.protocol import (
     parse_json,
 )
 from coordinator.transport import Received, Rejected, Transport
+from coordinator.upload_budget import UploadBudget
 from edge_client.link import MqttLink
 
 log = logging.getLogger("cahfp.coordinator.mqtt")
@@ -75,6 +76,10 @@ class MqttTransport(Transport):
         self.sent: dict[str, tuple[TaskMessage, object, str]] = {}
         self._inflight = None
         self.connects_seen = 0
+        # a device's update bytes beyond what its tasks of the round justify are dropped in the
+        # network thread, before they are buffered (a flooding device)
+        self.upload_budget = UploadBudget(topics.update(""))
+        link.admit = self.upload_budget.admit
         for topic in (topics.presence(), topics.hello(), topics.update(), topics.update_data()):
             link.subscribe(topic, 1)
 
@@ -110,6 +115,7 @@ class MqttTransport(Transport):
             self.topics.task_data(task.client_id), payload, self.chunk_size
         )
         task = task.model_copy(update={"transfer": transfer})
+        self.upload_budget.expect(task.client_id, task.round, len(payload))
         for old in [t for t, (o, _, _) in self.sent.items() if o.round < task.round]:
             del self.sent[old]  # earlier rounds are over: never resent
         self.sent[task.task_id] = (task, rebuild or (lambda: payload), transfer)
@@ -263,6 +269,9 @@ class MqttTransport(Transport):
             "inbox_peak_on_disk_mb": round(inbox.peak_on_disk / 2**20, 3),
             "inbox_spooled_mb": round(inbox.spooled_total / 2**20, 3),
         }
+        dropped = self.upload_budget.take_dropped()
+        if dropped:  # devices that sent more than their upload budget: MB dropped
+            out["over_budget_mb"] = {c: round(n / 2**20, 3) for c, n in sorted(dropped.items())}
         inbox.reset_peaks()
         return out
 

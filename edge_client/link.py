@@ -117,6 +117,10 @@ class MqttLink:
         self.max_packet: int | None = None  # announced by an MQTT 5 broker
         self.connects = 0
         self.stopping = False
+        # admit(topic, size) -> bool, called in paho's thread before a message is buffered:
+        # False drops it there (the coordinator's per-device byte budget)
+        self.admit = None
+        self.received = 0  # messages that arrived (admitted or not)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -151,6 +155,9 @@ class MqttLink:
             )
 
     def _on_message(self, client, userdata, msg):
+        self.received += 1
+        if self.admit is not None and not self.admit(msg.topic, len(msg.payload)):
+            return
         self.inbox.put(Incoming(msg.topic, bytes(msg.payload), bool(msg.retain)))
 
     # ------------------------------------------------------------------ API
@@ -236,6 +243,21 @@ class MqttLink:
     def get(self, timeout: float) -> Incoming | None:
         return self.inbox.get(timeout)
 
+    def _quiesce(self, timeout: float = 5.0, quiet: float = 0.3) -> None:
+        """Unsubscribe and read what is still on its way (until nothing came for ``quiet``
+        seconds, at most ``timeout``). Closing a socket with unread data sends a TCP reset,
+        which can discard our DISCONNECT at the broker: it would then publish our last will
+        (measured: a device flooding the coordinator made its final status "connection lost")."""
+        if not self.subscriptions or not self.connected.is_set():
+            return
+        self.client.unsubscribe(list(self.subscriptions))
+        end = time.monotonic() + timeout
+        seen, since = self.received, time.monotonic()
+        while time.monotonic() < end and time.monotonic() - since < quiet:
+            time.sleep(0.05)
+            if self.received != seen:
+                seen, since = self.received, time.monotonic()
+
     def stop(self, final: list[tuple[str, bytes, bool]] | None = None) -> None:
         """Publish ``final`` messages (topic, payload, retain), then disconnect cleanly."""
         self.stopping = True
@@ -243,6 +265,7 @@ class MqttLink:
         for info in infos:
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=3)
+        self._quiesce()
         try:
             self.client.disconnect()
         finally:

@@ -267,3 +267,54 @@ def test_a_revoked_board_is_dropped_without_waiting_for_the_deadline(fmnist_root
     for r in m[2:]:
         assert [c["status"] for c in r["clients"] if c["client_id"] == "c0"] == ["ok"], r
         assert r["seconds"] < 60, r  # not the 600 s deadline
+
+
+def flood(url: str, topic: str, until, seconds: float = 60.0, count: int = 200_000) -> dict:
+    """Publish 256 KiB of junk on ``topic`` as fast as paho sends (QoS 0, loopback) until
+    ``until()`` holds, ``seconds`` pass or ``count`` messages went out."""
+    import paho.mqtt.client as mqtt
+
+    f = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="flooder", protocol=mqtt.MQTTv5)
+    host, port = url.removeprefix("mqtt://").split(":")
+    f.connect(host, int(port))
+    f.loop_start()
+    junk, n, t0 = os.urandom(1 << 18), 0, time.monotonic()
+    try:
+        while n < count and time.monotonic() - t0 < seconds and not (n % 64 == 0 and until()):
+            f.publish(topic, junk, qos=0)
+            n += 1
+    finally:
+        f.disconnect()
+        f.loop_stop()
+    took = time.monotonic() - t0
+    return {"messages": n, "seconds": took, "mb_per_s": n * len(junk) / took / 1e6}
+
+
+def test_a_flooding_device_does_not_lose_the_final_status(broker, fmnist_root, tmp_path):
+    """Item 15: a device publishing junk on its own update data topic at full speed, until the
+    federation has ended, neither fills the coordinator's inbox (its bytes beyond its round
+    budget are dropped on arrival) nor costs the final status: the retained status is
+    'finished' (not the last will's 'connection lost') and --until-finished clients exit."""
+    name = "flood"
+    config = write_config(tmp_path / "f.toml", name, 3, 1, fmnist_root, deadline=60.0)
+    run = tmp_path / name
+    c0 = small_client(broker.url, name, "c0", fmnist_root, tmp_path)
+    coord = coordinator(broker.url, config, run, tmp_path / "coordinator.log")
+    try:
+        wait_for(lambda: checkpoint_round(run) >= 1, 240, "round 1")
+        sent = flood(
+            broker.url, Topics(name).update_data("flooder"), lambda: coord.poll() is not None
+        )
+        codes = finish([coord, c0], timeout=120)
+    finally:
+        kill_all([coord, c0])
+    assert sent["messages"] > 1000, sent  # a flood: hundreds of MB/s on loopback
+    assert codes == [0, 0], logs(tmp_path) + f"\n{sent}"
+    status = retained_status(broker.url, name)
+    assert (status.state, status.round) == ("finished", 3), (status, sent)
+    m = metrics(run)
+    assert [r["round"] for r in m] == [0, 1, 2, 3]
+    assert all(r["aggregated"] == 1 for r in m[1:]), m
+    dropped = sum(r["transport"].get("over_budget_mb", {}).get("flooder", 0) for r in m)
+    assert dropped > 100, [r["transport"] for r in m]
+    assert all(r["transport"]["inbox_peak_on_disk_mb"] == 0 for r in m[1:]), m
