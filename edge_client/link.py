@@ -121,6 +121,7 @@ class MqttLink:
         # False drops it there (the coordinator's per-device byte budget)
         self.admit = None
         self.received = 0  # messages that arrived (admitted or not)
+        self.last_arrival = 0.0  # time.monotonic() of the latest
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -156,6 +157,7 @@ class MqttLink:
 
     def _on_message(self, client, userdata, msg):
         self.received += 1
+        self.last_arrival = time.monotonic()
         if self.admit is not None and not self.admit(msg.topic, len(msg.payload)):
             return
         self.inbox.put(Incoming(msg.topic, bytes(msg.payload), bool(msg.retain)))
@@ -250,6 +252,8 @@ class MqttLink:
         (measured: a device flooding the coordinator made its final status "connection lost")."""
         if not self.subscriptions or not self.connected.is_set():
             return
+        if time.monotonic() - self.last_arrival >= quiet:
+            return  # nothing is streaming in: closing now is clean
         self.client.unsubscribe(list(self.subscriptions))
         end = time.monotonic() + timeout
         seen, since = self.received, time.monotonic()
