@@ -139,7 +139,7 @@ class Coordinator:
                 self.engine.register(cid, info.get("keep"))
             recorder.truncate_after(done)
             start_round = done + 1
-            if re.fullmatch(RUN_ID[1:-1], str(extra.get("run", ""))):
+            if re.match(RUN_ID, str(extra.get("run", ""))):
                 self.run_id = extra["run"]
             log.info("resuming after round %d (run %s)", done, self.run_id)
             if self.engine.momentum.beta > 0:

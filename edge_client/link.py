@@ -245,7 +245,7 @@ class MqttLink:
     def get(self, timeout: float) -> Incoming | None:
         return self.inbox.get(timeout)
 
-    def _quiesce(self, timeout: float = 5.0, quiet: float = 0.3) -> None:
+    def _quiesce(self, timeout: float = 30.0, quiet: float = 0.3) -> None:
         """Unsubscribe and read what is still on its way (until nothing came for ``quiet``
         seconds, at most ``timeout``). Closing a socket with unread data sends a TCP reset,
         which can discard our DISCONNECT at the broker: it would then publish our last will
@@ -255,12 +255,20 @@ class MqttLink:
         if time.monotonic() - self.last_arrival >= quiet:
             return  # nothing is streaming in: closing now is clean
         self.client.unsubscribe(list(self.subscriptions))
-        end = time.monotonic() + timeout
-        seen, since = self.received, time.monotonic()
-        while time.monotonic() < end and time.monotonic() - since < quiet:
+        start = time.monotonic()
+        first = seen = self.received
+        since = start
+        while time.monotonic() < start + timeout and time.monotonic() - since < quiet:
             time.sleep(0.05)
             if self.received != seen:
                 seen, since = self.received, time.monotonic()
+        log.info(
+            "%s: read %d messages still in flight in %.1f s before disconnecting%s",
+            self.client_id,
+            seen - first,
+            time.monotonic() - start,
+            "" if time.monotonic() - since >= quiet else " (more were coming)",
+        )
 
     def stop(self, final: list[tuple[str, bytes, bool]] | None = None) -> None:
         """Publish ``final`` messages (topic, payload, retain), then disconnect cleanly."""
