@@ -21,6 +21,16 @@ def _mqtt_level(text: str) -> int:
     return levels[text]
 
 
+def _presence_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be seconds in (0, 3600], got {text!r}")
+    return value
+
+
 def _add_data_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir", help="dataset root (default: $CAHFP_DATA_DIR, then ~/.cache/cahfp/data)"
@@ -418,10 +428,14 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     )
     import signal
 
-    signal.signal(signal.SIGTERM, lambda *_: coord.stop.set())
+    for sig in (signal.SIGTERM, signal.SIGINT):  # stop within a second, keep completed rounds
+        signal.signal(sig, lambda *_: coord.stop.set())
     summary = coord.run(registration_timeout=args.registration_timeout)
+    acc = summary["final_accuracy"]
     print(
-        f"final accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds"
+        ("stopped: " if coord.stop.is_set() else "")
+        + (f"final accuracy {acc:.4f}" if acc is not None else "no round evaluated")
+        + f" after {summary['rounds']} rounds"
         + (f"; results in {args.out}" if args.out else "")
     )
     return 0
@@ -533,6 +547,8 @@ def _add_broker(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cahfp.protocol import PRESENCE_EVERY, PRESENCE_MISSES
+
     parser = argparse.ArgumentParser(
         prog="cahfp",
         description="CA-HFP Edge: curvature-aware heterogeneous federated pruning on edge boards",
@@ -638,6 +654,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int)
     p.add_argument("--connect-timeout", type=float, default=60.0)
+    p.add_argument(
+        "--presence-every",
+        type=_presence_seconds,
+        default=PRESENCE_EVERY,
+        metavar="SECONDS",
+        help="refresh this board's presence every SECONDS (default %(default)g); the "
+        f"coordinator counts it as gone after {PRESENCE_MISSES} missed refreshes",
+    )
     p.add_argument("--quiet", action="store_true")
     _add_data_dir(p)
     p.set_defaults(handler=cmd_client)

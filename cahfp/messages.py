@@ -18,7 +18,8 @@ PROTOCOL = 6  # 3: tasks say whether pruned payloads carry BatchNorm statistics 
 #  4: the training recipe gained logit_adjust
 #  5: statistics tasks (purpose), which recompute the global model's BatchNorm statistics
 #  6: tasks and the retained status carry the federation's budget settings (budget); a hello
-#     can say why the device cannot take part (problem)
+#     can say why the device cannot take part (problem); status and model announcements name
+#     their run (run); presence is refreshed (every)
 
 
 class _Message(BaseModel):

@@ -42,6 +42,8 @@ from cahfp.messages import PROTOCOL
 MAGIC = b"CHFP"
 PREFIX = "cahfp"
 DEFAULT_CHUNK = 1 << 20
+PRESENCE_EVERY = 30.0  # seconds between a client's presence refreshes (default)
+PRESENCE_MISSES = 3  # refreshes missed before the coordinator counts a client as gone
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Every MQTT connection sends CLIENT_ID_PREFIX + its name as its client id. The generated broker
 # configuration refuses any other client id before it reads the credentials (``clientid_prefixes``)
@@ -126,9 +128,18 @@ class _Msg(BaseModel):
 
 
 class Presence(_Msg):
+    """Retained. ``online`` is refreshed every ``every`` seconds while connected (a client
+    whose connection ends without its last will, e.g. revoked at a broker reload, stops
+    refreshing and counts as gone after ``PRESENCE_MISSES`` refreshes); ``offline``: stopped."""
+
     kind: Literal["presence"] = "presence"
     client_id: str
     status: Literal["online", "offline"]
+    every: float | None = Field(None, gt=0, le=3600)
+
+    def alive_for(self) -> float | None:
+        """Seconds this message vouches for the client (None: until an ``offline``)."""
+        return None if self.every is None else PRESENCE_MISSES * self.every
 
 
 class Hello(_Msg):
@@ -151,8 +162,12 @@ class Ack(_Msg):
     reason: str = ""
 
 
+RUN_ID = r"^[0-9a-f]{8,64}$"
+
+
 class ModelAnnouncement(_Msg):
     kind: Literal["model"] = "model"
+    run: str | None = Field(None, pattern=RUN_ID)  # the run it belongs to (Status.run)
     round: int
     sha256: str
     bytes: int
@@ -161,9 +176,12 @@ class ModelAnnouncement(_Msg):
 
 class Status(_Msg):
     """Retained: where the federation is, and what a new client needs to estimate its budget
-    before its first task (model, recipe, deadline)."""
+    before its first task (model, recipe, deadline). ``run`` names the coordinator's run (kept
+    across ``--resume``): a retained status of another run (an earlier one under the same
+    federation name) is history, not an instruction."""
 
     kind: Literal["status"] = "status"
+    run: str | None = Field(None, pattern=RUN_ID)
     round: int
     state: Literal["waiting", "running", "finished", "stopped"]
     detail: str = ""

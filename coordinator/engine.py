@@ -28,6 +28,11 @@ from cahfp.wire import decode_state, decode_update, encode_update
 from coordinator.transport import Rejected, Transport
 
 
+class RoundInterrupted(Exception):
+    """The transport was stopped while a round waited for its answers: the round is abandoned
+    (nothing of it is applied or recorded)."""
+
+
 @dataclass
 class ClientRecord:
     """What the coordinator knows about one client."""
@@ -418,6 +423,8 @@ class RoundEngine:
                     self.on_event("client_done", {"round": rnd, "outcome": outcome})
                     if outcome.status != "rejected":  # a final answer; after a rejection the
                         pending.discard(task_of[outcome.client_id])  # genuine one may follow
+            if self.transport.stopped():
+                raise RoundInterrupted(f"round {rnd} abandoned: stopped while collecting")
             if agg.count >= need or not selected or attempt == 1:
                 break
             if all(o.status in ("ok", "declined", "failed") for o in outcomes.values()) and len(

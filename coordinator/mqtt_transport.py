@@ -25,16 +25,34 @@ from cahfp.protocol import (
     parse_json,
 )
 from coordinator.transport import Received, Rejected, Transport
+from coordinator.upload_budget import UploadBudget
 from edge_client.link import MqttLink
 
 log = logging.getLogger("cahfp.coordinator.mqtt")
 
 
+GONE_AFTER = 5.0  # seconds a selected client may stay offline before its task is given up
+
+
 @dataclass
 class Registered:
+    """What the registry knows of one client. Its presence decides whether it is online; its
+    (retained) hello only describes it."""
+
     hello: Hello | None = None
-    online: bool = False
+    online: bool = False  # its last presence said online
+    alive_until: float | None = None  # when that presence lapses (None: until an offline)
+    offline_since: float = 0.0
     last_seen: float = 0.0
+
+    def is_online(self, now: float) -> bool:
+        return self.online and (self.alive_until is None or now < self.alive_until)
+
+    def gone(self, now: float) -> bool:
+        """Offline for good: its presence lapsed, or it said offline over GONE_AFTER s ago."""
+        if self.online:
+            return not self.is_online(now)
+        return now - self.offline_since > GONE_AFTER
 
 
 class MqttTransport(Transport):
@@ -58,6 +76,10 @@ class MqttTransport(Transport):
         self.sent: dict[str, tuple[TaskMessage, object, str]] = {}
         self._inflight = None
         self.connects_seen = 0
+        # a device's update bytes beyond what its tasks of the round justify are dropped in the
+        # network thread, before they are buffered (a flooding device)
+        self.upload_budget = UploadBudget(topics.update(""))
+        link.admit = self.upload_budget.admit
         for topic in (topics.presence(), topics.hello(), topics.update(), topics.update_data()):
             link.subscribe(topic, 1)
 
@@ -65,10 +87,11 @@ class MqttTransport(Transport):
 
     def clients(self) -> list[str]:
         self.poll(0.0)
+        now = time.monotonic()
         return sorted(
             c
             for c, r in self.registry.items()
-            if r.online and r.hello is not None and not r.hello.problem
+            if r.is_online(now) and r.hello is not None and not r.hello.problem
         )
 
     def keep_estimate(self, client_id: str) -> float | None:
@@ -77,7 +100,7 @@ class MqttTransport(Transport):
 
     def wait_for_clients(self, count: int, timeout: float) -> list[str]:
         end = time.monotonic() + timeout
-        while time.monotonic() < end and len(self.clients()) < count:
+        while time.monotonic() < end and len(self.clients()) < count and not self.stopped():
             self.poll(0.2)
         return self.clients()
 
@@ -94,6 +117,7 @@ class MqttTransport(Transport):
             self.topics.task_data(task.client_id), payload, self.chunk_size
         )
         task = task.model_copy(update={"transfer": transfer})
+        self.upload_budget.expect(task.client_id, task.round, len(payload))
         for old in [t for t, (o, _, _) in self.sent.items() if o.round < task.round]:
             del self.sent[old]  # earlier rounds are over: never resent
         self.sent[task.task_id] = (task, rebuild or (lambda: payload), transfer)
@@ -161,7 +185,7 @@ class MqttTransport(Transport):
         try:
             if kind == "presence":
                 if payload:
-                    reg.online = parse_json(Presence, payload).status == "online"
+                    self._presence(reg, parse_json(Presence, payload))
                 return []
             if kind == "hello":
                 if payload:
@@ -170,7 +194,7 @@ class MqttTransport(Transport):
                         raise ProtocolError(f"hello on {client}'s topic names {hello.client_id}")
                     if hello.problem and (reg.hello is None or reg.hello.problem != hello.problem):
                         log.warning("%s cannot take part: %s", client, hello.problem)
-                    reg.hello, reg.online = hello, True
+                    reg.hello = hello  # retained: it says nothing about being online now
                 return []
             if kind == "update" and data:
                 done = self.reassembler.add(payload)
@@ -194,6 +218,24 @@ class MqttTransport(Transport):
             return [Rejected(client, str(exc))]
         return []
 
+    def _presence(self, reg: Registered, presence: Presence) -> None:
+        now = time.monotonic()
+        if presence.status == "online":
+            lasts = presence.alive_for()
+            reg.online, reg.alive_until = True, None if lasts is None else now + lasts
+        elif reg.online or not reg.offline_since:
+            reg.online, reg.offline_since = False, now
+
+    def _give_up_on_gone(self, pending: set[str]) -> None:
+        """Stop waiting for tasks whose client has gone (the engine records them missing)."""
+        now = time.monotonic()
+        for task_id in list(pending):
+            cid = self.sent[task_id][0].client_id if task_id in self.sent else None
+            reg = self.registry.get(cid) if cid else None
+            if reg is not None and reg.gone(now):
+                pending.discard(task_id)
+                log.info("%s has gone offline: not waiting for its answer", cid)
+
     def _match(self, transfer: str) -> list[Received]:
         if transfer in self.controls and transfer in self.payloads:
             return [(self.controls.pop(transfer), self.payloads.pop(transfer))]
@@ -207,10 +249,16 @@ class MqttTransport(Transport):
 
     def collect(self, pending: set[str], deadline: float) -> Iterator[Received]:
         self.connects_seen = self.link.connects
-        while pending and time.monotonic() < deadline:
+        checked = 0.0
+        while pending and time.monotonic() < deadline and not self.stopped():
             if self.link.connects != self.connects_seen:  # reconnected meanwhile
                 self.connects_seen = self.link.connects
                 self._resend_unanswered(set(pending))
+            if time.monotonic() - checked > 1.0:
+                checked = time.monotonic()
+                self._give_up_on_gone(pending)
+                if not pending:
+                    break
             # one message at a time: the backlog stays in the link's (memory-bounded) inbox
             # instead of being reassembled all at once
             msg = self.link.get(min(0.5, max(deadline - time.monotonic(), 0.0)))
@@ -225,6 +273,9 @@ class MqttTransport(Transport):
             "inbox_peak_on_disk_mb": round(inbox.peak_on_disk / 2**20, 3),
             "inbox_spooled_mb": round(inbox.spooled_total / 2**20, 3),
         }
+        dropped = self.upload_budget.take_dropped()
+        if dropped:  # devices that sent more than their upload budget: MB dropped
+            out["over_budget_mb"] = {c: round(n / 2**20, 3) for c, n in sorted(dropped.items())}
         inbox.reset_peaks()
         return out
 

@@ -3,19 +3,22 @@ model announcements, checkpoints after every round and ``--resume``."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import re
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from cahfp.config import Config
 from cahfp.errors import CAHFPError
 from cahfp.messages import ModelSpec
-from cahfp.protocol import ModelAnnouncement, Status, Topics
+from cahfp.protocol import RUN_ID, ModelAnnouncement, Status, Topics
 from cahfp.training import evaluate
 from cahfp.wire import encode_state
-from coordinator.engine import RoundEngine, RoundRecord
+from coordinator.engine import RoundEngine, RoundInterrupted, RoundRecord
 from coordinator.mqtt_transport import MqttTransport
 from coordinator.records import (
     NoCheckpoint,
@@ -61,7 +64,6 @@ class Coordinator:
         self.resume = resume
         user, password = read_credentials(credentials)
         cert_file, key_file = client_certificate(cert_file, key_file)
-        stopped = Status(round=0, state="stopped", detail="coordinator connection lost")
         self.link = MqttLink(
             broker_url,
             f"coordinator-{cfg.federation.name}",
@@ -71,13 +73,15 @@ class Coordinator:
             cert_file=cert_file,
             key_file=key_file,
             protocol=protocol,
-            will=(self.topics.status, stopped.model_dump_json().encode(), 1, True),
             inbox_memory=inbox_memory,
             # the backlog beyond the memory budget waits on disk: by default next to the run
             # (the system temp directory may be RAM-backed tmpfs)
             spool_dir=spool_dir or (str(self.out_dir) if self.out_dir else None),
         )
         self.transport = MqttTransport(self.link, self.topics)
+        # set by SIGTERM / SIGINT: the waiting ends within a second, the round in progress is
+        # abandoned, the completed ones stay checkpointed
+        self.stop = self.transport.stop = threading.Event()
         test = evaluation_data(cfg)  # the same set the simulation evaluates on
         self.spec = ModelSpec(
             name=cfg.model.name,
@@ -89,13 +93,16 @@ class Coordinator:
         self.engine = RoundEngine(
             cfg, self.spec, self.transport, lambda m: evaluate(m, test), {}, on_event=on_event
         )
-        self.stop = threading.Event()
         self.records: list[RoundRecord] = []
+        # names this run in every retained status and model announcement, so that clients tell
+        # it from an earlier run under the same federation name; kept across --resume
+        self.run_id = uuid.uuid4().hex
 
-    def _status(self, rnd: int, state: str, detail: str = "") -> None:
+    def _status(self, rnd: int, state: str, detail: str = ""):
         s = Status(
             round=rnd,
             state=state,
+            run=self.run_id,
             detail=detail,
             model=self.spec.model_dump(),
             recipe=self.cfg.train.model_dump(),
@@ -103,11 +110,12 @@ class Coordinator:
             budget=self.cfg.clients.settings().model_dump(),
             score_samples=self.cfg.pruning.score_batches * self.cfg.train.batch_size,
         )
-        self.link.publish(self.topics.status, s.model_dump_json(), qos=1, retain=True)
+        return self.link.publish(self.topics.status, s.model_dump_json(), qos=1, retain=True)
 
     def _announce_model(self, rec: RoundRecord) -> None:
         data = encode_state(self.engine.state)
         ann = ModelAnnouncement(
+            run=self.run_id,
             round=rec.round,
             sha256=hashlib.sha256(data).hexdigest(),
             bytes=len(data),
@@ -118,7 +126,12 @@ class Coordinator:
     def _registry(self) -> dict:
         return {c: {"index": r.index, "keep": r.keep} for c, r in self.engine.clients.items()}
 
-    def run(self, connect_timeout: float = 30.0, registration_timeout: float | None = None) -> dict:
+    def run(
+        self,
+        connect_timeout: float = 30.0,
+        registration_timeout: float | None = None,
+        final_timeout: float = 30.0,
+    ) -> dict:
         start_time = time.perf_counter()
         start_round = 1
         recorder = None
@@ -144,7 +157,9 @@ class Coordinator:
                 self.engine.register(cid, info.get("keep"), restored=True)
             recorder.truncate_after(done)
             start_round = done + 1
-            log.info("resuming after round %d", done)
+            if re.match(RUN_ID, str(extra.get("run", ""))):
+                self.run_id = extra["run"]
+            log.info("resuming after round %d (run %s)", done, self.run_id)
             if self.engine.momentum.beta > 0:
                 restored = len(self.engine.momentum.buffer)
                 log.info(
@@ -153,6 +168,15 @@ class Coordinator:
                     if restored
                     else "no buffer in the checkpoint, it starts from zero",
                 )
+        # the last will: the run and the round it resumes from (a fixed "round 0" read after a
+        # resume as if the run had restarted)
+        lost = Status(
+            round=start_round - 1,
+            state="stopped",
+            run=self.run_id,
+            detail="coordinator connection lost",
+        )
+        self.link.set_will(self.topics.status, lost.model_dump_json().encode(), 1, True)
         self.link.start(connect_timeout)
         try:
             self._status(start_round - 1, "waiting", "waiting for clients")
@@ -163,7 +187,7 @@ class Coordinator:
             )
             online = self.transport.wait_for_clients(self.cfg.federation.clients, wait)
             log.info("%d clients online: %s", len(online), ", ".join(online))
-            if start_round == 1:
+            if start_round == 1 and not self.stop.is_set():
                 initial = self.engine.initial_record()
                 self.engine.on_event("initial", {"record": initial})
                 self.records.append(initial)
@@ -173,18 +197,31 @@ class Coordinator:
                 if self.stop.is_set():
                     break
                 self._status(rnd, "running")
-                rec = self.engine.run_round(rnd)
+                try:
+                    rec = self.engine.run_round(rnd)
+                except RoundInterrupted as exc:
+                    log.info("%s", exc)
+                    break
                 self.records.append(rec)
                 if recorder:
                     recorder.round(
                         rec,
                         self.engine.state,
-                        extra={"clients": self._registry()},
+                        extra={"clients": self._registry(), "run": self.run_id},
                         server=self.engine.momentum.state(),
                     )
                 self._announce_model(rec)
-            final = "stopped" if self.stop.is_set() else "finished"
-            self._status(self.engine.round, final)
+            if self.stop.is_set():
+                log.info("stopped after round %d (completed rounds are kept)", self.engine.round)
+                last = self._status(self.engine.round, "stopped", "stopped by the operator")
+            else:
+                last = self._status(self.engine.round, "finished")
+            # the final status replaces the last will's "connection lost": make sure it left
+            # (after a reconnect if the connection dropped meanwhile) before disconnecting
+            with contextlib.suppress(RuntimeError, ValueError):
+                last.wait_for_publish(timeout=final_timeout)
+            if not last.is_published():
+                log.warning("the final status was not confirmed by the broker")
         finally:
             self.transport.close()
         wall = time.perf_counter() - start_time

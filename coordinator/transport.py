@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,12 @@ Received = tuple[UpdateMessage, bytes | None] | Rejected
 class Transport(ABC):
     """Delivers tasks (control message + payload bytes) and yields the answers."""
 
+    #: once set (an operator's stop), ``collect`` and any waiting end within about a second
+    stop: threading.Event | None = None
+
+    def stopped(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
     @abstractmethod
     def clients(self) -> list[str]:
         """Ids of the clients available for selection now."""
@@ -44,11 +51,11 @@ class Transport(ABC):
     @abstractmethod
     def collect(self, pending: set[str], deadline: float) -> Iterator[Received]:
         """Yield answers to the tasks in ``pending`` (task ids) as they arrive, until
-        ``pending`` is empty or ``time.monotonic()`` passes ``deadline``. The engine removes a
-        task from ``pending`` (the same set object) once it has accepted a final answer to it, so
-        a rejected (possibly forged) answer does not end the wait for the genuine one. May also
-        yield messages that do not belong to ``pending`` (late, duplicated or forged): the
-        engine checks them."""
+        ``pending`` is empty, ``time.monotonic()`` passes ``deadline`` or ``stop`` is set. The
+        engine removes a task from ``pending`` (the same set object) once it has accepted a final
+        answer to it, so a rejected (possibly forged) answer does not end the wait for the genuine
+        one. May also yield messages that do not belong to ``pending`` (late, duplicated or
+        forged): the engine checks them."""
 
     def stats(self) -> dict:
         """Counters worth recording with each round (e.g. inbound backlog), measured since the

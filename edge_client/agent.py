@@ -2,12 +2,18 @@
 the transport-agnostic client task, uploads the update and keeps going across broker and
 coordinator restarts.
 
-* presence: retained ``online``, last will ``offline``; hello (retained) with the device profile
+* presence: retained ``online``, refreshed every ``presence_every`` seconds (by its own thread,
+  also while a task trains; the retained copy expires after ``PRESENCE_MISSES`` refreshes), last
+  will ``offline``; hello (retained) with the device profile
   and, once the coordinator's retained status says which model the federation trains, the keep
   this device can afford;
 * a task runs when both its control message and its payload have arrived (in any order);
   tasks already answered are answered again from memory (the coordinator resends after a
   reconnect), tasks for rounds the coordinator has moved past are skipped;
+* the coordinator's run: the agent follows the run whose ``waiting`` / ``running`` status it
+  sees (a new run replaces the old one); a ``finished`` or ``stopped`` status of another run
+  (the retained end of an earlier run under the same federation name) is ignored, so
+  ``--until-finished`` ends only with the run it took part in;
 * an update is resent until the coordinator acknowledges it (after a reconnect, or when no
   acknowledgement arrives within ``resend_after`` seconds);
 * on stop (SIGTERM) a running task is abandoned at its next training step and reported as
@@ -31,6 +37,7 @@ from pathlib import Path
 from cahfp.errors import CAHFPError
 from cahfp.messages import BudgetSettings, ModelSpec, TaskMessage, UpdateMessage
 from cahfp.protocol import (
+    PRESENCE_EVERY,
     Ack,
     Hello,
     Presence,
@@ -83,6 +90,7 @@ class Agent:
         max_task_bytes: int = 256 << 20,
         calibrate_budget=None,
         until_finished: bool = False,
+        presence_every: float = PRESENCE_EVERY,
     ):
         self.link, self.topics, self.state = link, topics, state
         self.me = state.client_id
@@ -96,6 +104,8 @@ class Agent:
         self.payloads: OrderedDict[str, bytes] = OrderedDict()  # transfer -> payload
         self.answers: OrderedDict[str, _Answer] = OrderedDict()  # task id -> answer
         self.coordinator_round = -1
+        self.run_id: str | None = None  # the coordinator run this agent follows
+        self.presence_every = presence_every
         self.keep_estimate: float | None = None
         self.problem = ""  # why this device cannot take part (then the agent stops)
         # a device that measures itself says hello once it has measured (or failed to), so the
@@ -124,9 +134,24 @@ class Agent:
             problem=self.problem,
         )
 
+    def presence(self) -> None:
+        """Publish that this client is online (retained; expires unless refreshed)."""
+        p = Presence(client_id=self.me, status="online", every=self.presence_every)
+        self.link.publish(
+            self.topics.presence(self.me),
+            p.model_dump_json(),
+            qos=1,
+            retain=True,
+            expiry=p.alive_for(),
+        )
+
+    def _refresh_presence(self) -> None:
+        while not self.stop.wait(self.presence_every):
+            if self.link.connected.is_set():  # on reconnect the main loop announces anyway
+                self.presence()
+
     def announce(self) -> None:
-        online = Presence(client_id=self.me, status="online").model_dump_json()
-        self.link.publish(self.topics.presence(self.me), online, qos=1, retain=True)
+        self.presence()
         if self.ready or self.problem:
             self.link.publish(
                 self.topics.hello(self.me), self.hello().model_dump_json(), qos=1, retain=True
@@ -143,6 +168,7 @@ class Agent:
             if msg is not None:
                 self._handle(msg.topic, msg.payload)
         self.announce()
+        threading.Thread(target=self._refresh_presence, name="presence", daemon=True).start()
         log.info(
             "%s %s (%d local samples)",
             self.me,
@@ -210,6 +236,18 @@ class Agent:
             log.warning("%s: ignored message on %s: %s", self.me, topic, exc)
 
     def _status(self, status: Status) -> None:
+        if status.state in ("waiting", "running"):
+            if status.run != self.run_id:
+                log.info("%s: following the coordinator's run %s", self.me, status.run)
+                self.run_id = status.run
+        elif self.run_id is None or status.run != self.run_id:
+            log.info(
+                "%s: ignoring the %s status of run %s (not the run this client follows)",
+                self.me,
+                status.state,
+                status.run,
+            )
+            return
         self.coordinator_round = status.round
         if status.state == "finished" and self.until_finished:
             log.info("%s: the federation has finished", self.me)

@@ -194,7 +194,7 @@ class MqttLink:
                 "(certificates need TLS)"
             )
         if will:
-            self.client.will_set(*will)
+            self.set_will(*will)
         self.client.reconnect_delay_set(min_delay=1, max_delay=16)
         self.client.max_inflight_messages_set(32)
         self.client.max_queued_messages_set(0)
@@ -207,6 +207,11 @@ class MqttLink:
         self.max_packet: int | None = None  # announced by an MQTT 5 broker
         self.connects = 0
         self.stopping = False
+        # admit(topic, size) -> bool, called in paho's thread before a message is buffered:
+        # False drops it there (the coordinator's per-device byte budget)
+        self.admit = None
+        self.received = 0  # messages that arrived (admitted or not)
+        self.last_arrival = 0.0  # time.monotonic() of the latest
         self.client.on_connect = self._on_connect
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
@@ -258,6 +263,10 @@ class MqttLink:
             self._tls_failed(buf)  # TLS 1.3: the broker's alert arrives with the first read
 
     def _on_message(self, client, userdata, msg):
+        self.received += 1
+        self.last_arrival = time.monotonic()
+        if self.admit is not None and not self.admit(msg.topic, len(msg.payload)):
+            return
         self.inbox.put(Incoming(msg.topic, bytes(msg.payload), bool(msg.retain)))
 
     # ------------------------------------------------------------------ API
@@ -294,6 +303,11 @@ class MqttLink:
                 f"{self.address.port} within {timeout:.0f} s"
             )
 
+    def set_will(self, topic: str, payload: bytes, qos: int = 1, retain: bool = True) -> None:
+        """The message the broker publishes if this connection ends uncleanly (takes effect at
+        the next connect)."""
+        self.client.will_set(topic, payload, qos, retain)
+
     def wait_connected(self, timeout: float) -> bool:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -311,10 +325,21 @@ class MqttLink:
             self.client.subscribe(topic, qos)
 
     def publish(
-        self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False
+        self,
+        topic: str,
+        payload: bytes | str,
+        qos: int = 1,
+        retain: bool = False,
+        expiry: float | None = None,
     ) -> mqtt.MQTTMessageInfo:
-        """Publish; while disconnected, QoS 1 messages are queued and sent on reconnect."""
-        return self.client.publish(topic, payload, qos=qos, retain=retain)
+        """Publish; while disconnected, QoS 1 messages are queued and sent on reconnect.
+        ``expiry``: seconds after which the broker drops the message, retained copy included
+        (MQTT 5 only; ignored with 3.1.1)."""
+        props = None
+        if expiry is not None and self.protocol == mqtt.MQTTv5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = max(1, round(expiry))
+        return self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
     def chunk_size(self, wanted: int = DEFAULT_CHUNK) -> int:
         if self.max_packet:
@@ -335,6 +360,31 @@ class MqttLink:
             raise CertificateRefused(self.refused)
         return self.inbox.get(timeout)
 
+    def _quiesce(self, timeout: float = 30.0, quiet: float = 0.3) -> None:
+        """Unsubscribe and read what is still on its way (until nothing came for ``quiet``
+        seconds, at most ``timeout``). Closing a socket with unread data sends a TCP reset,
+        which can discard our DISCONNECT at the broker: it would then publish our last will
+        (measured: a device flooding the coordinator made its final status "connection lost")."""
+        if not self.subscriptions or not self.connected.is_set():
+            return
+        if time.monotonic() - self.last_arrival >= quiet:
+            return  # nothing is streaming in: closing now is clean
+        self.client.unsubscribe(list(self.subscriptions))
+        start = time.monotonic()
+        first = seen = self.received
+        since = start
+        while time.monotonic() < start + timeout and time.monotonic() - since < quiet:
+            time.sleep(0.05)
+            if self.received != seen:
+                seen, since = self.received, time.monotonic()
+        log.info(
+            "%s: read %d messages still in flight in %.1f s before disconnecting%s",
+            self.client_id,
+            seen - first,
+            time.monotonic() - start,
+            "" if time.monotonic() - since >= quiet else " (more were coming)",
+        )
+
     def stop(self, final: list[tuple[str, bytes, bool]] | None = None) -> None:
         """Publish ``final`` messages (topic, payload, retain), then disconnect cleanly."""
         self.stopping = True
@@ -342,6 +392,7 @@ class MqttLink:
         for info in infos:
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=3)
+        self._quiesce()
         try:
             self.client.disconnect()
         finally:

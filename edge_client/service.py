@@ -110,6 +110,7 @@ def run_client(args: argparse.Namespace) -> int:
         export_dir=args.export_dir,
         calibrate_budget=calibrate_budget,
         until_finished=args.until_finished,
+        presence_every=args.presence_every,
     )
 
     def on_signal(signum, _frame):
