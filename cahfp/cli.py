@@ -547,8 +547,8 @@ def _add_broker(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cahfp.protocol import PRESENCE_EVERY, PRESENCE_MISSES
-
+    # nothing heavier than argparse here: `cahfp infer` on an inference-only board has only
+    # onnxruntime, numpy and Pillow (no torch, no pydantic)
     parser = argparse.ArgumentParser(
         prog="cahfp",
         description="CA-HFP Edge: curvature-aware heterogeneous federated pruning on edge boards",
@@ -657,10 +657,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--presence-every",
         type=_presence_seconds,
-        default=PRESENCE_EVERY,
         metavar="SECONDS",
-        help="refresh this board's presence every SECONDS (default %(default)g); the "
-        f"coordinator counts it as gone after {PRESENCE_MISSES} missed refreshes",
+        help="refresh this board's presence every SECONDS (default: the protocol's, "
+        "cahfp.protocol.PRESENCE_EVERY, 30); the coordinator counts it as gone after "
+        "PRESENCE_MISSES (3) missed refreshes",
     )
     p.add_argument("--quiet", action="store_true")
     _add_data_dir(p)

@@ -12,7 +12,7 @@ import torch
 from cahfp.data import load_dataset, partition, training_pool
 from cahfp.errors import CAHFPError
 from cahfp.messages import ModelSpec
-from cahfp.protocol import Topics, check_name
+from cahfp.protocol import PRESENCE_EVERY, Topics, check_name
 from cahfp.training import Recipe
 from edge_client.agent import Agent
 from edge_client.budget import device_budget
@@ -110,7 +110,7 @@ def run_client(args: argparse.Namespace) -> int:
         export_dir=args.export_dir,
         calibrate_budget=calibrate_budget,
         until_finished=args.until_finished,
-        presence_every=args.presence_every,
+        presence_every=args.presence_every or PRESENCE_EVERY,
     )
 
     def on_signal(signum, _frame):

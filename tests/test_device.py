@@ -305,7 +305,7 @@ class _Link:
     def subscribe(self, topic, qos=1):
         pass
 
-    def publish(self, topic, payload, qos=1, retain=False):
+    def publish(self, topic, payload, qos=1, retain=False, **_options):
         self.published.append((topic, payload if isinstance(payload, bytes) else payload.encode()))
 
 
