@@ -8,15 +8,17 @@ coordinator started with the exact `ExecStart` line of its unit (environment fil
 on an empty run directory and the unmodified `examples/fmnist-vgg11.toml` (rounds, data and
 deadline shrunk by `--set`, and the operator's own model: `model.name = "op_net:build"`, a
 module the test writes, with a depthwise convolution, on `PYTHONPATH` in every environment
-file), three boards provisioned with `provision-board.sh` and started with
-their unit's `ExecStart` line, each emulating another board (`CAHFP_PROFILE` in its
-environment file: it measures this host and scales the measurement to the board's speed, memory
-and uplink), their own images as `imagefolder:`. Mid-run the coordinator is killed with SIGKILL
-and started again with the same line.
+file), three boards provisioned with `provision-board.sh` and started with their unit's
+`ExecStart` line, each emulating another board (`CAHFP_PROFILE` in its environment file: it
+measures this host and scales the measurement to the board's speed, memory and uplink), their
+own images as `imagefolder:`. The boards are the Raspberry Pi 4 and 5 and Jetson Orin Nano
+profiles with the Pis' speed divided by 15 and 3.5: three boards training at once on this
+2-core machine run slower than a real Pi 4, and an emulation can only slow a board down.
+Mid-run the coordinator is killed with SIGKILL and started again with the same line.
 
-CPU quotas (the testbed's cgroups) are not used here: an emulated board already predicts its
-own board's times, and a Raspberry Pi 4's quota (0.12 of this machine) would make the real
-rounds miss any deadline short enough for a test.
+CPU quotas (the testbed's cgroups) are not used here, for the same reason: a Raspberry Pi 4's
+quota (0.12 of this machine) would make the real rounds miss any deadline short enough for a
+test.
 """
 
 from __future__ import annotations
@@ -41,12 +43,18 @@ from tests.mqtt_helpers import run_cli as cahfp
 pytestmark = pytest.mark.slow
 
 FED = "fmnist-vgg11"  # the example config's federation.name
-BOARDS = {"pi-01": "raspberry-pi-4", "pi-02": "raspberry-pi-5", "jetson-01": "jetson-orin-nano"}
-# Images per board and the round deadline: an emulated Pi 4 needs about 5 s of (emulated) time to
-# train on them dense, a Pi 5 about 2 s, so against 68 % of an 8 s deadline (the first round's
-# margin) the Pi 4 must prune and the others need not; the real rounds stay well inside 8 s.
-IMAGES = 1200
-DEADLINE = 8
+# board -> (profile, its relative_speed here)
+BOARDS = {
+    "pi-01": ("raspberry-pi-4", 0.004),
+    "pi-02": ("raspberry-pi-5", 0.04),
+    "jetson-01": ("jetson-orin-nano", 1.5),
+}
+# Images per board and the round deadline: with the model below (55 MFLOPs of training per
+# image) the slowed Pi 4 needs about 38 s of its own time for a round that trains dense and
+# scores (4 batches of 32), the Pi 5 about 4 s; against 68 % of a 45 s deadline (the first
+# round's margin) the Pi 4 must prune and the others need not. The real rounds take seconds.
+IMAGES = 300
+DEADLINE = 45
 
 
 OWN_MODEL = """
@@ -105,6 +113,20 @@ def start(cmd: list[str], env: dict[str, str], log: Path, cwd: Path):
     return subprocess.Popen(
         cmd, env=full_env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
     )
+
+
+def board_profile(name: str, speed: float, folder: Path) -> Path:
+    """A copy of a board profile with another training speed (``relative_speed``)."""
+    lines = (REPO / "device_profiles" / f"{name}.toml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("name ="):
+            lines[i] = f'name = "{name}-slowed"'
+        if line.startswith("relative_speed ="):  # the figure; its source comes later
+            lines[i] = f"relative_speed = {speed}"
+            break
+    path = folder / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def write_images(fmnist, indices, folder: Path) -> None:
@@ -169,7 +191,7 @@ def test_operator_path_end_to_end(fmnist_root, fmnist_train, tmp_path):
             with open(root / "etc" / "cahfp" / "client.env", "a") as f:
                 f.write(f"PYTHONPATH={models}\n")  # the operator's own model (docs/deploy.md)
                 if name in BOARDS:  # to emulate a board (here: three on one machine)
-                    f.write(f"CAHFP_PROFILE={BOARDS[name]}\n")
+                    f.write(f"CAHFP_PROFILE={board_profile(*BOARDS[name], root)}\n")
             env = read_env(root / "etc" / "cahfp" / "client.env")
             for key, file in (("CAHFP_CA", "ca.crt"), ("CAHFP_CERT", "client.crt")):
                 env[key] = str(root / "etc" / "cahfp" / file)
