@@ -159,6 +159,11 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
+def logs(folder: Path) -> str:
+    """The tail of every process log in ``folder``, for assertion messages."""
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(folder.glob("*.log")))
+
+
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -23,18 +23,13 @@ from tests.mqtt_helpers import (
     coordinator,
     finish,
     kill_all,
+    logs,
     metrics,
     wait_for,
     write_config,
 )
 
 pytestmark = pytest.mark.slow
-
-
-def logs(tmp_path) -> str:
-    return "\n".join(
-        f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(tmp_path.glob("*.log"))
-    )
 
 
 def start_federation(broker, tmp_path, fmnist_root, name, rounds, n=3, coord_args=(), **cfg):
