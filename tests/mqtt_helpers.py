@@ -159,6 +159,23 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
+def start_generated_broker(d: Path, port: int) -> subprocess.Popen:
+    """mosquitto running the configuration `cahfp deploy init` wrote into ``d``, once it
+    listens on ``port``; its log goes to ``d/mosquitto.log``."""
+    from coordinator.broker import wait_port
+
+    log = d / "mosquitto.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            ["mosquitto", "-c", str(d / "mosquitto.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
+    assert wait_port(port), log.read_text() if proc.poll() is not None else "no listener"
+    return proc
+
+
 def logs(folder: Path) -> str:
     """The tail of every process log in ``folder``, for assertion messages."""
     return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(folder.glob("*.log")))

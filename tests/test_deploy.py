@@ -17,11 +17,20 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from cahfp.protocol import CLIENT_ID_PREFIX, Topics
-from coordinator.broker import free_port, wait_port
+from coordinator.broker import free_port
 from deploy import broker_config as bc
 from edge_client.link import LinkError, MqttLink, read_credentials
 from tests.conftest import missing
-from tests.mqtt_helpers import REPO, SEED, cli, finish, kill_all, metrics, write_config
+from tests.mqtt_helpers import (
+    REPO,
+    SEED,
+    cli,
+    finish,
+    kill_all,
+    metrics,
+    start_generated_broker,
+    write_config,
+)
 
 FED = "sec"
 
@@ -41,13 +50,7 @@ def secured():
         port=port,
         bind="127.0.0.1",
     )
-    proc = subprocess.Popen(
-        ["mosquitto", "-c", str(d / "mosquitto.conf")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    assert wait_port(port), proc.stderr.read() if proc.poll() is not None else "no listener"
+    proc = start_generated_broker(d, port)
     yield d, f"mqtts://localhost:{port}"
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(5)

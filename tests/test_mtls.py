@@ -19,12 +19,21 @@ import pytest
 from cryptography import x509
 
 from cahfp.protocol import Topics
-from coordinator.broker import free_port, wait_port
+from coordinator.broker import free_port
 from deploy import broker_config as bc
 from deploy import pki
 from edge_client.link import CertificateRefused, MqttLink, read_credentials
 from tests.conftest import missing
-from tests.mqtt_helpers import REPO, cli, finish, kill_all, metrics, run_cli, write_config
+from tests.mqtt_helpers import (
+    REPO,
+    cli,
+    finish,
+    kill_all,
+    metrics,
+    run_cli,
+    start_generated_broker,
+    write_config,
+)
 
 FED = "mt"
 DEVICES = ["dev-a", "dev-b", "dev-r", "dev-s"]
@@ -55,13 +64,7 @@ def mtls():
         "--client-certs",
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
-    proc = subprocess.Popen(
-        ["mosquitto", "-c", str(d / "mosquitto.conf")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    assert wait_port(port), proc.stderr.read() if proc.poll() is not None else "no listener"
+    proc = start_generated_broker(d, port)
     yield d, f"mqtts://localhost:{port}", proc
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(5)

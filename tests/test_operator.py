@@ -35,8 +35,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from coordinator.broker import free_port
 from tests.conftest import missing
-from tests.mqtt_helpers import REPO, finish, kill_all, metrics, wait_for
+from tests.mqtt_helpers import REPO, finish, kill_all, metrics, start_generated_broker, wait_for
 from tests.mqtt_helpers import run_cli as cahfp
 
 pytestmark = pytest.mark.slow
@@ -71,14 +72,6 @@ def build(num_classes, in_channels, width):
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * c, num_classes),
     )
 """
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_env(path: Path) -> dict[str, str]:
@@ -145,12 +138,7 @@ def test_operator_path_end_to_end(fmnist_root, fmnist_train, tmp_path):
         for name in [*BOARDS, "stolen-01"]:
             r = cahfp("deploy", "add-device", "--dir", str(deploy), name)
             assert r.returncode == 0 and "added" in r.stdout, r.stderr
-        broker = subprocess.Popen(
-            ["mosquitto", "-c", str(deploy / "mosquitto.conf")],
-            stdout=subprocess.DEVNULL,
-            stderr=open(tmp_path / "mosquitto.log", "wb"),  # noqa: SIM115
-            start_new_session=True,
-        )
+        broker = start_generated_broker(deploy, port)
         procs.append(broker)
 
         # -- each board: provisioned from its bundle into its own root, its own images
