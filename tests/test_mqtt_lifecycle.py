@@ -161,7 +161,11 @@ def test_a_new_run_under_the_same_name_ignores_the_old_runs_status(broker, fmnis
         newcomer = small_client(broker.url, name, "c2", fmnist_root, tmp_path)
         procs.append(newcomer)
         time.sleep(8)  # it has read the interrupted run's retained 'stopped'
-        coord3 = coordinator(broker.url, config2, run, tmp_path / "coordinator3.log", "--resume")
+        # it waits for both (else round 4 may start before the newcomer's hello arrives)
+        coord3 = coordinator(
+            broker.url, config2, run, tmp_path / "coordinator3.log", "--resume",
+            "--set", "federation.clients=2",
+        )  # fmt: skip
         procs.append(coord3)
         codes = finish([coord3, late, newcomer], timeout=300)
     finally:
