@@ -644,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile",
         default=os.environ.get("CAHFP_PROFILE", "auto"),
         help="auto (measure this device; the default, or $CAHFP_PROFILE), none (do not measure: "
-        "train what the coordinator assigns) or a device profile name to emulate on this host",
+        "train what the coordinator assigns) or a device profile name to emulate on this host "
+        "(on one core unless --threads says otherwise)",
     )
     p.add_argument("--export-dir", help="write the trained submodel as model.onnx here")
     p.add_argument(
@@ -652,7 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit when the coordinator announces that the federation has finished",
     )
-    p.add_argument("--threads", type=int)
+    p.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: torch's choice; 1 when emulating)"
+    )
     p.add_argument("--connect-timeout", type=float, default=60.0)
     p.add_argument(
         "--presence-every",

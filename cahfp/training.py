@@ -66,10 +66,12 @@ def train(
     recipe: Recipe,
     seed: int = 0,
     should_stop: Callable[[], bool] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> TrainResult:
     """Run local SGD on ``model`` in place. Batches are drawn by a generator seeded with
     ``seed``; the data is reshuffled every epoch and the last partial batch is kept.
-    ``should_stop`` is checked before every step (raises ``TrainingCancelled``)."""
+    ``should_stop`` is checked before every step (raises ``TrainingCancelled``); the result's
+    seconds are ``clock``'s."""
     if len(data) == 0:
         raise ValueError("cannot train on an empty dataset")
     gen = torch.Generator().manual_seed(seed)
@@ -81,7 +83,7 @@ def train(
     model.train()
     steps = samples = 0
     loss_sum = 0.0
-    start = time.perf_counter()
+    start = clock()
     while steps < total_steps:
         for x, y in data.batches(recipe.batch_size, shuffle=True, generator=gen):
             if len(y) < 2 and _has_batchnorm(model):
@@ -102,7 +104,7 @@ def train(
             loss_sum += loss.item() * len(y)
             if steps >= total_steps:
                 break
-    return TrainResult(steps, samples, loss_sum / max(samples, 1), time.perf_counter() - start)
+    return TrainResult(steps, samples, loss_sum / max(samples, 1), clock() - start)
 
 
 def label_shift(data: ImageData, tau: float) -> torch.Tensor | None:

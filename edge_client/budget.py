@@ -30,6 +30,8 @@ the simulation's emulated clients and ``cahfp profile`` alike.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cahfp.errors import BudgetInfeasible
@@ -49,6 +51,8 @@ class Calibration:
     param_bytes: int  # dense parameters (float32)
     state_bytes: int = 0  # dense state dict incl. buffers (what an update carries)
     flops_per_sample: float = 0.0  # dense training FLOPs per sample (0: not measured)
+    # the two step times again in this process's CPU seconds (dense, small); () not measured
+    cpu_seconds: tuple[float, ...] = ()
 
     @property
     def flops_per_second(self) -> float:
@@ -66,6 +70,15 @@ class Calibration:
             seconds_per_sample=self.seconds_per_sample * factor,
             seconds_per_sample_small=self.seconds_per_sample_small * factor,
         )
+
+    def on_cpu_clock(self) -> Calibration:
+        """The same measurement in CPU seconds (unchanged when those were not measured)."""
+        from dataclasses import replace
+
+        if len(self.cpu_seconds) != 2 or min(self.cpu_seconds) <= 0:
+            return self
+        dense, small = self.cpu_seconds
+        return replace(self, seconds_per_sample=dense, seconds_per_sample_small=small)
 
     def per_sample(self, keep: float) -> tuple[float, float]:
         """(t0, t1) with seconds per sample = t0 + t1 * keep, through the two measurements."""
@@ -193,14 +206,17 @@ class BudgetModel:
 @dataclass
 class DeviceBudget:
     """What one device can afford: its budget model (its calibration, in the device's own
-    seconds), memory and uplink. ``time_scale`` turns seconds measured on this host into the
-    device's seconds: 1 on a real board, more for a slower board emulated here."""
+    seconds), memory and uplink. ``clock`` is what the device times its work with and
+    ``time_scale`` turns those seconds into the device's own: wall-clock and 1 on a real board;
+    for a board emulated here, this process's CPU time and the ratio of this host's throughput
+    to the board's."""
 
     model: BudgetModel
     memory_bytes: int
     uplink_bytes_per_s: float | None = None
     time_scale: float = 1.0
     profile: str | None = None  # the emulated board's profile name
+    clock: Callable[[], float] = time.perf_counter
 
     def constraints(
         self,
@@ -229,14 +245,22 @@ def device_budget(measured: Calibration, usable_memory: int, profile=None) -> De
     """The one way a device's budget is set up. ``profile`` None: this device as measured, with
     its usable memory. A ``device_profiles.DeviceProfile``: the board it describes, emulated on
     this host (the measurement scaled to the board's training throughput, whatever this host's
-    speed is today; the board's memory and uplink)."""
+    speed is today; the board's memory and uplink).
+
+    An emulated board keeps time in this process's CPU seconds, measured and scaled alike: boards
+    emulated side by side on one host share its cores, and wall-clock time would charge each
+    board for the others' work (three boards on two cores: rounds several times slower than
+    the boards they emulate)."""
     if profile is None:
         return DeviceBudget(BudgetModel(measured), usable_memory)
-    scale = profile.time_scale(measured.flops_per_second)
+    on_cpu = measured.on_cpu_clock()
+    clock = time.process_time if on_cpu is not measured else time.perf_counter
+    scale = profile.time_scale(on_cpu.flops_per_second)
     return DeviceBudget(
-        BudgetModel(measured.scaled(scale)),
+        BudgetModel(on_cpu.scaled(scale)),
         profile.memory_bytes,
         profile.uplink_bytes_per_s,
         scale,
         profile.name,
+        clock,
     )

@@ -49,8 +49,11 @@ def _key(spec: ModelSpec, batch: int) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def _time_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seconds: float) -> float:
-    """Seconds per sample of SGD steps (after one warm-up step)."""
+def _time_steps(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, seconds: float
+) -> tuple[float, float]:
+    """Seconds per sample of SGD steps (after one warm-up step): wall-clock and this process's
+    CPU time (the clock an emulated board keeps, see ``edge_client.budget.device_budget``)."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     model.train()
 
@@ -60,11 +63,12 @@ def _time_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seconds: flo
         opt.step()
 
     step()
-    steps, start = 0, time.perf_counter()
+    steps, start, cpu = 0, time.perf_counter(), time.process_time()
     while steps < 2 or time.perf_counter() - start < seconds:
         step()
         steps += 1
-    return (time.perf_counter() - start) / (steps * len(x))
+    n = steps * len(x)
+    return (time.perf_counter() - start) / n, (time.process_time() - cpu) / n
 
 
 def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
@@ -95,7 +99,8 @@ def calibrate(
     if use_cache and path.is_file():
         try:
             cached = json.loads(path.read_text()).get(key)
-            if cached and cached.get("flops_per_sample", 0) > 0:  # else measured before FLOPs
+            # else measured before FLOPs and CPU time were
+            if cached and cached.get("flops_per_sample", 0) > 0 and cached.get("cpu_seconds"):
                 return Calibration(**cached)
         except (json.JSONDecodeError, TypeError):
             pass
@@ -105,10 +110,10 @@ def calibrate(
         model.load_state_dict(model.state_dict())  # materialise
         x = torch.randn(batch_size, spec.in_channels, spec.image_size, spec.image_size)
         y = torch.randint(0, spec.num_classes, (batch_size,))
-        dense = _time_steps(model, x, y, seconds)
+        dense, dense_cpu = _time_steps(model, x, y, seconds)
         scores = score_groups(model, None, "ordered", example_input=x[:2])
         small = extract(model, make_plan(model, scores, SMALL_KEEP, allocation="uniform"))
-        small_sps = _time_steps(small.module, x, y, seconds)
+        small_sps, small_cpu = _time_steps(small.module, x, y, seconds)
         acts = activation_bytes(model, x) / batch_size
         flops = training_flops(model, x[:1])
     cal = Calibration(
@@ -119,6 +124,7 @@ def calibrate(
         param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
         state_bytes=sum(t.numel() * t.element_size() for t in model.state_dict().values()),
         flops_per_sample=flops,
+        cpu_seconds=(dense_cpu, small_cpu),
     )
     if use_cache:
         try:

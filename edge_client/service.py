@@ -82,8 +82,9 @@ def run_client(args: argparse.Namespace) -> int:
     check_name("client id", args.id)
     topics = Topics(args.federation)
     cert, key = client_certificate(args.cert, args.key)  # before the data: fail at once
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    emulated = args.profile not in ("auto", "none")
+    if args.threads or emulated:  # boards emulated side by side: one core each unless told
+        torch.set_num_threads(args.threads or 1)
     data = local_data(args)
     state = ClientState(args.id, data)
     calibrate_budget, profile = budget_setup(state, args.profile)

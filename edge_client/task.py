@@ -50,8 +50,12 @@ class ClientState:
 
     @property
     def time_scale(self) -> float:
-        """This machine's seconds -> the (emulated) device's seconds (1 on a real board)."""
+        """Seconds of ``clock`` -> the (emulated) device's seconds (1 on a real board)."""
         return self.device.time_scale if self.device else 1.0
+
+    def clock(self) -> float:
+        """What this device times its work with (``DeviceBudget.clock``; wall-clock without)."""
+        return self.device.clock() if self.device else time.perf_counter()
 
 
 def data_mismatch(spec: ModelSpec, data: ImageData) -> str:
@@ -157,23 +161,25 @@ def _side(groups, extras: dict, kind: str) -> dict | None:
 def run_task(state: ClientState, task: TaskMessage, payload: bytes, should_stop=None) -> Result:
     """Execute one task. Bad payloads and infeasible budgets become ``failed``/``declined``
     answers with the reason, never exceptions that would take the device agent down."""
-    start = time.perf_counter()
+    start = state.clock()
     try:
         return _run(state, task, payload, start, should_stop)
     except BudgetInfeasible as exc:
-        return _answer(task, "declined", str(exc), start, len(payload))
+        return _answer(state, task, "declined", str(exc), start, len(payload))
     except TrainingCancelled as exc:
-        return _answer(task, "failed", f"client stopping: {exc}", start, len(payload))
+        return _answer(state, task, "failed", f"client stopping: {exc}", start, len(payload))
     except (CAHFPError, FloatingPointError) as exc:
-        return _answer(task, "failed", f"{type(exc).__name__}: {exc}", start, len(payload))
+        return _answer(state, task, "failed", f"{type(exc).__name__}: {exc}", start, len(payload))
 
 
-def _answer(task: TaskMessage, status: str, reason: str, start: float, down: int) -> Result:
+def _answer(
+    state: ClientState, task: TaskMessage, status: str, reason: str, start: float, down: int
+) -> Result:
     metrics = Metrics(
         samples=0,
         keep_target=task.keep,
         bytes_down=down,
-        total_seconds=time.perf_counter() - start,
+        total_seconds=(state.clock() - start) * state.time_scale,
         reason=reason,
     )
     return Result(_reply(task, status, metrics, reason), None)
@@ -263,13 +269,13 @@ def _statistics_task(state: ClientState, task: TaskMessage, payload: bytes, star
     if task.payload != "state":
         raise InvalidUpdate("a statistics task must carry the dense global model")
     model, _ = _dense_model(task.model, payload)
-    t0 = time.perf_counter()
+    t0 = state.clock()
     images = recalibrate_batchnorm(
         model, state.data, task.calibration_batches, task.recipe.batch_size, seed=task.seed
     )
     if images == 0:
         raise BudgetInfeasible("too few local images (or no BatchNorm) to measure statistics")
-    seconds = (time.perf_counter() - t0) * state.time_scale
+    seconds = (state.clock() - t0) * state.time_scale
     stats = {k: v for k, v in model.state_dict().items() if is_statistic(k)}
     up = encode_state(stats, {"round": task.round, "client": task.client_id})
     metrics = Metrics(
@@ -277,7 +283,7 @@ def _statistics_task(state: ClientState, task: TaskMessage, payload: bytes, star
         keep_target=1.0,
         train_flops=_dense_flops(state, task.model, forward=True) * images,
         train_seconds=seconds,
-        total_seconds=(time.perf_counter() - start) * state.time_scale,
+        total_seconds=(state.clock() - start) * state.time_scale,
         bytes_down=len(payload),
     )
     msg = _reply(task, "ok", metrics)
@@ -302,7 +308,7 @@ def _run(
         model, meta = _dense_model(spec, payload)
         if task.plan is not None and keep is None and state.device is not None:
             score_samples = task.plan.score_batches * task.recipe.batch_size
-            elapsed = (time.perf_counter() - start) * state.time_scale
+            elapsed = (state.clock() - start) * state.time_scale
             choice = decide_keep(state, task, score_samples, elapsed)
             keep, reason = choice.keep, choice.reason
         if task.plan is not None and keep is not None and keep < 1:
@@ -310,7 +316,7 @@ def _run(
             batches = data.batches(
                 task.recipe.batch_size, shuffle=True, generator=gen, augment=False
             )
-            t0 = time.perf_counter()
+            t0 = state.clock()
             scores = score_groups(
                 model,
                 batches,
@@ -344,7 +350,7 @@ def _run(
                 param_keep=plan_target if task.plan.budget_uplink else None,
             )
             sub = extract(model, plan)
-            score_seconds = (time.perf_counter() - t0) * state.time_scale
+            score_seconds = (state.clock() - t0) * state.time_scale
             score_flops = dense_flops * scores.info.get("samples", 0)
             module, imap, achieved = sub.module, sub.index_map, plan.flops_fraction
             refreshed = True
@@ -358,7 +364,9 @@ def _run(
         module, imap, meta = submodel_from_slice(spec, payload, state.index_map, state.statistics)
         achieved = float(meta.get("keep_achieved", state.keep_achieved))
         state.index_map, state.keep_achieved = imap, achieved
-    result = train(module, data, task.recipe, seed=task.seed, should_stop=should_stop)
+    result = train(
+        module, data, task.recipe, seed=task.seed, should_stop=should_stop, clock=state.clock
+    )
     train_seconds = result.seconds * state.time_scale
     sender = {"round": task.round, "client": task.client_id}
     trained = module.state_dict()
@@ -368,7 +376,7 @@ def _run(
     state.statistics = (
         {k: v.clone() for k, v in trained.items() if is_statistic(k)} if imap else None
     )
-    other = (time.perf_counter() - start - result.seconds) * state.time_scale - score_seconds
+    other = (state.clock() - start - result.seconds) * state.time_scale - score_seconds
     uplink = state.device.uplink_bytes_per_s if state.device else None
     upload = len(up) / uplink if uplink else 0.0
     total = other + score_seconds + train_seconds + upload

@@ -228,6 +228,77 @@ def test_an_emulated_board_runs_at_its_profile_speed_whatever_the_hosts_speed(mo
     assert emulated == pytest.approx([flops / pi4.flops_per_second] * 2)
 
 
+def test_an_emulated_board_keeps_time_on_this_processs_cpu_not_the_wall_clock():
+    """Boards emulated side by side share this host's cores: an emulated board times its work
+    in its own CPU seconds (calibration and rounds alike), so waiting for the others' work is
+    not charged to it; a real board keeps wall-clock time."""
+    import time
+
+    from edge_client.budget import device_budget
+    from edge_client.task import ClientState
+
+    pi4 = load_profile("raspberry-pi-4")
+    cal = Calibration(
+        seconds_per_sample=3e-3,  # wall: slowed by the other boards
+        seconds_per_sample_small=1.5e-3,
+        small_keep=0.25,
+        activation_bytes_per_sample=1000,
+        param_bytes=MIB,
+        flops_per_sample=3e8,
+        cpu_seconds=(1e-3, 0.5e-3),  # this process's own work
+    )
+    real, emulated = device_budget(cal, 1 << 30), device_budget(cal, 1 << 30, pi4)
+    assert real.clock is time.perf_counter and real.model.calibration is cal
+    assert emulated.clock is time.process_time
+    assert emulated.time_scale == pytest.approx(3e8 / 1e-3 / pi4.flops_per_second)
+    assert emulated.model.calibration.seconds_per_sample == pytest.approx(
+        3e8 / pi4.flops_per_second
+    )
+    assert emulated.model.calibration.seconds_per_sample_small == pytest.approx(
+        0.5 * 3e8 / pi4.flops_per_second
+    )
+    state = ClientState("c", None, device=emulated)
+    t = state.clock()
+    time.sleep(0.3)  # another board's turn on the cores
+    assert state.clock() - t < 0.1
+    older = Calibration(**{**cal.__dict__, "cpu_seconds": ()})  # cached before CPU time
+    assert device_budget(older, 1 << 30, pi4).clock is time.perf_counter
+
+
+def test_an_emulated_client_trains_on_one_core_unless_told(tmp_path):
+    """`cahfp client --profile NAME` (or $CAHFP_PROFILE) emulates a board: one torch thread,
+    so that boards emulated side by side do not spin on each other's cores."""
+    import argparse
+
+    from edge_client import service
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_local_data(args):
+        seen.append(torch.get_num_threads())
+        raise Stop
+
+    threads = torch.get_num_threads()
+    try:
+        for profile, asked, want in (("raspberry-pi-4", None, 1), ("raspberry-pi-4", 2, 2)):
+            args = argparse.Namespace(
+                id="pi-01", federation="f", cert=None, key=None, threads=asked, profile=profile
+            )
+            orig = service.local_data
+            service.local_data = fake_local_data
+            try:
+                with pytest.raises(Stop):
+                    service.run_client(args)
+            finally:
+                service.local_data = orig
+            assert seen[-1] == want
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_calibration_measures_the_dense_models_training_flops():
     from cahfp.costs import training_flops
     from cahfp.messages import ModelSpec
