@@ -33,7 +33,7 @@ import torch
 
 from cahfp.errors import InvalidUpdate
 from cahfp.pruning.extract import IndexMap, slice_tensor
-from cahfp.pruning.reconstruct import Update, check_compact, scatter_
+from cahfp.pruning.reconstruct import Update, check_compact, compact_from_update, scatter_
 
 
 class Aggregator:
@@ -96,37 +96,12 @@ class Aggregator:
         return out
 
     def add(self, update: Update, weight: float) -> None:
-        """Fold in a reconstructed (global-shaped, masked) update. Validated first."""
-        w = self._check_weight(weight)
-        for k, ref in self.base.items():
-            if k not in update.state or k not in update.mask:
-                raise InvalidUpdate(f"update lacks tensor {k}")
-            t, m = update.state[k], update.mask[k]
-            if t.shape != ref.shape or m.shape != ref.shape or m.dtype != torch.bool:
-                raise InvalidUpdate(f"{k}: update or mask shape differs from {tuple(ref.shape)}")
-            if t.is_floating_point() and not bool(torch.isfinite(t[m]).all()):
-                raise InvalidUpdate(f"{k}: contains NaN or infinite values")
-        dense = all(bool(m.all()) for m in update.mask.values())
-        state = self._moments(update.state)
-        for k, ref in self.folded.items():
-            t, m = state[k], update.mask[k]
-            if dense and k in self.dense_mean:
-                _fold(
-                    self.dense_mean[k],
-                    self.dense_weight[k],
-                    t.to(torch.float32),
-                    torch.full(t.shape, w),
-                )
-            if k in self.mean:
-                wc = m.to(torch.float32) * w
-                if self.lam:
-                    wc = torch.where(m, wc, torch.tensor(self.lam * w))
-                    t = torch.where(m, t, ref)
-                _fold(self.mean[k], self.weight[k], t.to(torch.float32), wc)
-            elif bool(m.any()):
-                self._int(k, t[m].max())
-        self.count += 1
-        self.total_weight += w
+        """Fold in a reconstructed update (``cahfp.pruning.reconstruct``: global-shaped tensors
+        and coverage masks). The same fold as ``add_compact``: the kept slice is read back
+        through the index map its masks describe (a mask that is not a selection of whole
+        indices along each dimension is refused)."""
+        compact, imap = compact_from_update(update, self.base)
+        self.add_compact(compact, imap, weight)
 
     def add_compact(
         self,
@@ -210,10 +185,6 @@ class Aggregator:
             self._int(k, v)
         self.count += part.count
         self.total_weight += part.total_weight
-
-    def coverage(self) -> dict[str, torch.Tensor]:
-        """Total weight that covered each coordinate so far."""
-        return {k: v.clone() for k, v in self.weight.items()}
 
     def result(self) -> dict[str, torch.Tensor]:
         """The new global state (previous values where nobody covered a coordinate)."""

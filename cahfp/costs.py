@@ -57,11 +57,6 @@ def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def state_bytes(module: nn.Module) -> int:
-    """Bytes of every parameter and buffer (what a full checkpoint holds)."""
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
-
-
 def _counted(module: nn.Module, example_input: torch.Tensor, backward: bool) -> FlopCounterMode:
     model = copy.deepcopy(module)
     model.train(backward)

@@ -145,7 +145,7 @@ def test_trained_submodel_aggregated_alone_changes_exactly_the_kept_coordinates(
     train(sub.module, data, Recipe(steps=5, batch_size=32, lr=0.05), seed=0)
     upd = reconstruct(sub, model.state_dict())
     agg = Aggregator(model.state_dict())
-    agg.add(upd, weight=256)
+    agg.add_compact(sub.module.state_dict(), sub.index_map, weight=256)
     new = agg.result()
     trained = sub.module.state_dict()
     for k, old in model.state_dict().items():
@@ -170,15 +170,15 @@ def test_two_overlapping_clients_average_by_weight_where_both_cover():
         with torch.no_grad():
             for p in sub.module.parameters():
                 p.add_(torch.randn_like(p))
-        subs.append(reconstruct(sub, g))
+        subs.append(sub)
     agg = Aggregator(g)
-    agg.add(subs[0], 3.0)
-    agg.add(subs[1], 1.0)
+    agg.add_compact(subs[0].module.state_dict(), subs[0].index_map, 3.0)
+    agg.add_compact(subs[1].module.state_dict(), subs[1].index_map, 1.0)
     new = agg.result()
     for k in g:
         if not g[k].is_floating_point():
             continue
-        a, b = subs[0], subs[1]
+        a, b = reconstruct(subs[0], g), reconstruct(subs[1], g)
         both = a.mask[k] & b.mask[k]
         only_a = a.mask[k] & ~b.mask[k]
         none = ~a.mask[k] & ~b.mask[k]
@@ -187,11 +187,16 @@ def test_two_overlapping_clients_average_by_weight_where_both_cover():
         assert torch.equal(new[k][none], g[k][none])
 
 
-def test_compact_and_dense_aggregation_agree():
+def test_compact_aggregation_equals_the_weighted_mean_of_reconstructed_updates():
+    """With uncovered weight λ, each coordinate's new value is the mean of the reconstructed
+    updates (the global value where a client did not cover it) weighted w (covered) or λw."""
     model = build_model("resnet20", 10, 1, 0.5)
     x, y = batch()
     g = model.state_dict()
-    dense, compact = Aggregator(g, 0.3), Aggregator(g, 0.3)
+    lam = 0.3
+    agg = Aggregator(g, lam)
+    num = {k: torch.zeros(v.shape) for k, v in g.items() if v.is_floating_point()}
+    den = {k: torch.zeros(v.shape) for k in num for v in [g[k]]}
     for seed, keep, w in ((0, 0.7, 2.0), (1, 0.3, 5.0), (2, 0.5, 1.0)):
         sub = extract(
             model, make_plan(model, score_groups(model, [(x, y)], "random", seed=seed), keep)
@@ -199,11 +204,42 @@ def test_compact_and_dense_aggregation_agree():
         with torch.no_grad():
             for p in sub.module.parameters():
                 p.mul_(1.5)
-        dense.add(reconstruct(sub, g), w)
-        compact.add_compact(sub.module.state_dict(), sub.index_map, w)
-    a, b = dense.result(), compact.result()
-    for k in g:
-        torch.testing.assert_close(a[k], b[k])
+        agg.add_compact(sub.module.state_dict(), sub.index_map, w)
+        upd = reconstruct(sub, g)
+        for k in num:
+            wc = torch.where(upd.mask[k], w, lam * w)
+            num[k] += wc * upd.state[k]
+            den[k] += wc
+    new = agg.result()
+    for k in num:
+        torch.testing.assert_close(new[k], num[k] / den[k])
+
+
+def test_a_reconstructed_update_folds_in_exactly_as_its_wire_form():
+    """The public path (``reconstruct`` + ``Aggregator.add``) and the one the coordinator runs
+    (``add_compact``) are one fold: the same result bit for bit."""
+    model = build_model("resnet20", 10, 1, 0.5)
+    x, y = batch()
+    g = model.state_dict()
+    public, wire = Aggregator(g, 0.3), Aggregator(g, 0.3)
+    for seed, keep, w in ((0, 0.7, 2.0), (1, 0.3, 5.0), (2, 1.0, 1.0)):
+        sub = extract(
+            model, make_plan(model, score_groups(model, [(x, y)], "random", seed=seed), keep)
+        )
+        with torch.no_grad():
+            for p in sub.module.parameters():
+                p.mul_(1.5)
+        public.add(reconstruct(sub, g), w)
+        wire.add_compact(sub.module.state_dict(), sub.index_map, w)
+    a, b = public.result(), wire.result()
+    assert all(torch.equal(a[k], b[k]) for k in g)
+    upd = reconstruct(sub, g)
+    key = "conv1.weight" if "conv1.weight" in g else next(iter(g))
+    upd.mask[key] = upd.mask[key].clone()
+    upd.mask[key].view(-1)[0] = ~upd.mask[key].view(-1)[0]  # one coordinate, not a channel
+    with pytest.raises(InvalidUpdate, match="whole channels"):
+        public.add(upd, 1.0)
+    assert public.count == 3
 
 
 def test_bad_updates_are_rejected_and_nothing_is_lost():

@@ -60,10 +60,6 @@ class Plan:
     def counts(self) -> dict[int, int]:
         return {gid: len(idx) for gid, idx in self.keep.items()}
 
-    @property
-    def channel_fraction(self) -> float:
-        return sum(self.counts().values()) / max(self.groups.num_channels, 1)
-
 
 class CostModel:
     """A cost (training FLOPs per sample, or parameters) as a function of each group's kept

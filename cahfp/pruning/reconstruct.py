@@ -115,3 +115,37 @@ def reconstruct(sub: Submodel, global_state: State) -> Update:
     """The submodel's tensors in global shapes; positions it did not keep take the values of
     ``global_state``."""
     return reconstruct_compact(sub.module.state_dict(), sub.index_map, global_state)
+
+
+def compact_from_update(
+    update: Update, global_state: State
+) -> tuple[dict[str, torch.Tensor], IndexMap]:
+    """The compact tensors and index map a reconstructed update holds (the inverse of
+    ``reconstruct_compact``). Raises ``InvalidUpdate`` when a tensor or mask is missing or
+    mis-shaped, or a mask is not a selection of whole indices along each dimension."""
+    compact: dict[str, torch.Tensor] = {}
+    imap: IndexMap = {}
+    for key, ref in global_state.items():
+        t, m = update.state.get(key), update.mask.get(key)
+        if t is None or m is None:
+            raise InvalidUpdate(f"update lacks tensor {key}")
+        if t.shape != ref.shape or m.shape != ref.shape or m.dtype != torch.bool:
+            raise InvalidUpdate(f"{key}: update or mask shape differs from {tuple(ref.shape)}")
+        dims = {}
+        for d in range(m.dim()):
+            others = [o for o in range(m.dim()) if o != d]
+            kept = m.any(dim=others) if others else m
+            if not bool(kept.all()):
+                dims[d] = torch.nonzero(kept).flatten()
+        sliced = t
+        for d, idx in sorted(dims.items()):
+            sliced = sliced.index_select(d, idx)
+        covered = m
+        for d, idx in sorted(dims.items()):
+            covered = covered.index_select(d, idx)
+        if not bool(covered.all()) or int(m.sum()) != covered.numel():
+            raise InvalidUpdate(f"{key}: mask is not a selection of whole channels")
+        compact[key] = sliced
+        if dims:
+            imap[key] = dims
+    return compact, imap
