@@ -1,0 +1,7 @@
+"""python -m benchmarks.system"""
+
+import sys
+
+from benchmarks.system import main
+
+sys.exit(main())
