@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edge_client.swarm import MAX_CLIENTS
+from benchmarks.swarm import MAX_CLIENTS
 
 
 def part_scale(args) -> list[dict]:
@@ -29,14 +29,14 @@ def part_scale(args) -> list[dict]:
                 f'[data]\ndataset = "fmnist"\neval_samples = 1000\n'
                 + (f'data_dir = "{args.data_dir}"\n' if args.data_dir else "")
             )
-            swarms = []  # several processes: see edge_client.swarm.MAX_CLIENTS
+            swarms = []  # several processes: see benchmarks.swarm.MAX_CLIENTS
             for k in range(0, n, MAX_CLIENTS):
                 swarms.append(
                     subprocess.Popen(
                         [
                             sys.executable,
                             "-m",
-                            "edge_client.swarm",
+                            "benchmarks.swarm",
                             "--broker",
                             broker.url,
                             "--federation",
