@@ -210,9 +210,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from cahfp.device.budget import device_budget
     from cahfp.device.calibrate import calibrate
     from cahfp.device.measure import measure_device
+    from cahfp.device.profiles import REFERENCE_FLOPS_PER_SECOND, load_profile
     from cahfp.messages import BudgetSettings, ModelSpec
     from cahfp.training import Recipe
-    from device_profiles import REFERENCE_FLOPS_PER_SECOND, load_profile
 
     board = load_profile(args.profile) if args.profile else None
     info = measure_device()
@@ -310,7 +310,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from edge_client.exporting import export_checkpoint
+    from cahfp.export import export_checkpoint
 
     run = Path(args.run) if args.run else None
     config = args.config or (run / "config.toml" if run else None)
@@ -442,7 +442,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from deploy import broker_config as bc
+    from deploy.broker import config as bc
 
     if args.action == "init":
         devices = [d for d in (args.devices or "").split(",") if d]
@@ -662,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_presence_seconds,
         metavar="SECONDS",
         help="refresh this board's presence every SECONDS (default: the protocol's, "
-        "cahfp.protocol.PRESENCE_EVERY, 30); the coordinator counts it as gone after "
+        "cahfp.mqtt.protocol.PRESENCE_EVERY, 30); the coordinator counts it as gone after "
         "PRESENCE_MISSES (3) missed refreshes",
     )
     p.add_argument("--quiet", action="store_true")

@@ -8,8 +8,8 @@ import torch
 from cahfp.config import ConfigError, load_config
 from cahfp.device.budget import BudgetModel, Calibration, Constraints
 from cahfp.device.measure import measure_device, read_cgroup_limits
+from cahfp.device.profiles import load_profile, profile_names
 from cahfp.errors import BudgetInfeasible
-from device_profiles import load_profile, profile_names
 
 MIB = 1 << 20
 
@@ -198,9 +198,9 @@ def test_an_emulated_board_runs_at_its_profile_speed_whatever_the_hosts_speed(mo
     host's measured throughput is divided out (device seconds = FLOPs / the board's FLOP/s)."""
     import cahfp.device.calibrate as calibrate_mod
     from cahfp.client_round import ClientState
+    from cahfp.device.profiles import REFERENCE_FLOPS_PER_SECOND
     from cahfp.messages import ModelSpec
     from cahfp.training import Recipe
-    from device_profiles import REFERENCE_FLOPS_PER_SECOND
     from edge_client.service import budget_setup
 
     pi4 = load_profile("raspberry-pi-4")
@@ -390,7 +390,7 @@ def test_a_board_that_no_keep_fits_says_why_in_its_own_log(tmp_path, caplog, mon
     from cahfp.client_round import ClientState
     from cahfp.data.datasets import ImageData
     from cahfp.messages import BudgetSettings, ModelSpec
-    from cahfp.protocol import Status, Topics
+    from cahfp.mqtt.protocol import Status, Topics
     from cahfp.training import Recipe
     from edge_client.agent import Agent
     from edge_client.service import budget_setup
