@@ -188,6 +188,26 @@ def test_every_profile_parses_and_names_its_sources():
     )
 
 
+def test_the_named_boards_are_shipped_profiles_and_the_data_package_has_no_code():
+    """The one list of board names (``cahfp.device.boards``: the testbed's aliases, the default
+    boards of a federation and of the demo) names shipped files; ``device_profiles`` is data."""
+    from cahfp.device.boards import ALIASES, DEFAULT_BOARDS
+    from cahfp.device.profiles import PROFILE_PACKAGE
+    from deploy.testbed import parse_profiles
+
+    assert set(ALIASES.values()) == set(profile_names())
+    assert set(DEFAULT_BOARDS) <= set(profile_names())
+    assert load_config(None).clients.profiles == list(DEFAULT_BOARDS)
+    assert [p.name for p in parse_profiles("pi4:2,orin:1")] == [
+        ALIASES["pi4"],
+        ALIASES["pi4"],
+        ALIASES["orin"],
+    ]
+    data = Path(__file__).resolve().parents[1] / PROFILE_PACKAGE
+    code = [p.name for p in data.iterdir() if p.suffix == ".py"]
+    assert code == ["__init__.py"] and "import" not in (data / "__init__.py").read_text()
+
+
 def test_bad_profile_names_are_config_errors():
     with pytest.raises(ConfigError, match="unknown device profiles"):
         load_config(None, {"clients.profiles": ["raspberry-pi-9"]})
