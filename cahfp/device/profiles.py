@@ -5,27 +5,21 @@ from __future__ import annotations
 
 import sys
 from importlib.resources import files
-from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cahfp.device.boards import ALIASES, DEFAULT_BOARDS
 from cahfp.errors import CAHFPError, UnknownName
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = [
-    "ALIASES",
-    "DEFAULT_BOARDS",
-    "REFERENCE_FLOPS_PER_SECOND",
-    "DeviceProfile",
-    "load_profile",
-    "profile_names",
-]
 PROFILE_PACKAGE = "device_profiles"
 SOURCE_KINDS = ("datasheet:", "published benchmark:", "assumption:")
 FIGURES = ("cores", "memory_mb", "accelerator", "relative_speed", "uplink_mbps", "emulation")

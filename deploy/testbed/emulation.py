@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cahfp.config import Config
-from cahfp.device.profiles import ALIASES, DeviceProfile, load_profile
+from cahfp.device.boards import ALIASES
+from cahfp.device.profiles import DeviceProfile, load_profile
 from cahfp.errors import CAHFPError
 from deploy.demo import client_command
 
