@@ -22,10 +22,10 @@ import torch
 from benchmarks.common import env_line, environment, md_table, write_results
 from cahfp.costs import forward_flops
 from cahfp.data.datasets import DatasetInfo
+from cahfp.export import export_submodel
 from cahfp.inference import OnnxClassifier
 from cahfp.models import build_model
 from cahfp.pruning import extract, make_plan, score_groups
-from edge_client.exporting import export_submodel
 
 TARGET = 0.8  # of ideal, at keep 0.5
 

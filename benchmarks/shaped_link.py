@@ -29,9 +29,9 @@ RATES_MBPS = (1000, 100)  # a server's gigabit link; a board on Fast Ethernet
 def bench_link(size: int, chunk: int, repeats: int, rates=RATES_MBPS) -> dict:
     """Median seconds of raw and protocol sends of ``size`` bytes through each link rate, in
     alternation; ``{"skipped": reason}`` where the emulation cannot run."""
-    from coordinator.broker import EmbeddedBroker
+    from cahfp.device.profiles import load_profile
+    from deploy.broker.embedded import EmbeddedBroker
     from deploy.testbed.emulation import Testbed, TestbedError
-    from device_profiles import load_profile
 
     size = len(payload(size))  # what the sender will send
     base = load_profile("x86-server")

@@ -29,7 +29,7 @@ import torch
 from cahfp.client_round import architecture
 from cahfp.messages import Metrics, ModelSpec, TaskMessage, UpdateMessage
 from cahfp.mqtt.link import MqttLink
-from cahfp.protocol import Hello, Presence, ProtocolError, Topics, parse_json, split_payload
+from cahfp.mqtt.protocol import Hello, Presence, ProtocolError, Topics, parse_json, split_payload
 from cahfp.pruning import extract, make_plan, score_groups
 from cahfp.pruning.reconstruct import is_statistic
 from cahfp.wire import encode_state, encode_update

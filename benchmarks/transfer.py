@@ -23,8 +23,8 @@ from pathlib import Path
 
 from benchmarks.common import env_line, environment, md_table, write_results
 from cahfp.mqtt.link import MqttLink
-from cahfp.protocol import Reassembler, split_payload
-from coordinator.broker import EmbeddedBroker
+from cahfp.mqtt.protocol import Reassembler, split_payload
+from deploy.broker.embedded import EmbeddedBroker
 
 
 def receiver(

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cahfp.device.boards import DEFAULT_BOARDS
 from cahfp.errors import CAHFPError, ConfigError, UnknownName  # noqa: F401 (ConfigError re-exported)
 from cahfp.messages import BudgetSettings
 from cahfp.training import Recipe
@@ -183,12 +184,7 @@ class ClientsConfig(_Strict):
         "pruning.tiers[i mod len], whatever its device measured",
     )
     profiles: list[str] = Field(
-        default_factory=lambda: [
-            "raspberry-pi-4",
-            "raspberry-pi-5",
-            "jetson-nano",
-            "jetson-orin-nano",
-        ],
+        default_factory=lambda: list(DEFAULT_BOARDS),
         min_length=1,
     )
     safety: float = Field(0.8, gt=0, le=1, description="share of deadline and memory to plan for")
@@ -215,7 +211,7 @@ class ClientsConfig(_Strict):
     @field_validator("profiles")
     @classmethod
     def _known_profiles(cls, v: list[str]) -> list[str]:
-        from device_profiles import profile_names
+        from cahfp.device.profiles import profile_names
 
         unknown = [p for p in v if p not in profile_names()]
         if unknown:

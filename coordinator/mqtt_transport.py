@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from cahfp.errors import CAHFPError
 from cahfp.messages import TaskMessage, UpdateMessage
 from cahfp.mqtt.link import MqttLink
-from cahfp.protocol import (
+from cahfp.mqtt.protocol import (
     DEFAULT_CHUNK,
     Ack,
     Hello,

@@ -17,7 +17,7 @@ from cahfp.errors import CAHFPError
 from cahfp.messages import ModelSpec
 from cahfp.mqtt.inbox import DEFAULT_MEMORY
 from cahfp.mqtt.link import MqttLink, client_certificate, read_credentials
-from cahfp.protocol import RUN_ID, ModelAnnouncement, Status, Topics
+from cahfp.mqtt.protocol import RUN_ID, ModelAnnouncement, Status, Topics
 from cahfp.training import evaluate
 from cahfp.wire import encode_state
 from coordinator.engine import RoundEngine, RoundInterrupted, RoundRecord

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from cahfp.client_round import ClientState
 from cahfp.config import Config
-from cahfp.data import ImageData, load_dataset, partition
+from cahfp.data import ImageData, client_shares, load_dataset
 from cahfp.data import training_pool as data_training_pool
 from cahfp.errors import CAHFPError
 from cahfp.messages import ModelSpec
@@ -70,16 +70,18 @@ def federation_data(cfg: Config) -> tuple[list[ImageData], ImageData, ModelSpec]
     """Client partitions of the training set, the held-out evaluation set, and the model spec."""
     d = cfg.data
     train_set = load_dataset(d.dataset, "train", d.data_dir, d.download)
-    pool, held_out = training_pool(len(train_set), cfg)
-    test_set = evaluation_data(cfg, train_set, held_out)
-    parts = partition(
-        train_set.targets[pool].numpy(),
+    shares, held_out = client_shares(
+        train_set.targets,
         cfg.federation.clients,
         d.partition,
-        seed=cfg.federation.seed,
+        cfg.federation.seed,
+        train_samples=d.train_samples,
+        eval_split=d.eval_split,
+        eval_samples=d.eval_samples,
         min_samples=d.min_samples,
     )
-    clients = [train_set.subset(pool[torch.as_tensor(p)]) for p in parts]
+    test_set = evaluation_data(cfg, train_set, held_out)
+    clients = [train_set.subset(share) for share in shares]
     spec = ModelSpec(
         name=cfg.model.name,
         width=cfg.model.width,
@@ -176,7 +178,7 @@ def emulate_devices(cfg: Config, spec: ModelSpec, states: dict[str, ClientState]
     from cahfp.client_round import announced_keep
     from cahfp.device.budget import device_budget
     from cahfp.device.calibrate import calibrate
-    from device_profiles import load_profile
+    from cahfp.device.profiles import load_profile
 
     calibration = calibrate(spec, cfg.train.batch_size)
     scored = cfg.pruning.score_batches * cfg.train.batch_size

@@ -16,14 +16,13 @@ from rich.console import Console
 from rich.table import Table
 
 from cahfp.config import load_config
+from cahfp.device.boards import DEFAULT_BOARDS
 from cahfp.pruning import build_compact
 from cahfp.training import evaluate, recalibrate_batchnorm
-from coordinator.broker import EmbeddedBroker
 from coordinator.service import Coordinator
 from coordinator.simulation import federation_data
 from coordinator.view import ProgressView
-
-PROFILES = ["raspberry-pi-4", "raspberry-pi-5", "jetson-nano", "jetson-orin-nano"]
+from deploy.broker.embedded import EmbeddedBroker
 
 
 def demo_config(args: argparse.Namespace):
@@ -46,7 +45,7 @@ def demo_config(args: argparse.Namespace):
             "data.data_dir": args.data_dir,
             "data.download": args.download or None,
             "clients.budget": "measured",
-            "clients.profiles": PROFILES,
+            "clients.profiles": list(DEFAULT_BOARDS),
         }
         if args.config is None
         else {},

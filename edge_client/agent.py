@@ -44,7 +44,7 @@ from cahfp.client_round import (
 from cahfp.errors import CAHFPError
 from cahfp.messages import BudgetSettings, ModelSpec, TaskMessage, UpdateMessage
 from cahfp.mqtt.link import MqttLink
-from cahfp.protocol import (
+from cahfp.mqtt.protocol import (
     PRESENCE_EVERY,
     Ack,
     Hello,
@@ -353,8 +353,8 @@ class Agent:
         import hashlib
 
         from cahfp.data.datasets import DatasetInfo
+        from cahfp.export import export_submodel
         from cahfp.training import recalibrate_batchnorm
-        from edge_client.exporting import export_submodel
 
         d = self.state.data
         info = DatasetInfo(d.classes, d.mean, d.std, d.in_channels, d.image_size)

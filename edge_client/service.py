@@ -10,12 +10,12 @@ import signal
 import torch
 
 from cahfp.client_round import ClientState
-from cahfp.data import load_dataset, partition, training_pool
+from cahfp.data import client_shares, load_dataset
 from cahfp.device.budget import device_budget
 from cahfp.errors import CAHFPError
 from cahfp.messages import ModelSpec
 from cahfp.mqtt.link import MqttLink, client_certificate, read_credentials
-from cahfp.protocol import PRESENCE_EVERY, Topics, check_name
+from cahfp.mqtt.protocol import PRESENCE_EVERY, Topics, check_name
 from cahfp.training import Recipe
 from edge_client.agent import Agent
 
@@ -30,17 +30,16 @@ def local_data(args: argparse.Namespace):
         return data
     if not 0 <= args.client_index < args.num_clients:
         raise CAHFPError(f"--client-index must be in [0, {args.num_clients})")
-    pool, _ = training_pool(
-        len(data),
+    shares, _ = client_shares(
+        data.targets,
+        args.num_clients,
+        args.partition,
         args.seed,
-        args.train_samples,
-        args.eval_split,
-        args.eval_samples,
+        train_samples=args.train_samples,
+        eval_split=args.eval_split,
+        eval_samples=args.eval_samples,
     )
-    parts = partition(
-        data.targets[pool].numpy(), args.num_clients, args.partition, seed=args.seed, min_samples=10
-    )
-    return data.subset(pool[torch.as_tensor(parts[args.client_index])])
+    return data.subset(shares[args.client_index])
 
 
 def budget_setup(state: ClientState, profile: str):
@@ -57,7 +56,7 @@ def budget_setup(state: ClientState, profile: str):
     described = {"device": {k: v for k, v in info.to_dict().items() if k != "cgroup"}}
     board = None
     if profile != "auto":
-        from device_profiles import load_profile
+        from cahfp.device.profiles import load_profile
 
         board = load_profile(profile)
         described["profile"] = board.name
@@ -89,7 +88,7 @@ def run_client(args: argparse.Namespace) -> int:
     state = ClientState(args.id, data)
     calibrate_budget, profile = budget_setup(state, args.profile)
     user, password = read_credentials(args.credentials)
-    from cahfp.protocol import Presence
+    from cahfp.mqtt.protocol import Presence
 
     offline = Presence(client_id=args.id, status="offline").model_dump_json().encode()
     link = MqttLink(

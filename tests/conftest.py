@@ -87,7 +87,7 @@ def broker():
 
     if not shutil.which("mosquitto"):
         missing("mosquitto is not installed (apt-get install mosquitto)")
-    from coordinator.broker import EmbeddedBroker
+    from deploy.broker.embedded import EmbeddedBroker
 
     b = EmbeddedBroker("mosquitto").start()  # its own directory under /tmp, readable by
     # the mosquitto user it drops to when started as root

@@ -162,7 +162,7 @@ def metrics(run: Path) -> list[dict]:
 def start_generated_broker(d: Path, port: int) -> subprocess.Popen:
     """mosquitto running the configuration `cahfp deploy init` wrote into ``d``, once it
     listens on ``port``; its log goes to ``d/mosquitto.log``."""
-    from coordinator.broker import wait_port
+    from deploy.broker.embedded import wait_port
 
     log = d / "mosquitto.log"
     with open(log, "wb") as err:

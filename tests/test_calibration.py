@@ -268,7 +268,7 @@ def test_swarm_clients_answer_statistics_tasks_with_statistics_the_coordinator_a
     import time
 
     from benchmarks.swarm import Swarm
-    from cahfp.protocol import Reassembler, Topics
+    from cahfp.mqtt.protocol import Reassembler, Topics
     from coordinator.engine import RoundEngine
 
     cfg, _, spec, _ = _client_setup(fmnist_root)

@@ -17,9 +17,9 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from cahfp.mqtt.link import LinkError, MqttLink, read_credentials
-from cahfp.protocol import CLIENT_ID_PREFIX, Topics
-from coordinator.broker import free_port
-from deploy import broker_config as bc
+from cahfp.mqtt.protocol import CLIENT_ID_PREFIX, Topics
+from deploy.broker import config as bc
+from deploy.broker.embedded import free_port
 from tests.conftest import missing
 from tests.mqtt_helpers import (
     REPO,
@@ -389,8 +389,8 @@ def test_testbed_slower_slice_chooses_smaller_keep(fmnist_root, tmp_path):
     if os.geteuid() != 0:
         missing("the testbed needs root")
     from cahfp.config import load_config
+    from cahfp.device.profiles import load_profile
     from deploy.testbed import Testbed, run_testbed
-    from device_profiles import load_profile
 
     def profile(name, quota):
         text = (REPO / "device_profiles" / "raspberry-pi-5.toml").read_text()

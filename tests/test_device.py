@@ -8,8 +8,8 @@ import torch
 from cahfp.config import ConfigError, load_config
 from cahfp.device.budget import BudgetModel, Calibration, Constraints
 from cahfp.device.measure import measure_device, read_cgroup_limits
+from cahfp.device.profiles import load_profile, profile_names
 from cahfp.errors import BudgetInfeasible
-from device_profiles import load_profile, profile_names
 
 MIB = 1 << 20
 
@@ -188,6 +188,26 @@ def test_every_profile_parses_and_names_its_sources():
     )
 
 
+def test_the_named_boards_are_shipped_profiles_and_the_data_package_has_no_code():
+    """The one list of board names (``cahfp.device.boards``: the testbed's aliases, the default
+    boards of a federation and of the demo) names shipped files; ``device_profiles`` is data."""
+    from cahfp.device.boards import ALIASES, DEFAULT_BOARDS
+    from cahfp.device.profiles import PROFILE_PACKAGE
+    from deploy.testbed import parse_profiles
+
+    assert set(ALIASES.values()) == set(profile_names())
+    assert set(DEFAULT_BOARDS) <= set(profile_names())
+    assert load_config(None).clients.profiles == list(DEFAULT_BOARDS)
+    assert [p.name for p in parse_profiles("pi4:2,orin:1")] == [
+        ALIASES["pi4"],
+        ALIASES["pi4"],
+        ALIASES["orin"],
+    ]
+    data = Path(__file__).resolve().parents[1] / PROFILE_PACKAGE
+    code = [p.name for p in data.iterdir() if p.suffix == ".py"]
+    assert code == ["__init__.py"] and "import" not in (data / "__init__.py").read_text()
+
+
 def test_bad_profile_names_are_config_errors():
     with pytest.raises(ConfigError, match="unknown device profiles"):
         load_config(None, {"clients.profiles": ["raspberry-pi-9"]})
@@ -198,9 +218,9 @@ def test_an_emulated_board_runs_at_its_profile_speed_whatever_the_hosts_speed(mo
     host's measured throughput is divided out (device seconds = FLOPs / the board's FLOP/s)."""
     import cahfp.device.calibrate as calibrate_mod
     from cahfp.client_round import ClientState
+    from cahfp.device.profiles import REFERENCE_FLOPS_PER_SECOND
     from cahfp.messages import ModelSpec
     from cahfp.training import Recipe
-    from device_profiles import REFERENCE_FLOPS_PER_SECOND
     from edge_client.service import budget_setup
 
     pi4 = load_profile("raspberry-pi-4")
@@ -390,7 +410,7 @@ def test_a_board_that_no_keep_fits_says_why_in_its_own_log(tmp_path, caplog, mon
     from cahfp.client_round import ClientState
     from cahfp.data.datasets import ImageData
     from cahfp.messages import BudgetSettings, ModelSpec
-    from cahfp.protocol import Status, Topics
+    from cahfp.mqtt.protocol import Status, Topics
     from cahfp.training import Recipe
     from edge_client.agent import Agent
     from edge_client.service import budget_setup

@@ -140,8 +140,8 @@ def test_inference_only_install_as_the_readme_says(tmp_path):
     from PIL import Image
 
     from cahfp.data.datasets import dataset_info
+    from cahfp.export import export_submodel
     from cahfp.models import build_model
-    from edge_client.exporting import export_submodel
 
     model = build_model("vgg11", 10, 1, 0.25, seed=0).eval()
     onnx = export_submodel(model, dataset_info("fmnist"), tmp_path / "m.onnx").path

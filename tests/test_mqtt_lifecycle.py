@@ -15,8 +15,8 @@ import time
 import pytest
 
 from cahfp.mqtt.link import MqttLink
-from cahfp.protocol import Hello, Presence, Status, Topics, parse_json
-from coordinator.broker import EmbeddedBroker
+from cahfp.mqtt.protocol import Hello, Presence, Status, Topics, parse_json
+from deploy.broker.embedded import EmbeddedBroker
 from tests.mqtt_helpers import (
     client,
     coordinator,

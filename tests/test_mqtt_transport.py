@@ -7,7 +7,7 @@ import time
 
 from cahfp.messages import Metrics, ModelSpec, TaskMessage, UpdateMessage
 from cahfp.mqtt.inbox import Incoming
-from cahfp.protocol import Hello, Presence, Topics, split_payload
+from cahfp.mqtt.protocol import Hello, Presence, Topics, split_payload
 from cahfp.training import Recipe
 from coordinator.mqtt_transport import MqttTransport
 from coordinator.upload_budget import UploadBudget

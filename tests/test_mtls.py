@@ -19,10 +19,10 @@ import pytest
 from cryptography import x509
 
 from cahfp.mqtt.link import CertificateRefused, MqttLink, read_credentials
-from cahfp.protocol import Topics
-from coordinator.broker import free_port
-from deploy import broker_config as bc
+from cahfp.mqtt.protocol import Topics
 from deploy import pki
+from deploy.broker import config as bc
+from deploy.broker.embedded import free_port
 from tests.conftest import missing
 from tests.mqtt_helpers import (
     REPO,

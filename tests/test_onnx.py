@@ -12,13 +12,12 @@ from PIL import Image
 
 from cahfp import export as export_mod
 from cahfp.data.datasets import dataset_info
-from cahfp.export import ExportError, export_onnx
+from cahfp.export import ExportError, export_checkpoint, export_onnx, export_submodel
 from cahfp.inference import DIGEST_KEY, InputError, ModelFileError, OnnxClassifier, digest_tail
 from cahfp.models import build_model
 from cahfp.pruning import extract, make_plan, score_groups
 from cahfp.training import Recipe, train
 from cahfp.wire import encode_state
-from edge_client.exporting import export_checkpoint, export_submodel
 from tests.conftest import TEST_SEED
 
 INFO = dataset_info("fmnist")

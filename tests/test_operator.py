@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from coordinator.broker import free_port
+from deploy.broker.embedded import free_port
 from tests.conftest import missing
 from tests.mqtt_helpers import REPO, finish, kill_all, metrics, start_generated_broker, wait_for
 from tests.mqtt_helpers import run_cli as cahfp

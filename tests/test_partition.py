@@ -67,3 +67,37 @@ def test_partition_properties(seed, clients, spec):
     assert_exact_cover(parts, len(LABELS))
     hist = label_histograms(LABELS, parts, 10)
     assert hist.sum() == len(LABELS) and (hist.sum(0) == 200).all()
+
+
+def test_a_client_holds_the_share_the_simulation_gives_it(fmnist_root):
+    """``cahfp client --data fmnist --num-clients N --client-index I`` trains on exactly the
+    images the simulation (and the coordinator's demo) gives client I: one split, ``client_shares``,
+    validation hold-out and sample cap included."""
+    import torch
+
+    from cahfp.cli import build_parser
+    from cahfp.config import load_config
+    from coordinator.simulation import federation_data
+    from edge_client.service import local_data
+
+    settings = {
+        "federation.clients": 3,
+        "federation.seed": 4,
+        "data.partition": "dirichlet:0.5",
+        "data.train_samples": 3000,
+        "data.eval_split": "validation",
+        "data.eval_samples": 500,
+        "data.data_dir": str(fmnist_root),
+    }
+    clients, _, _ = federation_data(load_config(None, settings))
+    for index in (0, 2):
+        args = build_parser().parse_args(
+            f"client --broker mqtt://127.0.0.1:1 --id c{index} --data fmnist --partition "
+            f"dirichlet:0.5 --num-clients 3 --client-index {index} --train-samples 3000 --seed 4 "
+            f"--eval-split validation --eval-samples 500 --data-dir {fmnist_root}".split()
+        )
+        mine = local_data(args)
+        assert len(mine) == len(clients[index])
+        assert torch.equal(mine.images, clients[index].images)
+        assert torch.equal(mine.targets, clients[index].targets)
+    assert len(clients[0]) != len(clients[2])  # dirichlet: the shares differ

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from cahfp.errors import InvalidUpdate
 from cahfp.messages import Metrics, TaskMessage, UpdateMessage
 from cahfp.models import build_model
-from cahfp.protocol import (
+from cahfp.mqtt.protocol import (
     Ack,
     Hello,
     Presence,

@@ -15,7 +15,7 @@ from benchmarks.swarm import MAX_CLIENTS
 
 def part_scale(args) -> list[dict]:
     """One coordinator round with N swarm clients; the coordinator in its own process."""
-    from coordinator.broker import EmbeddedBroker
+    from deploy.broker.embedded import EmbeddedBroker
 
     rows = []
     with EmbeddedBroker("mosquitto") as broker, tempfile.TemporaryDirectory() as tmp:

@@ -147,3 +147,25 @@ def training_pool(
             )
         pool = pool[:train_samples]
     return pool, held_out
+
+
+def client_shares(
+    targets,
+    num_clients: int,
+    spec: str,
+    seed: int,
+    *,
+    train_samples: int | None = None,
+    eval_split: str = "test",
+    eval_samples: int | None = None,
+    min_samples: int = 10,
+):
+    """The one split of a training set over a federation: each client's image indices (torch
+    tensors into the full training set) and the validation hold-out (``training_pool``, then
+    ``partition`` of the pool's labels). ``targets`` is the training set's label tensor. The
+    simulation, the coordinator and ``cahfp client`` all call this."""
+    import torch
+
+    pool, held_out = training_pool(len(targets), seed, train_samples, eval_split, eval_samples)
+    parts = partition(targets[pool].numpy(), num_clients, spec, seed=seed, min_samples=min_samples)
+    return [pool[torch.as_tensor(p)] for p in parts], held_out

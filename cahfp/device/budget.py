@@ -243,8 +243,8 @@ class DeviceBudget:
 
 def device_budget(measured: Calibration, usable_memory: int, profile=None) -> DeviceBudget:
     """The one way a device's budget is set up. ``profile`` None: this device as measured, with
-    its usable memory. A ``device_profiles.DeviceProfile``: the board it describes, emulated on
-    this host (the measurement scaled to the board's training throughput, whatever this host's
+    its usable memory. A ``cahfp.device.profiles.DeviceProfile``: the board it describes, emulated
+    on this host (the measurement scaled to the board's training throughput, whatever this host's
     speed is today; the board's memory and uplink).
 
     An emulated board keeps time in this process's CPU seconds, measured and scaled alike: boards

@@ -25,18 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cahfp.config import Config
+from cahfp.device.boards import ALIASES
+from cahfp.device.profiles import DeviceProfile, load_profile
 from cahfp.errors import CAHFPError
 from deploy.demo import client_command
-from device_profiles import DeviceProfile, load_profile
 
 log = logging.getLogger("cahfp.testbed")
-ALIASES = {
-    "pi4": "raspberry-pi-4",
-    "pi5": "raspberry-pi-5",
-    "nano": "jetson-nano",
-    "orin": "jetson-orin-nano",
-    "server": "x86-server",
-}
 CG = Path("/sys/fs/cgroup")
 
 
@@ -248,9 +242,9 @@ def run_testbed(
     summary and a per-client report."""
     from rich.console import Console
 
-    from coordinator.broker import EmbeddedBroker
     from coordinator.service import Coordinator
     from coordinator.view import ProgressView
+    from deploy.broker.embedded import EmbeddedBroker
 
     bed = Testbed(profiles)
     broker = None

@@ -37,7 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cahfp.errors import CAHFPError
-from cahfp.messages import PROTOCOL
+from cahfp.messages import _Message
 
 MAGIC = b"CHFP"
 PREFIX = "cahfp"
@@ -122,12 +122,7 @@ class Topics:
 # ------------------------------------------------------------------ small JSON messages
 
 
-class _Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    v: Literal[PROTOCOL] = PROTOCOL
-
-
-class Presence(_Msg):
+class Presence(_Message):
     """Retained. ``online`` is refreshed every ``every`` seconds while connected (a client
     whose connection ends without its last will, e.g. revoked at a broker reload, stops
     refreshing and counts as gone after ``PRESENCE_MISSES`` refreshes); ``offline``: stopped."""
@@ -142,7 +137,7 @@ class Presence(_Msg):
         return None if self.every is None else PRESENCE_MISSES * self.every
 
 
-class Hello(_Msg):
+class Hello(_Message):
     kind: Literal["hello"] = "hello"
     client_id: str
     samples: int = Field(ge=0)
@@ -154,7 +149,7 @@ class Hello(_Msg):
     )
 
 
-class Ack(_Msg):
+class Ack(_Message):
     kind: Literal["ack"] = "ack"
     task_id: str
     client_id: str
@@ -165,7 +160,7 @@ class Ack(_Msg):
 RUN_ID = r"^[0-9a-f]{8,64}$"
 
 
-class ModelAnnouncement(_Msg):
+class ModelAnnouncement(_Message):
     kind: Literal["model"] = "model"
     run: str | None = Field(None, pattern=RUN_ID)  # the run it belongs to (Status.run)
     round: int
@@ -174,7 +169,7 @@ class ModelAnnouncement(_Msg):
     accuracy: float | None = None
 
 
-class Status(_Msg):
+class Status(_Message):
     """Retained: where the federation is, and what a new client needs to estimate its budget
     before its first task (model, recipe, deadline). ``run`` names the coordinator's run (kept
     across ``--resume``): a retained status of another run (an earlier one under the same

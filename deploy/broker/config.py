@@ -31,7 +31,7 @@ from pathlib import Path
 from cryptography import x509
 
 from cahfp.errors import CAHFPError
-from cahfp.protocol import CLIENT_ID_PREFIX, DEFAULT_CHUNK, check_name
+from cahfp.mqtt.protocol import CLIENT_ID_PREFIX, DEFAULT_CHUNK, check_name
 from deploy import pki
 
 COORDINATOR = "coordinator"

@@ -1,0 +1,1 @@
+"""The coordinator's commands: coordinator, simulate, compare, export."""

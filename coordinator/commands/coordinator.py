@@ -1,0 +1,89 @@
+"""``cahfp coordinator``: run the coordinator service over MQTT."""
+
+from __future__ import annotations
+
+import argparse
+
+from cahfp.cli.options import add_broker, add_data_dir, parse_set, setup_logging
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("coordinator", help="run the coordinator service over MQTT")
+    add_broker(p)
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", help="run directory (metrics, checkpoints, model, plots)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the last checkpoint (a run directory without one starts fresh)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="start over in an --out that holds a run (deletes it)"
+    )
+    p.add_argument(
+        "--registration-timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for clients before round 1 (default: the deadline)",
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--inbox-memory-mb",
+        type=float,
+        default=64,
+        help="received bytes held in memory before the backlog waits on disk (default 64)",
+    )
+    p.add_argument(
+        "--spool-dir",
+        help="directory for that backlog, in an unlinked file (default: the --out directory, "
+        "else the system temp directory)",
+    )
+    add_data_dir(p)
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from cahfp.config import load_config
+    from coordinator.service import Coordinator
+    from coordinator.view import ProgressView
+
+    setup_logging(args)
+    cfg = load_config(
+        args.config,
+        {
+            "data.data_dir": args.data_dir,
+            "data.download": True if args.download else None,
+            **parse_set(args.set),
+        },
+    )
+    view = ProgressView(cfg, Console(stderr=True), quiet=True)
+    coord = Coordinator(
+        cfg,
+        args.broker,
+        args.out,
+        resume=args.resume,
+        force=args.force,
+        credentials=args.credentials,
+        ca_file=args.ca,
+        cert_file=args.cert,
+        key_file=args.key,
+        protocol=args.mqtt_version,
+        on_event=view.event,
+        inbox_memory=int(args.inbox_memory_mb * (1 << 20)),
+        spool_dir=args.spool_dir,
+    )
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):  # stop within a second, keep completed rounds
+        signal.signal(sig, lambda *_: coord.stop.set())
+    summary = coord.run(registration_timeout=args.registration_timeout)
+    acc = summary["final_accuracy"]
+    print(
+        ("stopped: " if coord.stop.is_set() else "")
+        + (f"final accuracy {acc:.4f}" if acc is not None else "no round evaluated")
+        + f" after {summary['rounds']} rounds"
+        + (f"; results in {args.out}" if args.out else "")
+    )
+    return 0

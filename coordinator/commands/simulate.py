@@ -1,0 +1,81 @@
+"""``cahfp simulate``: run a federation in-process (no broker)."""
+
+from __future__ import annotations
+
+import argparse
+
+from cahfp.cli.options import add_data_dir, parse_set
+from cahfp.errors import CAHFPError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="run a federation in-process (no broker)")
+    p.add_argument("--config", help="TOML config (see examples/); defaults apply without one")
+    p.add_argument(
+        "--strategy",
+        help="fedavg, fedavg-fit, heterofl, fedrolex, magnitude, random, taylor, cahfp",
+    )
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--clients", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="run directory for metrics, checkpoints, model and plots")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in --out from its last checkpoint (with its "
+        "config.toml unless --config is given); the result is the uninterrupted run's",
+    )
+    again.add_argument(
+        "--force", action="store_true", help="start over in an --out that holds a run (deletes it)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set pruning.refresh_period=3",
+    )
+    p.add_argument("--quiet", action="store_true", help="log lines instead of a live view")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_data_dir(p)
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from cahfp.config import load_config
+    from coordinator.simulation import simulate
+
+    overrides = {
+        "federation.strategy": args.strategy,
+        "federation.rounds": args.rounds,
+        "federation.seed": args.seed,
+        "federation.clients": args.clients,
+        "data.data_dir": args.data_dir,
+        "data.download": True if args.download else None,
+        **parse_set(args.set),
+    }
+    config = args.config
+    if args.resume and config is None and args.out:
+        from pathlib import Path
+
+        config = Path(args.out) / "config.toml"  # the interrupted run's own configuration
+        if not config.is_file():
+            raise CAHFPError(f"{args.out} holds no run to resume (no config.toml); give --config")
+    cfg = load_config(config, overrides)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.quiet:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    summary = simulate(cfg, args.out, quiet=args.quiet, resume=args.resume, force=args.force)
+    print(
+        f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f})"
+        f", mean client FLOPs {summary['mean_client_flops_vs_dense'] or 1:.2f} of dense, "
+        f"uplink {summary['mean_uplink_mb']:.2f} MB per client-round"
+        + (f"; results in {args.out}" if args.out else "")
+    )
+    return 0

@@ -1,0 +1,1 @@
+"""The deployment commands: deploy, testbed, demo."""
