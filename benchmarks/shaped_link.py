@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from benchmarks.transfer import payload, publish, receiver
-from edge_client.link import MqttLink
+from cahfp.mqtt.link import MqttLink
 
 RATES_MBPS = (1000, 100)  # a server's gigabit link; a board on Fast Ethernet
 

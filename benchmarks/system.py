@@ -32,13 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import env_line, environment, md_table, write_results
+from benchmarks.swarm import MAX_CLIENTS
 from cahfp.config import PruningConfig
 from cahfp.costs import flop_counter, training_flops
 from cahfp.models import build_model
 from cahfp.pruning import extract, make_plan, score_groups
 from cahfp.pruning.extract import slice_tensor
 from cahfp.wire import encode_state, encode_update
-from edge_client.swarm import MAX_CLIENTS
 
 KEEPS = (0.75, 0.5, 0.25)
 
@@ -359,14 +359,14 @@ def part_scale(args) -> list[dict]:
                 f'[data]\ndataset = "fmnist"\neval_samples = 1000\n'
                 + (f'data_dir = "{args.data_dir}"\n' if args.data_dir else "")
             )
-            swarms = []  # several processes: see edge_client.swarm.MAX_CLIENTS
+            swarms = []  # several processes: see benchmarks.swarm.MAX_CLIENTS
             for k in range(0, n, MAX_CLIENTS):
                 swarms.append(
                     subprocess.Popen(
                         [
                             sys.executable,
                             "-m",
-                            "edge_client.swarm",
+                            "benchmarks.swarm",
                             "--broker",
                             broker.url,
                             "--federation",

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 from benchmarks.common import env_line, environment, md_table, write_results
+from cahfp.mqtt.link import MqttLink
 from cahfp.protocol import Reassembler, split_payload
 from coordinator.broker import EmbeddedBroker
-from edge_client.link import MqttLink
 
 
 def receiver(
@@ -137,9 +137,9 @@ SIZES = (6000, 18000)  # training images split over the 3 clients
 
 def bench_round(url: str, rounds: int, data_dir: str | None, train_samples: int) -> dict:
     from cahfp.config import load_config
-    from coordinator.demo import spawn_clients, stop_all
     from coordinator.service import Coordinator
     from coordinator.simulation import simulate
+    from deploy.demo import spawn_clients, stop_all
 
     overrides = {
         "federation.name": f"bench-round-{train_samples}",

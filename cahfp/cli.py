@@ -207,12 +207,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     import json
 
+    from cahfp.device.budget import device_budget
+    from cahfp.device.calibrate import calibrate
+    from cahfp.device.measure import measure_device
     from cahfp.messages import BudgetSettings, ModelSpec
     from cahfp.training import Recipe
     from device_profiles import REFERENCE_FLOPS_PER_SECOND, load_profile
-    from edge_client.budget import device_budget
-    from edge_client.calibrate import calibrate
-    from edge_client.device import measure_device
 
     board = load_profile(args.profile) if args.profile else None
     info = measure_device()
@@ -380,7 +380,7 @@ def _logging(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from coordinator.demo import run_demo
+    from deploy.demo import run_demo
 
     if args.quiet:
         _logging(args)

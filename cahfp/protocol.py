@@ -1,5 +1,5 @@
 """The MQTT protocol as data: topic names, the chunk format for large payloads, and a bounded
-reassembler. No sockets here; ``edge_client.link`` carries these bytes over paho-mqtt.
+reassembler. No sockets here; ``cahfp.mqtt.link`` carries these bytes over paho-mqtt.
 
 Topics (``<fed>`` = federation id, ``<c>`` = client id = MQTT username):
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
+from cahfp.client_round import ClientState, Result, run_task
 from cahfp.messages import TaskMessage, UpdateMessage
 from coordinator.transport import Received, Transport
-from edge_client.task import ClientState, Result, run_task
 
 
 class InProcessTransport(Transport):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from cahfp.errors import CAHFPError
 from cahfp.messages import TaskMessage, UpdateMessage
+from cahfp.mqtt.link import MqttLink
 from cahfp.protocol import (
     DEFAULT_CHUNK,
     Ack,
@@ -26,7 +27,6 @@ from cahfp.protocol import (
 )
 from coordinator.transport import Received, Rejected, Transport
 from coordinator.upload_budget import UploadBudget
-from edge_client.link import MqttLink
 
 log = logging.getLogger("cahfp.coordinator.mqtt")
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from cahfp.config import Config
 from cahfp.errors import CAHFPError
 from cahfp.messages import ModelSpec
+from cahfp.mqtt.inbox import DEFAULT_MEMORY
+from cahfp.mqtt.link import MqttLink, client_certificate, read_credentials
 from cahfp.protocol import RUN_ID, ModelAnnouncement, Status, Topics
 from cahfp.training import evaluate
 from cahfp.wire import encode_state
@@ -30,8 +32,6 @@ from coordinator.records import (
     summarize,
 )
 from coordinator.simulation import evaluation_data
-from edge_client.inbox import DEFAULT_MEMORY
-from edge_client.link import MqttLink, client_certificate, read_credentials
 
 log = logging.getLogger("cahfp.coordinator")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from cahfp.client_round import ClientState
 from cahfp.config import Config
 from cahfp.data import ImageData, load_dataset, partition
 from cahfp.data import training_pool as data_training_pool
@@ -29,7 +30,6 @@ from coordinator.records import (
     load_server_state,
 )
 from coordinator.view import ProgressView
-from edge_client.task import ClientState
 
 log = logging.getLogger("cahfp.simulate")
 
@@ -173,10 +173,10 @@ def emulate_devices(cfg: Config, spec: ModelSpec, states: dict[str, ClientState]
     """Give every simulated client the budget of the board it emulates (its
     ``clients.profiles`` entry), set up as a real client's is (``device_budget``). Returns each
     client's initial keep estimate (its 'hello')."""
+    from cahfp.client_round import announced_keep
+    from cahfp.device.budget import device_budget
+    from cahfp.device.calibrate import calibrate
     from device_profiles import load_profile
-    from edge_client.budget import device_budget
-    from edge_client.calibrate import calibrate
-    from edge_client.task import announced_keep
 
     calibration = calibrate(spec, cfg.train.batch_size)
     scored = cfg.pruning.score_batches * cfg.train.batch_size

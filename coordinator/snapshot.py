@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from cahfp.client_round import ClientState
 from cahfp.errors import CAHFPError
 from cahfp.pruning.extract import IndexMap
 from coordinator.engine import ClientRecord, RoundEngine
-from edge_client.task import ClientState
 
 BUDGET_FIELDS = ("correction", "score_factor", "overhead_s")
 

@@ -34,8 +34,16 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cahfp.client_round import (
+    ClientState,
+    announced_keep,
+    data_mismatch,
+    model_problem,
+    run_task,
+)
 from cahfp.errors import CAHFPError
 from cahfp.messages import BudgetSettings, ModelSpec, TaskMessage, UpdateMessage
+from cahfp.mqtt.link import MqttLink
 from cahfp.protocol import (
     PRESENCE_EVERY,
     Ack,
@@ -48,14 +56,6 @@ from cahfp.protocol import (
     parse_json,
 )
 from cahfp.training import Recipe
-from edge_client.link import MqttLink
-from edge_client.task import (
-    ClientState,
-    announced_keep,
-    data_mismatch,
-    model_problem,
-    run_task,
-)
 
 log = logging.getLogger("cahfp.client")
 

@@ -9,15 +9,15 @@ import signal
 
 import torch
 
+from cahfp.client_round import ClientState
 from cahfp.data import load_dataset, partition, training_pool
+from cahfp.device.budget import device_budget
 from cahfp.errors import CAHFPError
 from cahfp.messages import ModelSpec
+from cahfp.mqtt.link import MqttLink, client_certificate, read_credentials
 from cahfp.protocol import PRESENCE_EVERY, Topics, check_name
 from cahfp.training import Recipe
 from edge_client.agent import Agent
-from edge_client.budget import device_budget
-from edge_client.link import MqttLink, client_certificate, read_credentials
-from edge_client.task import ClientState
 
 log = logging.getLogger("cahfp.client")
 
@@ -46,12 +46,12 @@ def local_data(args: argparse.Namespace):
 def budget_setup(state: ClientState, profile: str):
     """``none``: this device does not measure itself (it trains what the coordinator assigns:
     the dense model, or its fixed tier); ``auto``: it measures itself; a profile name: it
-    emulates that board (``edge_client.budget.device_budget``). Returns the calibration step
+    emulates that board (``cahfp.device.budget.device_budget``). Returns the calibration step
     (run once the federation's model is known) and what the hello describes."""
     if profile == "none":
         return None, {}
-    from edge_client.calibrate import calibrate
-    from edge_client.device import measure_device
+    from cahfp.device.calibrate import calibrate
+    from cahfp.device.measure import measure_device
 
     info = measure_device()
     described = {"device": {k: v for k, v in info.to_dict().items() if k != "cgroup"}}

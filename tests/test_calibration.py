@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from cahfp.aggregation import StatisticsPool
+from cahfp.client_round import ClientState, run_task
 from cahfp.errors import InvalidUpdate
 from cahfp.messages import Metrics, TaskMessage, UpdateMessage
 from cahfp.training import recalibrate_batchnorm
 from cahfp.wire import decode_state, encode_state, encode_update
 from coordinator.simulation import federation_data
 from coordinator.transport import Transport
-from edge_client.task import ClientState, run_task
 from tests.test_federation import simulate_both, small_config
 
 LAYER = "bn"
@@ -267,9 +267,9 @@ def test_swarm_clients_answer_statistics_tasks_with_statistics_the_coordinator_a
     import threading
     import time
 
+    from benchmarks.swarm import Swarm
     from cahfp.protocol import Reassembler, Topics
     from coordinator.engine import RoundEngine
-    from edge_client.swarm import Swarm
 
     cfg, _, spec, _ = _client_setup(fmnist_root)
     swarm = Swarm("mqtt://127.0.0.1:1", "fed", 0, spec, distinct=4)

@@ -16,10 +16,10 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from cahfp.mqtt.link import LinkError, MqttLink, read_credentials
 from cahfp.protocol import CLIENT_ID_PREFIX, Topics
 from coordinator.broker import free_port
 from deploy import broker_config as bc
-from edge_client.link import LinkError, MqttLink, read_credentials
 from tests.conftest import missing
 from tests.mqtt_helpers import (
     REPO,

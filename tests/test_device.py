@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from cahfp.config import ConfigError, load_config
+from cahfp.device.budget import BudgetModel, Calibration, Constraints
+from cahfp.device.measure import measure_device, read_cgroup_limits
 from cahfp.errors import BudgetInfeasible
 from device_profiles import load_profile, profile_names
-from edge_client.budget import BudgetModel, Calibration, Constraints
-from edge_client.device import measure_device, read_cgroup_limits
 
 MIB = 1 << 20
 
@@ -196,12 +196,12 @@ def test_bad_profile_names_are_config_errors():
 def test_an_emulated_board_runs_at_its_profile_speed_whatever_the_hosts_speed(monkeypatch):
     """A shared host's speed drifts by 2x; an emulated board's predicted seconds must not: the
     host's measured throughput is divided out (device seconds = FLOPs / the board's FLOP/s)."""
-    import edge_client.calibrate as calibrate_mod
+    import cahfp.device.calibrate as calibrate_mod
+    from cahfp.client_round import ClientState
     from cahfp.messages import ModelSpec
     from cahfp.training import Recipe
     from device_profiles import REFERENCE_FLOPS_PER_SECOND
     from edge_client.service import budget_setup
-    from edge_client.task import ClientState
 
     pi4 = load_profile("raspberry-pi-4")
     assert pi4.flops_per_second == pytest.approx(pi4.relative_speed * REFERENCE_FLOPS_PER_SECOND)
@@ -234,8 +234,8 @@ def test_an_emulated_board_keeps_time_on_this_processs_cpu_not_the_wall_clock():
     not charged to it; a real board keeps wall-clock time."""
     import time
 
-    from edge_client.budget import device_budget
-    from edge_client.task import ClientState
+    from cahfp.client_round import ClientState
+    from cahfp.device.budget import device_budget
 
     pi4 = load_profile("raspberry-pi-4")
     cal = Calibration(
@@ -300,10 +300,10 @@ def test_an_emulated_client_trains_on_one_core_unless_told(tmp_path):
 
 
 def test_calibration_measures_the_dense_models_training_flops():
+    from cahfp.client_round import architecture
     from cahfp.costs import training_flops
+    from cahfp.device.calibrate import calibrate
     from cahfp.messages import ModelSpec
-    from edge_client.calibrate import calibrate
-    from edge_client.task import architecture
 
     spec = ModelSpec(name="vgg11", width=0.25, num_classes=10, in_channels=1, image_size=28)
     cal = calibrate(spec, 8, seconds=0.05, use_cache=False)
@@ -338,10 +338,10 @@ def test_profiles_with_non_finite_figures_are_refused_in_one_line(tmp_path, figu
 def test_budget_settings_travel_with_the_task_and_bound_the_choice():
     """The federation's clients.safety / min_keep / max_keep reach a real client in every task
     (and in the retained status): its choice stays within them."""
+    from cahfp.client_round import ClientState, decide_keep
+    from cahfp.device.budget import device_budget
     from cahfp.messages import BudgetSettings, ModelSpec, TaskMessage
     from cahfp.training import Recipe
-    from edge_client.budget import device_budget
-    from edge_client.task import ClientState, decide_keep
 
     spec = ModelSpec(name="vgg11", width=0.25, num_classes=10, in_channels=1, image_size=28)
     state = ClientState("c", torch.zeros(1000))  # only its length matters here
@@ -386,14 +386,14 @@ def test_a_board_that_no_keep_fits_says_why_in_its_own_log(tmp_path, caplog, mon
     import json
     import logging
 
-    import edge_client.calibrate as calibrate_mod
+    import cahfp.device.calibrate as calibrate_mod
+    from cahfp.client_round import ClientState
     from cahfp.data.datasets import ImageData
     from cahfp.messages import BudgetSettings, ModelSpec
     from cahfp.protocol import Status, Topics
     from cahfp.training import Recipe
     from edge_client.agent import Agent
     from edge_client.service import budget_setup
-    from edge_client.task import ClientState
 
     board = _profile_file(tmp_path, "glacial", relative_speed="1e-12")
     cal = calibration()

@@ -312,7 +312,7 @@ def test_anchor_scores_travel_both_ways_and_bad_ones_are_refused(fmnist_root, tm
             engine._reported_scores(bad, True)
     # what a board does with a bad anchor from the coordinator: a typed error, so that the task
     # is answered "failed" with the reason instead of the agent's loop dying in the planner
-    from edge_client.task import _side
+    from cahfp.client_round import _side
 
     anchor = {f"anchor/{g.name}": torch.ones(g.size) for g in engine.groups}
     assert set(_side(engine.groups, anchor, "anchor")) == {g.gid for g in engine.groups}
@@ -387,10 +387,10 @@ def test_statistics_are_asked_for_when_no_dense_update_is_expected(fmnist_root):
 
 def test_an_update_without_the_statistics_it_was_asked_for_is_refused(fmnist_root):
     from cahfp.aggregation import Aggregator
+    from cahfp.client_round import submodel_from_slice
     from cahfp.messages import Metrics, UpdateMessage
     from coordinator.engine import RoundEngine
     from coordinator.inprocess import InProcessTransport
-    from edge_client.task import submodel_from_slice
 
     cfg = small_config(fmnist_root, "heterofl")
     _, _, spec = federation_data(cfg)
@@ -469,10 +469,10 @@ def test_the_device_decides_its_keep_by_default_and_the_coordinator_only_caps_it
 def test_a_task_for_data_that_does_not_fit_is_answered_failed_with_the_reason(fmnist_root):
     """Checked again when a task arrives: the answer is an immediate `failed` naming the
     mismatch, never an exception that takes the client down (or a round waiting for it)."""
+    from cahfp.client_round import ClientState, run_task
     from cahfp.data.datasets import ImageData
     from coordinator.engine import RoundEngine
     from coordinator.inprocess import InProcessTransport
-    from edge_client.task import ClientState, run_task
 
     cfg = small_config(fmnist_root, "cahfp")
     _, _, spec = federation_data(cfg)

@@ -4,7 +4,7 @@ import os
 import random
 import threading
 
-from edge_client.inbox import Incoming, SpoolingInbox
+from cahfp.mqtt.inbox import Incoming, SpoolingInbox
 
 
 def messages(n, seed=0):

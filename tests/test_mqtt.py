@@ -14,9 +14,9 @@ import torch
 
 from cahfp.messages import Metrics, TaskMessage, UpdateMessage
 from cahfp.models import build_model
+from cahfp.mqtt.link import MqttLink
 from cahfp.protocol import Topics, split_payload
 from cahfp.wire import decode_state, encode_update
-from edge_client.link import MqttLink
 from tests.mqtt_helpers import (
     cli,
     client,

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
+from cahfp.mqtt.link import MqttLink
 from cahfp.protocol import Hello, Presence, Status, Topics, parse_json
 from coordinator.broker import EmbeddedBroker
-from edge_client.link import MqttLink
 from tests.mqtt_helpers import (
     client,
     coordinator,

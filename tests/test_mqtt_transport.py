@@ -6,11 +6,11 @@ import collections
 import time
 
 from cahfp.messages import Metrics, ModelSpec, TaskMessage, UpdateMessage
+from cahfp.mqtt.inbox import Incoming
 from cahfp.protocol import Hello, Presence, Topics, split_payload
 from cahfp.training import Recipe
 from coordinator.mqtt_transport import MqttTransport
 from coordinator.upload_budget import UploadBudget
-from edge_client.inbox import Incoming
 
 SPEC = ModelSpec(name="vgg11", width=0.25, num_classes=10, in_channels=1, image_size=28)
 

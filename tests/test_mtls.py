@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from cahfp.mqtt.link import CertificateRefused, MqttLink, read_credentials
 from cahfp.protocol import Topics
 from coordinator.broker import free_port
 from deploy import broker_config as bc
 from deploy import pki
-from edge_client.link import CertificateRefused, MqttLink, read_credentials
 from tests.conftest import missing
 from tests.mqtt_helpers import (
     REPO,

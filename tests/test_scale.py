@@ -4,10 +4,10 @@ import time
 
 import pytest
 
+from benchmarks.swarm import Swarm
 from cahfp.config import load_config
 from cahfp.messages import ModelSpec
 from coordinator.service import Coordinator
-from edge_client.swarm import Swarm
 
 pytestmark = pytest.mark.slow
 

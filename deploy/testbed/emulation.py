@@ -26,7 +26,7 @@ from pathlib import Path
 
 from cahfp.config import Config
 from cahfp.errors import CAHFPError
-from coordinator.demo import client_command
+from deploy.demo import client_command
 from device_profiles import DeviceProfile, load_profile
 
 log = logging.getLogger("cahfp.testbed")

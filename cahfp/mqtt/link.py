@@ -28,8 +28,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from cahfp.errors import CAHFPError
+from cahfp.mqtt.inbox import DEFAULT_MEMORY, Incoming, SpoolingInbox
 from cahfp.protocol import CLIENT_ID_PREFIX, DEFAULT_CHUNK, iter_chunks
-from edge_client.inbox import DEFAULT_MEMORY, Incoming, SpoolingInbox
 
 log = logging.getLogger("cahfp.link")
 HEADER_ROOM = 512  # chunk header + MQTT fixed header + topic, kept below the packet limit

@@ -19,10 +19,10 @@ from torch import nn
 
 from cahfp.costs import training_flops
 from cahfp.data.paths import default_data_dir
+from cahfp.device.budget import Calibration
+from cahfp.device.measure import read_cgroup_limits
 from cahfp.messages import ModelSpec
 from cahfp.pruning import extract, make_plan, score_groups
-from edge_client.budget import Calibration
-from edge_client.device import read_cgroup_limits
 
 SMALL_KEEP = 0.25
 
@@ -53,7 +53,7 @@ def _time_steps(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, seconds: float
 ) -> tuple[float, float]:
     """Seconds per sample of SGD steps (after one warm-up step): wall-clock and this process's
-    CPU time (the clock an emulated board keeps, see ``edge_client.budget.device_budget``)."""
+    CPU time (the clock an emulated board keeps, see ``cahfp.device.budget.device_budget``)."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     model.train()
 
@@ -92,7 +92,7 @@ def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
 def calibrate(
     spec: ModelSpec, batch_size: int, seconds: float = 0.5, use_cache: bool = True
 ) -> Calibration:
-    from edge_client.task import architecture
+    from cahfp.client_round import architecture
 
     key = _key(spec, batch_size)
     path = cache_file()

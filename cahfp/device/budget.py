@@ -42,7 +42,7 @@ MIB = 1 << 20
 
 @dataclass
 class Calibration:
-    """Measured on this device for one model (see ``edge_client.calibrate``)."""
+    """Measured on this device for one model (see ``cahfp.device.calibrate``)."""
 
     seconds_per_sample: float  # dense training step time per sample
     seconds_per_sample_small: float  # the same at ``small_keep``

@@ -5,7 +5,7 @@ and every statistics task with valid BatchNorm statistics, so that the coordinat
 real work (tasks, transfers, reassembly, validation, aggregation, the statistics phase) without
 the clients training.
 
-    python -m edge_client.swarm --broker mqtt://127.0.0.1:1883 --federation F --clients 100 \\
+    python -m benchmarks.swarm --broker mqtt://127.0.0.1:1883 --federation F --clients 100 \\
         --model vgg11 --width 0.33
 
 paho's network loop waits with select(), which cannot watch file descriptors above 1023, and
@@ -26,13 +26,13 @@ import time
 
 import torch
 
+from cahfp.client_round import architecture
 from cahfp.messages import Metrics, ModelSpec, TaskMessage, UpdateMessage
+from cahfp.mqtt.link import MqttLink
 from cahfp.protocol import Hello, Presence, ProtocolError, Topics, parse_json, split_payload
 from cahfp.pruning import extract, make_plan, score_groups
 from cahfp.pruning.reconstruct import is_statistic
 from cahfp.wire import encode_state, encode_update
-from edge_client.link import MqttLink
-from edge_client.task import architecture
 
 log = logging.getLogger("cahfp.swarm")
 MAX_CLIENTS = 250  # per process: 3 file descriptors each must stay below select()'s 1024

@@ -17,6 +17,7 @@ from torch import nn
 
 from cahfp.costs import forward_flops, training_flops
 from cahfp.data import ImageData
+from cahfp.device.budget import DeviceBudget
 from cahfp.errors import BudgetInfeasible, CAHFPError, InvalidUpdate
 from cahfp.messages import BudgetSettings, Metrics, ModelSpec, TaskMessage, UpdateMessage
 from cahfp.models import build_model
@@ -25,7 +26,6 @@ from cahfp.pruning.extract import IndexMap, same_index_map
 from cahfp.pruning.reconstruct import is_statistic
 from cahfp.training import Recipe, TrainingCancelled, recalibrate_batchnorm, train
 from cahfp.wire import decode_update, encode_state, encode_update
-from edge_client.budget import DeviceBudget
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Result:
 @dataclass
 class ClientState:
     """What a device keeps between rounds: its data, its current plan and, when it chooses its
-    own keep, its budget (``edge_client.budget.device_budget``)."""
+    own keep, its budget (``cahfp.device.budget.device_budget``)."""
 
     client_id: str
     data: ImageData

@@ -1,0 +1,1 @@
+"""The device budget shared by simulation and deployment: measurement, calibration, budget."""

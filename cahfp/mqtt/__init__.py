@@ -1,0 +1,1 @@
+"""The MQTT link both apps use: the paho-mqtt client wrapper and its spooling inbox."""
