@@ -6,6 +6,7 @@ Errors name the offending key and value, e.g.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,8 @@ from cahfp.errors import CAHFPError, ConfigError, UnknownName  # noqa: F401 (Con
 from cahfp.messages import BudgetSettings
 from cahfp.pruning.options import PlanKnobs
 from cahfp.training import Recipe
+
+log = logging.getLogger("cahfp.config")
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -203,7 +206,35 @@ class ClientsConfig(_Strict):
         return v
 
 
+# [aggregation] keys renamed when "calibrate" came to mean only a device's speed measurement:
+# the old names keep working for one release, with a warning naming the new key
+RENAMED_AGGREGATION = {
+    "calibrate_statistics": "measure_statistics",
+    "calibration_batches": "statistics_batches",
+    "calibration_clients": "statistics_clients",
+    "calibration_deadline_s": "statistics_deadline_s",
+}
+
+
 class AggregationConfig(_Strict):
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for old, new in RENAMED_AGGREGATION.items():
+            if old in data:
+                log.warning(
+                    "config key aggregation.%s is deprecated (removed in the next release): "
+                    "use aggregation.%s",
+                    old,
+                    new,
+                )
+                value = data.pop(old)
+                data.setdefault(new, value)
+        return data
+
     uncovered_weight: float = Field(
         0.0,
         ge=0,
@@ -238,23 +269,23 @@ class AggregationConfig(_Strict):
         description="the coordinator moves the global model by this times its previous step "
         "plus the round's aggregated step (FedAvgM, server learning rate 1); 0 = the aggregate",
     )
-    calibrate_statistics: bool = Field(
+    measure_statistics: bool = Field(
         True,
         description="after aggregation, the round's dense participants recompute the new "
         "global model's BatchNorm statistics on their data (a statistics task); they replace "
         "the averaged ones",
     )
-    calibration_batches: int = Field(
+    statistics_batches: int = Field(
         2, ge=1, le=1024, description="local batches each client measures in a statistics task"
     )
-    calibration_clients: int = Field(
+    statistics_clients: int = Field(
         8,
         ge=1,
         description="at most this many of the round's dense participants are asked to "
         "measure statistics (a seeded sample of them; 8 clients x 2 batches of 32 images "
         "estimate them well), so that a large federation's phase costs a constant",
     )
-    calibration_deadline_s: float = Field(
+    statistics_deadline_s: float = Field(
         120.0,
         gt=0,
         description="how long the statistics phase waits for answers (at most the round's "

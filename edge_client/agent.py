@@ -275,7 +275,7 @@ class Agent:
                 log.warning("%s: calibration failed: %s", self.me, exc)
         if self.state.device is not None and status.deadline_s:
             keep, reason = announced_keep(
-                self.state, spec, recipe, status.deadline_s, budget, status.score_samples
+                self.state, recipe, status.deadline_s, budget, status.score_samples
             )
             if keep == 0 and reason != self.infeasible:  # say why it is never selected
                 log.warning("%s: no keep fits this device: %s", self.me, reason)

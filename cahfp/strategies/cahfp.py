@@ -37,10 +37,14 @@ class CAHFP(ClientPlanned):
         return t
 
     def plan_options(self, rnd: int) -> PlanOptions:
-        return super().plan_options(rnd).but(
-            coverage_weight=self._knob("coverage_weight", 0.0),
-            temperature=self.temperature(rnd),
-            anchor_weight=self._knob("anchor_weight", 0.0),
+        return (
+            super()
+            .plan_options(rnd)
+            .but(
+                coverage_weight=self._knob("coverage_weight", 0.0),
+                temperature=self.temperature(rnd),
+                anchor_weight=self._knob("anchor_weight", 0.0),
+            )
         )
 
     def side_names(self, plan: PlanOptions | None) -> tuple[str, ...]:
