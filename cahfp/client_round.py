@@ -25,7 +25,7 @@ from cahfp.pruning import build_compact, extract, make_plan, normalised_scores, 
 from cahfp.pruning.extract import IndexMap, same_index_map
 from cahfp.pruning.reconstruct import is_statistic
 from cahfp.pruning.sides import checked_sides
-from cahfp.training import Recipe, TrainingCancelled, recalibrate_batchnorm, train
+from cahfp.training import Recipe, TrainingCancelled, measure_batchnorm_statistics, train
 from cahfp.wire import decode_update, encode_state, encode_update
 
 
@@ -252,7 +252,7 @@ def _statistics_task(state: ClientState, task: TaskMessage, payload: bytes, star
         raise InvalidUpdate("a statistics task must carry the dense global model")
     model, _ = _dense_model(task.model, payload)
     t0 = state.clock()
-    images = recalibrate_batchnorm(
+    images = measure_batchnorm_statistics(
         model, state.data, task.calibration_batches, task.recipe.batch_size, seed=task.seed
     )
     if images == 0:

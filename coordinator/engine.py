@@ -127,8 +127,6 @@ class RoundEngine(ClientRegistry, UpdateAcceptance, StatisticsPhase, PayloadCach
 
     # ------------------------------------------------------------------ one round
 
-    # ------------------------------------------------------------------ one round
-
     def run_round(self, rnd: int) -> RoundRecord:
         start, cpu_start = time.perf_counter(), time.process_time()
         selected = self.select(rnd)

@@ -353,7 +353,7 @@ class Agent:
         import hashlib
 
         from cahfp.data.datasets import DatasetInfo
-        from cahfp.training import recalibrate_batchnorm
+        from cahfp.training import measure_batchnorm_statistics
         from edge_client.exporting import export_submodel
 
         d = self.state.data
@@ -361,7 +361,7 @@ class Agent:
         # Statistics averaged over up to 8 batches of 64 local images under the final weights,
         # not the running average that trailed the weights through training (for a pruned
         # submodel, not those inherited from the dense model either).
-        calibrated = recalibrate_batchnorm(result.submodel, d, seed=task.round)
+        calibrated = measure_batchnorm_statistics(result.submodel, d, seed=task.round)
         try:
             export_submodel(
                 result.submodel,

@@ -10,7 +10,7 @@ from cahfp.aggregation import StatisticsPool
 from cahfp.client_round import ClientState, run_task
 from cahfp.errors import InvalidUpdate
 from cahfp.messages import Metrics, TaskMessage, UpdateMessage
-from cahfp.training import recalibrate_batchnorm
+from cahfp.training import measure_batchnorm_statistics
 from cahfp.wire import decode_state, encode_state, encode_update
 from coordinator.simulation import federation_data
 from coordinator.transport import Transport
@@ -109,7 +109,7 @@ def test_a_statistics_task_measures_the_received_model_and_keeps_the_clients_pla
     assert meta["round"] == 1 and meta["client"] == "client-000"
     expected = copy.deepcopy(engine.model)
     expected.load_state_dict(engine.state)
-    recalibrate_batchnorm(expected, clients[0], 2, cfg.train.batch_size, seed=11)
+    measure_batchnorm_statistics(expected, clients[0], 2, cfg.train.batch_size, seed=11)
     reference = expected.state_dict()
     assert set(stats) == {
         k for k in reference if k.endswith(("running_mean", "running_var", "num_batches_tracked"))
@@ -161,7 +161,7 @@ def test_statistics_phase_replaces_only_the_statistics_with_those_of_the_new_mod
     model = build_model(spec.name, spec.num_classes, spec.in_channels, spec.width, seed=None)
     model.load_state_dict(models[True])
     seed = cfg.federation.seed * 1_000_003 + 2 * 1009 + 0
-    recalibrate_batchnorm(
+    measure_batchnorm_statistics(
         model, clients[0], cfg.aggregation.statistics_batches, cfg.train.batch_size, seed=seed
     )
     for k, v in model.state_dict().items():

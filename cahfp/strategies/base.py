@@ -18,10 +18,11 @@ from typing import ClassVar, Protocol
 import torch
 from torch import nn
 
+from cahfp.config import PruningConfig
 from cahfp.pruning import find_groups, index_map_for, make_plan, score_groups
 from cahfp.pruning.extract import IndexMap, kept_channels
 from cahfp.pruning.groups import GroupSet
-from cahfp.pruning.options import PlanKnobs, PlanOptions
+from cahfp.pruning.options import PlanOptions
 
 
 class PlannedClient(Protocol):
@@ -58,8 +59,9 @@ class Strategy:
     client_plans: ClassVar[bool] = False  # the client scores its own data and plans
     uplink_cap: ClassVar[bool] = False  # default of pruning.budget_uplink
 
-    def __init__(self, pruning: PlanKnobs, rounds: int = 1, seed: int = 0):
-        """``pruning``: the configuration's ``[pruning]`` table (or bare ``PlanKnobs``)."""
+    def __init__(self, pruning: PruningConfig, rounds: int = 1, seed: int = 0):
+        """``pruning``: the configuration's ``[pruning]`` table; ``rounds`` and ``seed``: the
+        federation's (``Config.strategy()`` passes all three)."""
         self.pruning = pruning
         self.rounds = rounds
         self.seed = seed
@@ -77,15 +79,12 @@ class Strategy:
         """Called once with the global model: find its channel groups when this prunes."""
         self.groups = find_groups(model, example) if self.prunes else None
 
-    def _knob(self, name: str, default):
-        return getattr(self.pruning, name, default)
-
     def plan_options(self, rnd: int) -> PlanOptions:
         """The options of this strategy's plans in round ``rnd`` (``make_plan``'s knobs)."""
-        alloc = self._knob("allocation", "auto")
+        alloc = self.pruning.allocation
         return PlanOptions.of(
             self.pruning,
-            scorer=self.scorer or "ordered",
+            **({"scorer": self.scorer} if self.scorer else {}),
             allocation=self.allocation if alloc == "auto" else alloc,
             budget_uplink=self.uplink_capped(),
             coverage_weight=0.0,
@@ -95,14 +94,15 @@ class Strategy:
 
     def uplink_capped(self) -> bool:
         """Whether plans keep each update's parameters within the client's keep fraction."""
-        cap = self._knob("budget_uplink", None)
+        cap = self.pruning.budget_uplink
         return self.uplink_cap if cap is None else bool(cap)
 
     # ------------------------------------------------------------------ who and what
 
     def eligible(self, keep: float) -> bool:
-        """Whether a client whose budget is ``keep`` may be selected."""
-        return keep > 0
+        """Whether a client whose budget is ``keep`` (> 0: the engine never selects a device
+        that can afford nothing) may be selected."""
+        return True
 
     def assign(self, rec: PlannedClient, rnd: int, self_budget: bool) -> Assignment:
         """What ``rec`` does in round ``rnd`` (``self_budget``: devices choose their keep)."""
@@ -131,15 +131,15 @@ class Strategy:
         return self.period_over(rec, rnd)
 
     def period_over(self, rec: PlannedClient, rnd: int) -> bool:
-        return rnd - rec.planned_round >= self._knob("refresh_period", 5)
+        return rnd - rec.planned_round >= self.pruning.refresh_period
 
     def mark_planned(self, rec: PlannedClient, rnd: int) -> None:
         """Record that ``rec``'s plan was made in ``rnd``. With staggering, a client's first plan
         counts as made ``index mod period`` rounds earlier, so that refreshes spread evenly over
         the rounds (each refresh then sees coverage that includes the others' recent choices)."""
         first = rec.planned_round is None
-        period = self._knob("refresh_period", 5)
-        stagger = self._knob("stagger_refresh", True)
+        period = self.pruning.refresh_period
+        stagger = self.pruning.stagger_refresh
         rec.planned_round = rnd - (rec.index % period if first and stagger else 0)
 
     # ------------------------------------------------------------------ side tensors
@@ -186,7 +186,7 @@ class Strategy:
         """Fold this round's covering shares into the decayed average; report min and mean."""
         if self._round_cover is None or total_weight <= 0:
             return None, None
-        decay = self._knob("coverage_decay", 0.5)
+        decay = self.pruning.coverage_decay
         share = {gid: v / total_weight for gid, v in self._round_cover.items()}
         if self.coverage is None:
             self.coverage = share

@@ -31,8 +31,8 @@ class CAHFP(ClientPlanned):
 
     def temperature(self, rnd: int) -> float:
         """The plan temperature for round ``rnd`` (1-based) under the configured schedule."""
-        t = self._knob("temperature", 0.0)
-        if self._knob("temperature_schedule", "constant") == "linear":
+        t = self.pruning.temperature
+        if self.pruning.temperature_schedule == "linear":
             return t * max(0.0, (self.rounds - rnd) / max(self.rounds - 1, 1))
         return t
 
@@ -41,9 +41,9 @@ class CAHFP(ClientPlanned):
             super()
             .plan_options(rnd)
             .but(
-                coverage_weight=self._knob("coverage_weight", 0.0),
+                coverage_weight=self.pruning.coverage_weight,
                 temperature=self.temperature(rnd),
-                anchor_weight=self._knob("anchor_weight", 0.0),
+                anchor_weight=self.pruning.anchor_weight,
             )
         )
 
@@ -57,7 +57,7 @@ class CAHFP(ClientPlanned):
         """A client's normalised channel scores (``score/<group root>``), checked in full; None
         when it sent none, or when they were not asked for (no anchor configured, or the
         client did not re-plan this round): those are ignored."""
-        if self.groups is None or self._knob("anchor_weight", 0.0) <= 0 or not refreshed:
+        if self.groups is None or self.pruning.anchor_weight <= 0 or not refreshed:
             return None
         # normalised_scores makes the mean magnitude over all channels 1 (or all scores 0)
         return checked_sides(self.groups, extras, "score", torch.float32, max_mean=1.0)
@@ -77,7 +77,7 @@ class CAHFP(ClientPlanned):
     def end_round(self, total_weight: float) -> tuple[float | None, float | None]:
         out = super().end_round(total_weight)
         if self._round_score_weight > 0:  # fold the round's scores into the decayed anchor
-            decay = self._knob("coverage_decay", 0.5)
+            decay = self.pruning.coverage_decay
             mean = {gid: v / self._round_score_weight for gid, v in self._round_scores.items()}
             if self.anchor is None:
                 self.anchor = mean
