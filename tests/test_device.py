@@ -338,7 +338,7 @@ def test_profiles_with_non_finite_figures_are_refused_in_one_line(tmp_path, figu
 def test_budget_settings_travel_with_the_task_and_bound_the_choice():
     """The federation's clients.safety / min_keep / max_keep reach a real client in every task
     (and in the retained status): its choice stays within them."""
-    from cahfp.client_round import ClientState, decide_keep
+    from cahfp.client_round import ClientState, announced_keep, decide_keep
     from cahfp.device.budget import device_budget
     from cahfp.messages import BudgetSettings
     from cahfp.training import Recipe
@@ -356,6 +356,12 @@ def test_budget_settings_travel_with_the_task_and_bound_the_choice():
     assert keep(2.0, safety=0.5) < tight  # less of the deadline
     with pytest.raises(BudgetInfeasible, match=r"even keep 0\.90"):
         keep(2.0, min_keep=0.9)
+    # the hello's announcement is the same decision for a refresh round (no task needed)
+    scoring = decide_keep(state, recipe, 2.0, BudgetSettings(), score_samples=128).keep
+    assert scoring < tight
+    assert announced_keep(state, recipe, 2.0, BudgetSettings(), 128)[0] == scoring
+    none, why = announced_keep(state, recipe, 2.0, BudgetSettings(min_keep=0.9), 128)
+    assert none == 0.0 and "even keep 0.90" in why
 
 
 class _Link:
