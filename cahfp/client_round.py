@@ -24,7 +24,8 @@ from cahfp.models import build_model
 from cahfp.pruning import build_compact, extract, make_plan, normalised_scores, score_groups
 from cahfp.pruning.extract import IndexMap, same_index_map
 from cahfp.pruning.reconstruct import is_statistic
-from cahfp.training import Recipe, TrainingCancelled, recalibrate_batchnorm, train
+from cahfp.pruning.sides import checked_sides
+from cahfp.training import Recipe, TrainingCancelled, measure_batchnorm_statistics, train
 from cahfp.wire import decode_update, encode_state, encode_update
 
 
@@ -144,20 +145,6 @@ def _dense_flops(state: ClientState, spec: ModelSpec, forward: bool = False) -> 
     return state.dense_flops[key]
 
 
-def _side(groups, extras: dict, kind: str) -> dict | None:
-    """A per-channel side tensor the coordinator sent with the dense model (``coverage`` or
-    ``anchor``, as ``<kind>/<group root>``), if any."""
-    if not any(k.startswith(kind + "/") for k in extras):
-        return None
-    side = {g.gid: extras.get(f"{kind}/{g.name}") for g in groups}
-    for g, v in zip(groups, side.values(), strict=True):
-        if v is None or v.shape != (g.size,) or not v.dtype.is_floating_point:
-            raise InvalidUpdate(f"{kind} side tensors do not match the model's channel groups")
-        if not torch.isfinite(v).all():
-            raise InvalidUpdate(f"{kind} side tensor for channel group {g.name} is not finite")
-    return side
-
-
 def run_task(state: ClientState, task: TaskMessage, payload: bytes, should_stop=None) -> Result:
     """Execute one task. Bad payloads and infeasible budgets become ``failed``/``declined``
     answers with the reason, never exceptions that would take the device agent down."""
@@ -206,21 +193,27 @@ def model_problem(spec: ModelSpec) -> str:
     return ""
 
 
-def round_samples(task: TaskMessage, local: int) -> int:
-    """Samples a round of ``task``'s recipe processes on ``local`` images."""
-    r = task.recipe
-    return r.steps * r.batch_size if r.steps else math.ceil(r.epochs * local)
+def round_samples(recipe: Recipe, local: int) -> int:
+    """Samples a round of ``recipe`` processes on ``local`` images."""
+    return recipe.steps * recipe.batch_size if recipe.steps else math.ceil(recipe.epochs * local)
 
 
 def decide_keep(
-    state: ClientState, task: TaskMessage, score_samples: int = 0, elapsed: float = 0.0
+    state: ClientState,
+    recipe: Recipe,
+    deadline_s: float,
+    budget: BudgetSettings,
+    score_samples: int = 0,
+    elapsed: float = 0.0,
 ):
-    """The device's own budget choice for ``task`` (raises ``BudgetInfeasible``)."""
+    """The device's own budget choice (``KeepChoice``, raises ``BudgetInfeasible``) for a round
+    of ``recipe`` under ``deadline_s`` and the federation's ``budget`` settings, scoring
+    ``score_samples`` first, ``elapsed`` device seconds of the round already spent."""
     cons = state.device.constraints(
-        task.budget,
-        task.deadline_s,
-        round_samples(task, len(state.data)),
-        task.recipe.batch_size,
+        budget,
+        deadline_s,
+        round_samples(recipe, len(state.data)),
+        recipe.batch_size,
         score_samples,
         elapsed,
     )
@@ -229,7 +222,6 @@ def decide_keep(
 
 def announced_keep(
     state: ClientState,
-    spec: ModelSpec,
     recipe: Recipe,
     deadline_s: float,
     budget: BudgetSettings,
@@ -238,18 +230,8 @@ def announced_keep(
     """What a device announces it can afford before its first task (its hello): the keep for a
     round of ``recipe`` that refreshes its plan (scoring ``score_samples``), and why; keep 0
     when not even ``budget.min_keep`` fits."""
-    probe = TaskMessage(
-        task_id="hello",
-        round=0,
-        client_id=state.client_id,
-        model=spec,
-        recipe=recipe,
-        payload="state",
-        deadline_s=deadline_s,
-        budget=budget,
-    )
     try:
-        choice = decide_keep(state, probe, score_samples)
+        choice = decide_keep(state, recipe, deadline_s, budget, score_samples)
     except BudgetInfeasible as exc:
         return 0.0, str(exc)
     return choice.keep, choice.reason
@@ -270,7 +252,7 @@ def _statistics_task(state: ClientState, task: TaskMessage, payload: bytes, star
         raise InvalidUpdate("a statistics task must carry the dense global model")
     model, _ = _dense_model(task.model, payload)
     t0 = state.clock()
-    images = recalibrate_batchnorm(
+    images = measure_batchnorm_statistics(
         model, state.data, task.calibration_batches, task.recipe.batch_size, seed=task.seed
     )
     if images == 0:
@@ -309,7 +291,9 @@ def _run(
         if task.plan is not None and keep is None and state.device is not None:
             score_samples = task.plan.score_batches * task.recipe.batch_size
             elapsed = (state.clock() - start) * state.time_scale
-            choice = decide_keep(state, task, score_samples, elapsed)
+            choice = decide_keep(
+                state, task.recipe, task.deadline_s, task.budget, score_samples, elapsed
+            )
             keep, reason = choice.keep, choice.reason
         if task.plan is not None and keep is not None and keep < 1:
             gen = torch.Generator().manual_seed(task.seed)
@@ -329,23 +313,16 @@ def _run(
             plan_target = keep
             if task.plan.amortize_scoring:  # scoring FLOPs, spread over the refresh period
                 scored = scores.info.get("samples", 0)
-                per_round = round_samples(task, len(data))
+                per_round = round_samples(task.recipe, len(data))
                 plan_target = keep - scored / max(per_round, 1) / task.plan.refresh_period
                 plan_target = max(plan_target, min(keep, 0.05))
             plan = make_plan(
                 model,
                 scores,
                 plan_target,
-                allocation=task.plan.allocation,
-                floor=task.plan.floor,
-                multiple=task.plan.multiple,
-                interactions=task.plan.interactions,
-                coverage=_side(scores.groups, meta["extras"], "coverage"),
-                anchor=_side(scores.groups, meta["extras"], "anchor"),
-                anchor_weight=task.plan.anchor_weight,
-                coverage_weight=task.plan.coverage_weight,
-                temperature=task.plan.temperature,
-                gradient=task.plan.gradient,
+                task.plan,
+                coverage=checked_sides(scores.groups, meta["extras"], "coverage"),
+                anchor=checked_sides(scores.groups, meta["extras"], "anchor"),
                 seed=task.seed,
                 param_keep=plan_target if task.plan.budget_uplink else None,
             )
@@ -391,7 +368,8 @@ def _run(
             scored=(scored, score_seconds) if refreshed else None,
         )
         try:  # what this device could afford next round, for the coordinator's planning
-            keep_budget = decide_keep(state, task).keep
+            next_round = decide_keep(state, task.recipe, task.deadline_s, task.budget)
+            keep_budget = next_round.keep
         except BudgetInfeasible:
             keep_budget = 0.0
     metrics = Metrics(

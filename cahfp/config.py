@@ -6,6 +6,7 @@ Errors name the offending key and value, e.g.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cahfp.device.boards import DEFAULT_BOARDS
 from cahfp.errors import CAHFPError, ConfigError, UnknownName  # noqa: F401 (ConfigError re-exported)
 from cahfp.messages import BudgetSettings
+from cahfp.pruning.options import PlanKnobs
 from cahfp.training import Recipe
+
+log = logging.getLogger("cahfp.config")
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,10 +50,12 @@ class FederationConfig(_Strict):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, v: str) -> str:
-        from cahfp.strategies import STRATEGIES
+        from cahfp.strategies import get_strategy
 
-        if v not in STRATEGIES:
-            raise ValueError(f"unknown strategy; known: {', '.join(STRATEGIES)}")
+        try:
+            get_strategy(v)
+        except UnknownName as exc:
+            raise ValueError(str(exc)) from None
         return v
 
 
@@ -100,52 +106,27 @@ class DataConfig(_Strict):
         return v
 
 
-class PruningConfig(_Strict):
+class PruningConfig(PlanKnobs):
+    """The ``[pruning]`` table: the planning knobs (``PlanKnobs``, whose defaults are the
+    defaults here) and how the federation uses them."""
+
     tiers: list[float] = Field(
         default_factory=lambda: [1.0, 0.6, 0.4, 0.2],
         min_length=1,
         description="with clients.budget = 'fixed-tiers' only (simulation, benchmarks): the "
         "keep fractions assigned to clients in turn",
     )
-    refresh_period: int = Field(5, ge=1)
-    score_batches: int = Field(4, ge=1)
-    allocation: Literal["auto", "global", "uniform"] = "auto"
-    floor: float = Field(0.1, gt=0, le=1)
-    multiple: int = Field(8, ge=1)
-    interactions: bool = False
-    first_order: bool = True
-    amortize_scoring: bool = Field(
-        True,
-        description="clients that score on their data count "
-        "the scoring passes, spread over the refresh period, in "
-        "their FLOPs budget",
+    allocation: Literal["auto", "global", "uniform"] = Field(
+        "auto", description="auto: the strategy's own allocation"
     )
     budget_uplink: bool | None = Field(
         None,
         description="the plan's parameters (what the update carries) also stay within the keep "
-        "fraction; unset: on for cahfp, off for the others; true also applies it to taylor",
+        "fraction; unset: the strategy's default (on for cahfp); only for strategies whose "
+        "clients plan",
     )
     gradient: Literal["signed", "absolute", "off"] = Field(
         "signed", description="how the joint planner uses the first-order term"
-    )
-    coverage_weight: float = Field(
-        0.0,
-        ge=0,
-        description="CA-HFP: price (in typical channel "
-        "losses) of dropping under-covered channels; 0 = off",
-    )
-    temperature: float = Field(
-        0.0,
-        ge=0,
-        description="CA-HFP: Gumbel noise on channel costs, "
-        "in typical channel losses (0 = deterministic plans; see docs/method.md section 5)",
-    )
-    anchor_weight: float = Field(
-        0.0,
-        ge=0,
-        le=1,
-        description="CA-HFP: weight of the federation-wide average of the clients' normalised "
-        "channel scores in each client's plan (0 = local scores only; docs/method.md section 5)",
     )
     temperature_schedule: Literal["constant", "linear"] = Field(
         "constant",
@@ -221,7 +202,35 @@ class ClientsConfig(_Strict):
         return v
 
 
+# [aggregation] keys renamed when "calibrate" came to mean only a device's speed measurement:
+# the old names keep working for one release, with a warning naming the new key
+RENAMED_AGGREGATION = {
+    "calibrate_statistics": "measure_statistics",
+    "calibration_batches": "statistics_batches",
+    "calibration_clients": "statistics_clients",
+    "calibration_deadline_s": "statistics_deadline_s",
+}
+
+
 class AggregationConfig(_Strict):
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for old, new in RENAMED_AGGREGATION.items():
+            if old in data:
+                log.warning(
+                    "config key aggregation.%s is deprecated (removed in the next release): "
+                    "use aggregation.%s",
+                    old,
+                    new,
+                )
+                value = data.pop(old)
+                data.setdefault(new, value)
+        return data
+
     uncovered_weight: float = Field(
         0.0,
         ge=0,
@@ -256,31 +265,28 @@ class AggregationConfig(_Strict):
         description="the coordinator moves the global model by this times its previous step "
         "plus the round's aggregated step (FedAvgM, server learning rate 1); 0 = the aggregate",
     )
-    calibrate_statistics: bool = Field(
+    measure_statistics: bool = Field(
         True,
         description="after aggregation, the round's dense participants recompute the new "
         "global model's BatchNorm statistics on their data (a statistics task); they replace "
         "the averaged ones",
     )
-    calibration_batches: int = Field(
+    statistics_batches: int = Field(
         2, ge=1, le=1024, description="local batches each client measures in a statistics task"
     )
-    calibration_clients: int = Field(
+    statistics_clients: int = Field(
         8,
         ge=1,
         description="at most this many of the round's dense participants are asked to "
         "measure statistics (a seeded sample of them; 8 clients x 2 batches of 32 images "
         "estimate them well), so that a large federation's phase costs a constant",
     )
-    calibration_deadline_s: float = Field(
+    statistics_deadline_s: float = Field(
         120.0,
         gt=0,
         description="how long the statistics phase waits for answers (at most the round's "
         "deadline); a client that left after training then stalls the round this long at most",
     )
-
-
-UPLINK_CAPPED = ("cahfp", "taylor")  # strategies whose clients plan with a loss-based score
 
 
 class Config(_Strict):
@@ -294,17 +300,22 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _uplink_cap_needs_client_plans(self) -> Config:
-        if self.pruning.budget_uplink and self.federation.strategy not in UPLINK_CAPPED:
+        from cahfp.strategies import STRATEGIES, get_strategy
+
+        if self.pruning.budget_uplink and not get_strategy(self.federation.strategy).client_plans:
+            planners = [n for n, s in STRATEGIES.items() if s.client_plans]
             raise ValueError(
                 f"pruning.budget_uplink = true applies to strategies whose clients plan "
-                f"({', '.join(UPLINK_CAPPED)}), not {self.federation.strategy!r}"
+                f"({', '.join(planners)}), not {self.federation.strategy!r}"
             )
         return self
 
-    def uplink_capped(self) -> bool:
-        """Whether plans keep each update's parameters within the client's keep fraction."""
-        cap = self.pruning.budget_uplink
-        return self.federation.strategy == "cahfp" if cap is None else cap
+    def strategy(self):
+        """The configured strategy, ready for a federation (``cahfp.strategies``)."""
+        from cahfp.strategies import get_strategy
+
+        cls = get_strategy(self.federation.strategy)
+        return cls(self.pruning, rounds=self.federation.rounds, seed=self.federation.seed)
 
     def profile_of(self, client_index: int) -> str:
         """The device profile of a simulated client (profiles cycle over clients)."""

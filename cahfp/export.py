@@ -36,7 +36,7 @@ from cahfp.errors import CAHFPError
 from cahfp.inference import DIGEST_KEY, digest_tail
 from cahfp.models import build_model
 from cahfp.pruning import extract, make_plan, score_groups
-from cahfp.training import recalibrate_batchnorm
+from cahfp.training import measure_batchnorm_statistics
 from cahfp.wire import decode_state
 
 OPSET = 17
@@ -193,7 +193,7 @@ def export_checkpoint(
         model = extract(model, plan).module.eval()
         fraction = plan.flops_fraction
         if data is not None:
-            calibrated = recalibrate_batchnorm(model, data, calibration_batches)
+            calibrated = measure_batchnorm_statistics(model, data, calibration_batches)
     dense = build_model(cfg.model.name, len(info.classes), info.channels, cfg.model.width)
     return export_submodel(
         model,

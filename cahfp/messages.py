@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cahfp.pruning.options import PlanOptions
 from cahfp.training import Recipe
 
 MAX_SAMPLES = 10**12  # far above any board's data; keeps the weights finite floats
@@ -49,26 +50,6 @@ class BudgetSettings(BaseModel):
     max_keep: float = Field(1.0, gt=0, le=1)
 
 
-class PlanSettings(BaseModel):
-    """How a client chooses its submodel when the plan is made on the client."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    scorer: str
-    allocation: str
-    score_batches: int = Field(4, ge=1)
-    floor: float = Field(0.1, gt=0, le=1)
-    multiple: int = Field(8, ge=1)
-    interactions: bool = False
-    first_order: bool = True
-    gradient: str = "signed"
-    refresh_period: int = Field(1, ge=1)
-    amortize_scoring: bool = False
-    budget_uplink: bool = False
-    coverage_weight: float = Field(0.0, ge=0)
-    temperature: float = Field(0.0, ge=0)
-    anchor_weight: float = Field(0.0, ge=0, le=1)
-
-
 class TaskMessage(_Message):
     """One client's work for one round. ``payload`` says what the attached bytes hold: the
     dense global model (``state``) or the slice of it the client's plan keeps (``slice``).
@@ -89,7 +70,7 @@ class TaskMessage(_Message):
         default_factory=BudgetSettings, description="how a self-measuring client decides"
     )
     payload: Literal["state", "slice"]
-    plan: PlanSettings | None = Field(None, description="set when the client plans itself")
+    plan: PlanOptions | None = Field(None, description="set when the client plans itself")
     seed: int = 0
     deadline_s: float = Field(gt=0)
     transfer: str | None = Field(None, description="id of the payload transfer (MQTT)")

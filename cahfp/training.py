@@ -133,7 +133,7 @@ def evaluate(model: nn.Module, data: ImageData, batch_size: int = 256) -> EvalRe
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(
+def measure_batchnorm_statistics(
     model: nn.Module, data: ImageData, num_batches: int = 8, batch_size: int = 64, seed: int = 0
 ) -> int:
     """Recompute every BatchNorm layer's running statistics from ``num_batches`` batches of
@@ -153,7 +153,7 @@ def recalibrate_batchnorm(
     saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
     for m in norms:
         m.reset_running_stats()
-        m.momentum = None  # cumulative average over the calibration batches
+        m.momentum = None  # cumulative average over the measured batches
         m.train()
     seen = 0
     gen = torch.Generator().manual_seed(seed)

@@ -27,17 +27,72 @@ import logging
 import os
 import statistics
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from cahfp.config import Config
 from cahfp.errors import CAHFPError
+from cahfp.pruning.extract import IndexMap
 from cahfp.wire import decode_state, encode_state
-from coordinator.engine import RoundRecord
 
 log = logging.getLogger("cahfp.records")
+
+
+@dataclass
+class ClientRecord:
+    """What the coordinator knows about one client."""
+
+    client_id: str
+    index: int
+    keep: float  # its budget: fraction of dense training FLOPs
+    index_map: IndexMap | None = None
+    keep_achieved: float = 1.0
+    planned_round: int | None = None  # round its current plan was made
+    # the budget its current plan was made for (its FLOPs can be lower: scoring is amortized)
+    planned_keep: float | None = None
+
+
+@dataclass
+class ClientOutcome:
+    client_id: str
+    status: str  # ok | declined | failed | rejected | missing
+    reason: str = ""
+    keep_target: float | None = None
+    keep_achieved: float | None = None
+    samples: int = 0
+    samples_trained: int = 0
+    train_flops: float = 0.0
+    score_flops: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    train_seconds: float = 0.0
+    score_seconds: float = 0.0
+    refreshed: bool = False
+    # its statistics task after aggregation (its bytes are counted in bytes_up/bytes_down):
+    # "" = none sent, "ok", or why its answer was not used; and the FLOPs it reported
+    calibration: str = ""
+    calibration_flops: float = 0.0
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    accuracy: float | None
+    loss: float | None
+    seconds: float
+    aggregated: int
+    skipped: str = ""
+    clients: list[ClientOutcome] = field(default_factory=list)
+    aggregate_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    coverage_min: float | None = None  # smallest share of the round's weight covering a channel
+    coverage_mean: float | None = None
+    cpu_seconds: float = 0.0  # coordinator process CPU time spent in this round
+    peak_rss_mb: float = 0.0  # coordinator process peak resident memory so far
+    transport: dict = field(default_factory=dict)  # the transport's own counters (Transport.stats)
+    calibration_seconds: float = 0.0  # the statistics phase: tasks sent to answers pooled
 
 
 class NoCheckpoint(CAHFPError):

@@ -186,6 +186,6 @@ def emulate_devices(cfg: Config, spec: ModelSpec, states: dict[str, ClientState]
     for i, (cid, state) in enumerate(sorted(states.items())):
         state.device = device_budget(calibration, 0, load_profile(cfg.profile_of(i)))
         keeps[cid], _ = announced_keep(
-            state, spec, cfg.train, cfg.federation.deadline_s, cfg.clients.settings(), scored
+            state, cfg.train, cfg.federation.deadline_s, cfg.clients.settings(), scored
         )
     return keeps

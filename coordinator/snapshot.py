@@ -15,7 +15,8 @@ import torch
 from cahfp.client_round import ClientState
 from cahfp.errors import CAHFPError
 from cahfp.pruning.extract import IndexMap
-from coordinator.engine import ClientRecord, RoundEngine
+from coordinator.engine import RoundEngine
+from coordinator.records import ClientRecord
 
 BUDGET_FIELDS = ("correction", "score_factor", "overhead_s")
 
@@ -46,8 +47,8 @@ def capture(
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """The engine's and the clients' state after a round: JSON and tensors."""
     tensors: dict[str, torch.Tensor] = {}
-    for side in ("coverage", "anchor"):
-        for gid, v in (getattr(engine, side) or {}).items():
+    for side, values in engine.strategy.state().items():
+        for gid, v in values.items():
             tensors[f"{side}/{gid}"] = v
     engine_clients = {}
     for cid, rec in engine.clients.items():
@@ -96,9 +97,11 @@ def restore(
                 f"the checkpoint has {len(saved_states)} clients, the configuration "
                 f"{len(clients)} (federation.clients or the data changed?)"
             )
-        for side in ("coverage", "anchor"):
+        saved = {}
+        for side in engine.strategy.STATE:
             found = {int(n.split("/", 1)[1]): v for n, v in tensors.items() if n.startswith(side)}
-            setattr(engine, side, found or None)
+            saved[side] = found or None
+        engine.strategy.load_state(saved)
         engine.clients = {}
         for cid, r in sorted(saved_clients.items(), key=lambda kv: kv[1]["index"]):
             engine.clients[cid] = ClientRecord(

@@ -18,7 +18,7 @@ from rich.table import Table
 from cahfp.config import load_config
 from cahfp.device.boards import DEFAULT_BOARDS
 from cahfp.pruning import build_compact
-from cahfp.training import evaluate, recalibrate_batchnorm
+from cahfp.training import evaluate, measure_batchnorm_statistics
 from coordinator.service import Coordinator
 from coordinator.simulation import federation_data
 from coordinator.view import ProgressView
@@ -205,7 +205,7 @@ def print_table(console: Console, cfg, coord: Coordinator, args) -> None:
         if rec.index_map is not None:
             sub = build_compact(coord.engine.model, rec.index_map)
             if rec.index_map:  # channels removed: the inherited statistics are stale
-                recalibrate_batchnorm(sub, parts[i % len(parts)])
+                measure_batchnorm_statistics(sub, parts[i % len(parts)])
             acc = f"{evaluate(sub, test).accuracy:.4f}"
         elif ok:
             acc = f"{evaluate(coord.engine.model, test).accuracy:.4f}"

@@ -275,7 +275,7 @@ class Agent:
                 log.warning("%s: calibration failed: %s", self.me, exc)
         if self.state.device is not None and status.deadline_s:
             keep, reason = announced_keep(
-                self.state, spec, recipe, status.deadline_s, budget, status.score_samples
+                self.state, recipe, status.deadline_s, budget, status.score_samples
             )
             if keep == 0 and reason != self.infeasible:  # say why it is never selected
                 log.warning("%s: no keep fits this device: %s", self.me, reason)
@@ -354,14 +354,14 @@ class Agent:
 
         from cahfp.data.datasets import DatasetInfo
         from cahfp.export import export_submodel
-        from cahfp.training import recalibrate_batchnorm
+        from cahfp.training import measure_batchnorm_statistics
 
         d = self.state.data
         info = DatasetInfo(d.classes, d.mean, d.std, d.in_channels, d.image_size)
         # Statistics averaged over up to 8 batches of 64 local images under the final weights,
         # not the running average that trailed the weights through training (for a pruned
         # submodel, not those inherited from the dense model either).
-        calibrated = recalibrate_batchnorm(result.submodel, d, seed=task.round)
+        calibrated = measure_batchnorm_statistics(result.submodel, d, seed=task.round)
         try:
             export_submodel(
                 result.submodel,

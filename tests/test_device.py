@@ -358,33 +358,30 @@ def test_profiles_with_non_finite_figures_are_refused_in_one_line(tmp_path, figu
 def test_budget_settings_travel_with_the_task_and_bound_the_choice():
     """The federation's clients.safety / min_keep / max_keep reach a real client in every task
     (and in the retained status): its choice stays within them."""
-    from cahfp.client_round import ClientState, decide_keep
+    from cahfp.client_round import ClientState, announced_keep, decide_keep
     from cahfp.device.budget import device_budget
-    from cahfp.messages import BudgetSettings, ModelSpec, TaskMessage
+    from cahfp.messages import BudgetSettings
     from cahfp.training import Recipe
 
-    spec = ModelSpec(name="vgg11", width=0.25, num_classes=10, in_channels=1, image_size=28)
     state = ClientState("c", torch.zeros(1000))  # only its length matters here
     state.device = device_budget(calibration(), 1 << 40)
+    recipe = Recipe(epochs=1, batch_size=32)
 
-    def task(deadline, **budget):
-        return TaskMessage(
-            task_id="t",
-            round=1,
-            client_id="c",
-            model=spec,
-            recipe=Recipe(epochs=1, batch_size=32),
-            payload="state",
-            deadline_s=deadline,
-            budget=BudgetSettings(**budget),
-        )
+    def keep(deadline, **budget):
+        return decide_keep(state, recipe, deadline, BudgetSettings(**budget)).keep
 
-    assert decide_keep(state, task(100.0)).keep == 1.0
-    assert decide_keep(state, task(100.0, max_keep=0.6)).keep == 0.6  # the federation's cap
-    tight = decide_keep(state, task(2.0)).keep
-    assert decide_keep(state, task(2.0, safety=0.5)).keep < tight  # less of the deadline
+    assert keep(100.0) == 1.0
+    assert keep(100.0, max_keep=0.6) == 0.6  # the federation's cap
+    tight = keep(2.0)
+    assert keep(2.0, safety=0.5) < tight  # less of the deadline
     with pytest.raises(BudgetInfeasible, match=r"even keep 0\.90"):
-        decide_keep(state, task(2.0, min_keep=0.9))
+        keep(2.0, min_keep=0.9)
+    # the hello's announcement is the same decision for a refresh round (no task needed)
+    scoring = decide_keep(state, recipe, 2.0, BudgetSettings(), score_samples=128).keep
+    assert scoring < tight
+    assert announced_keep(state, recipe, 2.0, BudgetSettings(), 128)[0] == scoring
+    none, why = announced_keep(state, recipe, 2.0, BudgetSettings(min_keep=0.9), 128)
+    assert none == 0.0 and "even keep 0.90" in why
 
 
 class _Link:

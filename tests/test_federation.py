@@ -89,8 +89,8 @@ def test_every_strategy_trains_and_accounts_consistently(fmnist_root, tmp_path, 
                 if not c["refreshed"]:  # a slice, not the dense model, went down
                     assert c["bytes_down"] < dense_bytes * (keep + 0.25)
                 if c["score_flops"]:
-                    assert STRATEGIES[strategy].site == "client" and c["refreshed"]
-    if STRATEGIES[strategy].site == "client":
+                    assert STRATEGIES[strategy].client_plans and c["refreshed"]
+    if STRATEGIES[strategy].client_plans:
         refreshed = [
             c["refreshed"] for r in records[1:] for c in r["clients"] if c["keep_target"] < 1
         ]
@@ -154,10 +154,10 @@ def test_bad_configs_fail_fast_with_clear_messages(tmp_path, isolated_cache):
     with pytest.raises(ConfigError, match=r"budget_uplink = true applies to .* not 'heterofl'"):
         load_config(None, {"federation.strategy": "heterofl", "pruning.budget_uplink": True})
     # the uplink cap: CA-HFP's by default, Taylor's on request
-    assert load_config(None, {"federation.strategy": "cahfp"}).uplink_capped()
-    assert not load_config(None, {"federation.strategy": "taylor"}).uplink_capped()
+    assert load_config(None, {"federation.strategy": "cahfp"}).strategy().uplink_capped()
+    assert not load_config(None, {"federation.strategy": "taylor"}).strategy().uplink_capped()
     capped = {"federation.strategy": "taylor", "pruning.budget_uplink": True}
-    assert load_config(None, capped).uplink_capped()
+    assert load_config(None, capped).strategy().uplink_capped()
     bad = tmp_path / "bad.toml"
     bad.write_text("[federation]\nrounds = 'many'\nunknown_key = 1\n")
     with pytest.raises(ConfigError, match=r"bad\.toml.*federation\.rounds.*unknown_key"):
@@ -273,7 +273,7 @@ def test_linear_temperature_schedule_settles_by_the_last_round(fmnist_root):
         extra = {"pruning.temperature": 2.0, "pruning.temperature_schedule": schedule}
         cfg = small_config(fmnist_root, "cahfp", rounds=5, **extra)
         engine = RoundEngine(cfg, spec, InProcessTransport({}), lambda m: None, {})
-        temps[schedule] = [engine._temperature(r) for r in range(1, 6)]
+        temps[schedule] = [engine.strategy.temperature(r) for r in range(1, 6)]
     assert temps == {"constant": [2.0] * 5, "linear": [2.0, 1.5, 1.0, 0.5, 0.0]}
 
 
@@ -289,18 +289,18 @@ def test_anchor_scores_travel_both_ways_and_bad_ones_are_refused(fmnist_root, tm
     _, _, spec = federation_data(cfg)
     engine = RoundEngine(cfg, spec, InProcessTransport({}), lambda m: None, {})
     dense_bytes = len(encode_update(engine.state, {}))
-    channels = sum(g.size for g in engine.groups)
+    channels = sum(g.size for g in engine.strategy.groups)
     refreshes = [(r["round"], c) for r in records[1:] for c in r["clients"] if c["refreshed"]]
     assert {rnd for rnd, _ in refreshes} == {1, 3}  # refresh period 2, not staggered
     for rnd, c in refreshes:
         # round 1: nobody has reported yet; round 3: the anchor (float32 per channel) goes down
         extra = c["bytes_down"] - dense_bytes
         assert extra == 0 if rnd == 1 else 4 * channels <= extra < 4 * channels + 4096
-    good = {f"score/{g.name}": torch.ones(g.size) for g in engine.groups}
-    assert set(engine._reported_scores(good, True)) == {g.gid for g in engine.groups}
-    assert engine._reported_scores({}, True) is None
-    assert engine._reported_scores(good, False) is None  # not re-planned: not asked for
-    first = next(iter(engine.groups))
+    good = {f"score/{g.name}": torch.ones(g.size) for g in engine.strategy.groups}
+    assert set(engine.strategy.check_update(good, True)) == {g.gid for g in engine.strategy.groups}
+    assert engine.strategy.check_update({}, True) is None
+    assert engine.strategy.check_update(good, False) is None  # not re-planned: not asked for
+    first = next(iter(engine.strategy.groups))
     name = first.name
     for bad, reason in (
         ({**good, f"score/{name}": torch.full((first.size,), float("nan"))}, "finite"),
@@ -309,16 +309,17 @@ def test_anchor_scores_travel_both_ways_and_bad_ones_are_refused(fmnist_root, tm
         ({**good, f"score/{name}": torch.full((first.size,), 1e30)}, "not normalised"),
     ):
         with pytest.raises(InvalidUpdate, match=reason):
-            engine._reported_scores(bad, True)
+            engine.strategy.check_update(bad, True)
     # what a board does with a bad anchor from the coordinator: a typed error, so that the task
     # is answered "failed" with the reason instead of the agent's loop dying in the planner
-    from cahfp.client_round import _side
+    from cahfp.pruning.sides import checked_sides
 
-    anchor = {f"anchor/{g.name}": torch.ones(g.size) for g in engine.groups}
-    assert set(_side(engine.groups, anchor, "anchor")) == {g.gid for g in engine.groups}
+    anchor = {f"anchor/{g.name}": torch.ones(g.size) for g in engine.strategy.groups}
+    groups = engine.strategy.groups
+    assert set(checked_sides(groups, anchor, "anchor")) == {g.gid for g in groups}
     inf = {**anchor, f"anchor/{name}": torch.full((first.size,), float("inf"))}
     with pytest.raises(InvalidUpdate, match="not finite"):
-        _side(engine.groups, inf, "anchor")
+        checked_sides(engine.strategy.groups, inf, "anchor")
 
 
 def test_size_exponent_weights_updates_by_the_share_of_parameters_they_carry(fmnist_root):

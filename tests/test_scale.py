@@ -49,7 +49,7 @@ def test_fifty_lightweight_clients_in_under_a_minute(broker, fmnist_root, tmp_pa
         # the statistics phase: a capped sample of the dense participants, every answer pooled
         dense = [c for c in rec.clients if c.keep_achieved == 1.0]
         measured = [c for c in rec.clients if c.calibration]
-        assert len(measured) == min(len(dense), cfg.aggregation.calibration_clients)
+        assert len(measured) == min(len(dense), cfg.aggregation.statistics_clients)
         assert all(c.calibration == "ok" and c.keep_achieved == 1.0 for c in measured)
         assert rec.calibration_seconds > 0 or not measured
         asked += len(measured)

@@ -3,7 +3,7 @@ import torch
 from pydantic import ValidationError
 
 from cahfp.models import build_model
-from cahfp.training import Recipe, evaluate, label_shift, recalibrate_batchnorm, train
+from cahfp.training import Recipe, evaluate, label_shift, measure_batchnorm_statistics, train
 from tests.conftest import TEST_SEED
 
 
@@ -102,7 +102,7 @@ def test_batchnorm_recalibration_recomputes_statistics_and_nothing_else(small_fm
     seen_inputs = []
     hook = norms[0].register_forward_pre_hook(lambda m, inp: seen_inputs.append(inp[0]))
     model.train()
-    assert recalibrate_batchnorm(model, data, num_batches=2, batch_size=64, seed=3) == 128
+    assert measure_batchnorm_statistics(model, data, num_batches=2, batch_size=64, seed=3) == 128
     hook.remove()
     assert model.training and all(bn.momentum == 0.1 for bn in norms)
     assert all(torch.equal(v, dict(model.named_parameters())[k]) for k, v in weights.items())
@@ -114,12 +114,12 @@ def test_batchnorm_recalibration_recomputes_statistics_and_nothing_else(small_fm
     torch.testing.assert_close(norms[0].running_var, (variances[0] + variances[1]) / 2)
     assert all(bn.running_mean.abs().max() < 5 for bn in norms)
     # nothing to do: no BatchNorm, or too little data; then nothing is touched
-    assert recalibrate_batchnorm(torch.nn.Sequential(torch.nn.Flatten()), data) == 0
+    assert measure_batchnorm_statistics(torch.nn.Sequential(torch.nn.Flatten()), data) == 0
     before = norms[1].running_var.clone()
-    assert recalibrate_batchnorm(model, data.subset(range(1))) == 0
+    assert measure_batchnorm_statistics(model, data.subset(range(1))) == 0
     assert torch.equal(norms[1].running_var, before)
     # batches of one image cannot estimate a variance: skipped, and the statistics stay
-    assert recalibrate_batchnorm(model, data, num_batches=3, batch_size=1) == 0
+    assert measure_batchnorm_statistics(model, data, num_batches=3, batch_size=1) == 0
     assert torch.equal(norms[1].running_var, before)
 
 
@@ -138,7 +138,7 @@ def test_interrupted_recalibration_keeps_the_old_statistics(small_fmnist):
 
     hook = model.register_forward_pre_hook(fail_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        recalibrate_batchnorm(model, data, num_batches=4, batch_size=64)
+        measure_batchnorm_statistics(model, data, num_batches=4, batch_size=64)
     hook.remove()
     assert torch.equal(norm.running_var, torch.full_like(norm.running_var, 9.0))
     assert norm.momentum == 0.1

@@ -183,7 +183,7 @@ def report(args, env, seconds, speed, kernels, wire, scoring, scale, ck) -> str:
             "coordinator (its own process) sends every client the dense model, then receives, "
             "reassembles, validates and aggregates every update, runs the statistics phase "
             "(`statistics`: clients asked of the dense participants, at most "
-            "`aggregation.calibration_clients` = 8, and the phase's seconds: the dense model "
+            "`aggregation.statistics_clients` = 8, and the phase's seconds: the dense model "
             "sent again to each, their answers validated and pooled), evaluates on 1000 images "
             "and checkpoints. `CPU/update` is the coordinator's process CPU time in the round "
             "divided by the updates; peak RSS "

@@ -8,6 +8,7 @@ upd = reconstruct(sub, model.state_dict())
 
 from cahfp.pruning.extract import IndexMap, Submodel, build_compact, extract, index_map_for
 from cahfp.pruning.groups import ChannelGroup, GroupSet, find_groups
+from cahfp.pruning.options import PlanKnobs, PlanOptions
 from cahfp.pruning.plan import ALLOCATIONS, Plan, make_plan, normalised_scores
 from cahfp.pruning.reconstruct import Update, check_compact, reconstruct, reconstruct_compact
 from cahfp.pruning.scores import METHODS, Scores, score_groups
@@ -19,6 +20,8 @@ __all__ = [
     "GroupSet",
     "IndexMap",
     "Plan",
+    "PlanKnobs",
+    "PlanOptions",
     "Scores",
     "Submodel",
     "Update",

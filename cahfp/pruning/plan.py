@@ -39,6 +39,7 @@ from torch import nn
 
 from cahfp.errors import BudgetInfeasible, UnknownName
 from cahfp.pruning.groups import IN, OUT, ChannelGroup, GroupSet, find_groups
+from cahfp.pruning.options import PlanOptions
 from cahfp.pruning.scores import Scores
 
 ALLOCATIONS = ("global", "uniform")
@@ -126,28 +127,33 @@ def make_plan(
     model: nn.Module,
     scores: Scores,
     keep: float,
+    options: PlanOptions | None = None,
+    *,
     example_input: torch.Tensor | None = None,
-    allocation: str = "global",
-    floor: float = 0.1,
-    multiple: int = 8,
-    interactions: bool = False,
     slack: float = 0.03,
     coverage: dict[int, torch.Tensor] | None = None,
-    coverage_weight: float = 0.0,
-    temperature: float = 0.0,
-    seed: int = 0,
-    gradient: str = "signed",
-    param_keep: float | None = None,
     anchor: dict[int, torch.Tensor] | None = None,
-    anchor_weight: float = 0.0,
+    seed: int = 0,
+    param_keep: float | None = None,
+    **knobs,
 ) -> Plan:
     """Keep the channels ``scores`` rank highest so that training FLOPs are at most ``keep`` of
     the dense model's (and, after rounding, not far below), and, with ``param_keep``, the
-    parameters (what an update carries) at most that fraction of the dense model's. With
-    ``interactions`` and curvature scores that carry per-sample terms, channels are chosen
-    jointly (see module docstring). With ``anchor`` (federation-wide channel scores in units
-    of the typical channel score, see ``normalised_scores``) a channel's value becomes
-    ``(1 - anchor_weight) * local + anchor_weight * anchor * scale``."""
+    parameters (what an update carries) at most that fraction of the dense model's.
+    ``options`` (``PlanOptions``; ``knobs`` override its fields, e.g. ``allocation="uniform"``)
+    hold the planning knobs: with ``interactions`` and curvature scores that carry per-sample
+    terms, channels are chosen jointly (see module docstring); with ``anchor`` (federation-wide
+    channel scores in units of the typical channel score, see ``normalised_scores``) a
+    channel's value becomes ``(1 - anchor_weight) * local + anchor_weight * anchor * scale``;
+    ``coverage`` is priced by ``coverage_weight``, Gumbel noise by ``temperature`` (``seed``)."""
+    opts = (options or PlanOptions()).but(**knobs)
+    allocation, floor, multiple = opts.allocation, opts.floor, opts.multiple
+    interactions, gradient = opts.interactions, opts.gradient
+    coverage_weight, temperature, anchor_weight = (
+        opts.coverage_weight,
+        opts.temperature,
+        opts.anchor_weight,
+    )
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     if allocation not in ALLOCATIONS:

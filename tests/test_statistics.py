@@ -10,7 +10,7 @@ from cahfp.aggregation import StatisticsPool
 from cahfp.client_round import ClientState, run_task
 from cahfp.errors import InvalidUpdate
 from cahfp.messages import Metrics, TaskMessage, UpdateMessage
-from cahfp.training import recalibrate_batchnorm
+from cahfp.training import measure_batchnorm_statistics
 from cahfp.wire import decode_state, encode_state, encode_update
 from coordinator.simulation import federation_data
 from coordinator.transport import Transport
@@ -109,7 +109,7 @@ def test_a_statistics_task_measures_the_received_model_and_keeps_the_clients_pla
     assert meta["round"] == 1 and meta["client"] == "client-000"
     expected = copy.deepcopy(engine.model)
     expected.load_state_dict(engine.state)
-    recalibrate_batchnorm(expected, clients[0], 2, cfg.train.batch_size, seed=11)
+    measure_batchnorm_statistics(expected, clients[0], 2, cfg.train.batch_size, seed=11)
     reference = expected.state_dict()
     assert set(stats) == {
         k for k in reference if k.endswith(("running_mean", "running_var", "num_batches_tracked"))
@@ -127,15 +127,13 @@ def test_a_statistics_task_measures_the_received_model_and_keeps_the_clients_pla
     assert declined.message.status == "declined" and "too few" in declined.message.reason
 
 
-def test_calibration_replaces_only_the_statistics_with_those_of_the_new_model(
+def test_statistics_phase_replaces_only_the_statistics_with_those_of_the_new_model(
     fmnist_root, tmp_path
 ):
     """With the phase on, the global model's BatchNorm statistics are the pooled statistics the
     dense participants measure on the aggregated weights; the weights are exactly those of a
     run without it (training never reads running statistics)."""
-    runs, models = simulate_both(
-        fmnist_root, tmp_path, "aggregation.calibrate_statistics", rounds=2
-    )
+    runs, models = simulate_both(fmnist_root, tmp_path, "aggregation.measure_statistics", rounds=2)
     for k, v in models[True].items():
         if k.endswith(("running_mean", "running_var")):
             assert not torch.equal(v, models[False][k]), k
@@ -163,8 +161,8 @@ def test_calibration_replaces_only_the_statistics_with_those_of_the_new_model(
     model = build_model(spec.name, spec.num_classes, spec.in_channels, spec.width, seed=None)
     model.load_state_dict(models[True])
     seed = cfg.federation.seed * 1_000_003 + 2 * 1009 + 0
-    recalibrate_batchnorm(
-        model, clients[0], cfg.aggregation.calibration_batches, cfg.train.batch_size, seed=seed
+    measure_batchnorm_statistics(
+        model, clients[0], cfg.aggregation.statistics_batches, cfg.train.batch_size, seed=seed
     )
     for k, v in model.state_dict().items():
         if k.endswith(("running_mean", "running_var")):
@@ -231,10 +229,10 @@ def test_bad_or_missing_statistics_answers_leave_the_averaged_statistics(fmnist_
             "a": ClientOutcome("a", "ok", keep_achieved=1.0),
             "b": ClientOutcome("b", "ok", keep_achieved=0.4),
         }
-        engine._calibrate(1, outcomes)
+        engine._measure_statistics(1, outcomes)
         assert [t.client_id for t in transport.tasks] == ["a"]  # only the dense participant
         assert transport.tasks[0].purpose == "statistics"
-        assert transport.tasks[0].deadline_s == cfg.aggregation.calibration_deadline_s == 120
+        assert transport.tasks[0].deadline_s == cfg.aggregation.statistics_deadline_s == 120
         assert outcomes["a"].calibration.startswith(expected), outcomes["a"].calibration
         assert outcomes["b"].calibration == ""
         for k, v in engine.state.items():
@@ -309,11 +307,11 @@ def test_swarm_clients_answer_statistics_tasks_with_statistics_the_coordinator_a
     assert pool.count == 1
 
 
-def test_at_most_calibration_clients_are_asked_a_seeded_sample(fmnist_root):
+def test_at_most_statistics_clients_are_asked_a_seeded_sample(fmnist_root):
     from coordinator.engine import ClientOutcome, RoundEngine
 
     cfg = small_config(fmnist_root, "cahfp")
-    cfg.aggregation.calibration_clients = 2
+    cfg.aggregation.statistics_clients = 2
     _, _, spec = federation_data(cfg)
     keeps = {"a": 1.0, "b": 1.0, "c": 1.0, "d": 0.4}
     asked = []
@@ -322,7 +320,7 @@ def test_at_most_calibration_clients_are_asked_a_seeded_sample(fmnist_root):
         transport.collect = lambda pending, deadline: iter(())
         engine = RoundEngine(cfg, spec, transport, lambda m: None, keeps)
         outcomes = {c: ClientOutcome(c, "ok", keep_achieved=k) for c, k in keeps.items()}
-        engine._calibrate(rnd, outcomes)
+        engine._measure_statistics(rnd, outcomes)
         asked.append([t.client_id for t in transport.tasks])
     assert all(len(a) == 2 and set(a) <= {"a", "b", "c"} for a in asked)
     assert asked[0] == asked[1]  # the same round draws the same sample
