@@ -155,10 +155,10 @@ def export_checkpoint(
     out,
     scorer: str = "curvature",
     data_dir=None,
-    calibration_batches: int = 8,
+    statistics_batches: int = 8,
 ) -> Exported:
     """Prune a global checkpoint to ``keep`` of its training FLOPs and export it. A pruned model's
-    BatchNorm statistics are recomputed from ``calibration_batches`` batches of the config's
+    BatchNorm statistics are recomputed from ``statistics_batches`` batches of the config's
     training data (0: keep the inherited ones; a data-free scorer then needs no dataset)."""
     cfg = load_config(config_path)
     data_dir = data_dir or cfg.data.data_dir
@@ -179,7 +179,7 @@ def export_checkpoint(
     calibrated = 0
     if keep < 1:
         batches = None
-        needs_data = scorer in ("curvature", "taylor") or calibration_batches > 0
+        needs_data = scorer in ("curvature", "taylor") or statistics_batches > 0
         data = load_dataset(cfg.data.dataset, "train", data_dir) if needs_data else None
         if scorer in ("curvature", "taylor"):
             gen = torch.Generator().manual_seed(0)
@@ -193,7 +193,7 @@ def export_checkpoint(
         model = extract(model, plan).module.eval()
         fraction = plan.flops_fraction
         if data is not None:
-            calibrated = measure_batchnorm_statistics(model, data, calibration_batches)
+            calibrated = measure_batchnorm_statistics(model, data, statistics_batches)
     dense = build_model(cfg.model.name, len(info.classes), info.channels, cfg.model.width)
     return export_submodel(
         model,

@@ -97,3 +97,14 @@ def test_a_command_that_cannot_load_stops_only_itself(tmp_path):
 def test_data_import_without_its_source_is_one_line():
     line = one_error_line(cahfp("data", "import", "fmnist"))
     assert line == "error: data import needs the SOURCE folder"
+
+
+def test_the_export_options_old_name_still_works():
+    """`--calibration-batches` became `--statistics-batches` (the BatchNorm statistics are not
+    the device's calibration); scripts written with the old name keep working."""
+    from cahfp.cli import build_parser
+
+    common = ["export", "--run", "r", "--keep", "0.5", "--out", "m.onnx"]
+    for option in ("--statistics-batches", "--calibration-batches"):
+        args = build_parser().parse_args([*common, option, "3"])
+        assert args.statistics_batches == 3

@@ -121,6 +121,21 @@ def test_shell_blocks_are_valid_and_name_what_exists(where):
         assert (REPO / "constraints.txt").is_file()
 
 
+def test_the_files_the_docs_name_exist():
+    """A module path in backticks (`coordinator/engine.py`, `cahfp/mqtt/`) names a file or
+    folder of this repository: a move without its doc fails here."""
+    pattern = (
+        r"`((?:cahfp|coordinator|edge_client|deploy|benchmarks|tests|device_profiles)/[\w./-]*)`"
+    )
+    missing_paths = [
+        f"{path.name}: {name}"
+        for path in DOCS
+        for name in re.findall(pattern, path.read_text())
+        if not (REPO / name.rstrip(".")).exists()
+    ]
+    assert not missing_paths, missing_paths
+
+
 @pytest.mark.slow
 def test_inference_only_install_as_the_readme_says(tmp_path):
     """README's three lines, with /opt/cahfp/venv under tmp_path: a virtualenv with only

@@ -237,7 +237,7 @@ def test_pruned_checkpoint_export_recalibrates_batchnorm(trained_export, fmnist_
     accuracy = {}
     for batches in (0, 8):
         out = export_checkpoint(
-            config, checkpoint, 0.5, tmp_path / f"m{batches}.onnx", calibration_batches=batches
+            config, checkpoint, 0.5, tmp_path / f"m{batches}.onnx", statistics_batches=batches
         )
         clf = OnnxClassifier(out.path)
         assert clf.metadata["cahfp.bn_calibration_images"] == str(64 * batches)

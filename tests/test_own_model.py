@@ -69,7 +69,7 @@ def test_simulate_compare_and_export_an_own_model(fmnist_root, tmp_path):
         str(onnx),
         "--data-dir",
         str(fmnist_root),
-        "--calibration-batches",
+        "--statistics-batches",
         "2",
     )
     assert exp.returncode == 0, exp.stderr[-3000:]

@@ -93,12 +93,12 @@ def test_fill_keeps_whole_blocks_where_they_land_close_enough():
     model = build_model("vgg11", 10, 1, 0.5, seed=0)
     x, y = batch()
     plan = make_plan(model, score_groups(model, [(x, y)], "curvature"), 0.5)
-    assert all(len(plan.keep[g.gid]) % 8 == 0 for g in plan.groups if g.size >= 32)
+    assert all(len(plan.kept[g.gid]) % 8 == 0 for g in plan.groups if g.size >= 32)
     # a 32-channel two-convolution network needs finer blocks to use its budget
     model = TwoConvNet(1, 10, 32)
     coarse = make_plan(model, score_groups(model, [(x, y)], "curvature"), 0.5)
     assert coarse.flops_fraction >= 0.45
-    assert any(len(coarse.keep[g.gid]) % 8 for g in coarse.groups)
+    assert any(len(coarse.kept[g.gid]) % 8 for g in coarse.groups)
 
 
 @pytest.mark.parametrize("name", ["two-conv-32", "mobilenet", "residual-concat-48"])

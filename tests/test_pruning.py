@@ -35,7 +35,7 @@ def zero_pruned(model: nn.Module, plan) -> nn.Module:
     modules = dict(ref.named_modules())
     for g in plan.groups:
         drop = torch.ones(g.size, dtype=torch.bool)
-        drop[plan.keep[g.gid]] = False
+        drop[plan.kept[g.gid]] = False
         for mem in g.members:
             if mem.role != OUT:
                 continue
@@ -83,7 +83,7 @@ def test_channel_counts_are_multiples_of_8_where_wide_and_floors_hold():
     x, y = batch()
     plan = make_plan(model, score_groups(model, [(x, y)], "curvature"), 0.3)
     for g in plan.groups:
-        k = len(plan.keep[g.gid])
+        k = len(plan.kept[g.gid])
         assert k >= max(1, round(0.1 * g.size))
         if g.size >= 32:
             assert k % 8 == 0, (g.name, g.size, k)
@@ -114,7 +114,7 @@ def test_infeasible_budget_and_bad_arguments():
     with pytest.raises(UnknownName):
         score_groups(model, [(x, y)], "hessian")
     full = make_plan(model, scores, 1.0)
-    assert all(len(full.keep[g.gid]) == g.size for g in full.groups)
+    assert all(len(full.kept[g.gid]) == g.size for g in full.groups)
 
 
 def test_round_trip_without_training_restores_global_state_and_mask_covers_kept():

@@ -103,13 +103,13 @@ def test_baseline_selectors():
     ordered = score_groups(model, None, "ordered", example_input=x)
     plan = make_plan(model, ordered, 0.5, allocation="uniform")
     for g in plan.groups:
-        k = len(plan.keep[g.gid])
-        assert plan.keep[g.gid].tolist() == list(range(k))
+        k = len(plan.kept[g.gid])
+        assert plan.kept[g.gid].tolist() == list(range(k))
     r3 = score_groups(model, None, "rolling", example_input=x, round_idx=3)
     plan3 = make_plan(model, r3, 0.5, allocation="uniform")
     for g in plan3.groups:
-        k = len(plan3.keep[g.gid])
-        assert sorted(plan3.keep[g.gid].tolist()) == sorted((3 + i) % g.size for i in range(k))
+        k = len(plan3.kept[g.gid])
+        assert sorted(plan3.kept[g.gid].tolist()) == sorted((3 + i) % g.size for i in range(k))
     a = score_groups(model, None, "random", example_input=x, seed=4)
     b = score_groups(model, None, "random", example_input=x, seed=4)
     c = score_groups(model, None, "random", example_input=x, seed=5)
@@ -170,9 +170,9 @@ def test_joint_planning_can_be_switched_off():
     ranked = make_plan(model, scores, 0.5)
     assert joint.objective == "joint" and ranked.objective == "ranked"
     for g in ranked.groups:  # ranked keeps each layer's top-scored channels
-        k = len(ranked.keep[g.gid])
+        k = len(ranked.kept[g.gid])
         top = torch.argsort(scores.values[g.gid], descending=True, stable=True)[:k]
-        assert sorted(top.tolist()) == ranked.keep[g.gid].tolist()
+        assert sorted(top.tolist()) == ranked.kept[g.gid].tolist()
 
 
 @pytest.mark.parametrize("interactions", [True, False])
@@ -189,7 +189,7 @@ def test_coverage_bonus_steers_plans_toward_under_covered_channels(interactions)
         model, scores, 0.3, interactions=interactions, coverage=coverage, coverage_weight=1e6
     )
     for g in scores.groups:
-        kept = steered.keep[g.gid]
+        kept = steered.kept[g.gid]
         if len(kept) <= g.size // 2:
             assert kept.max() < g.size // 2, g.name  # only under-covered channels kept
     assert abs(steered.flops_fraction - plain.flops_fraction) < 0.05
@@ -207,12 +207,12 @@ def test_anchor_blends_federation_scores_into_the_local_ranking():
     local = make_plan(model, scores, 0.4)
     anchored = make_plan(model, scores, 0.4, anchor=anchor, anchor_weight=1.0)
     half = make_plan(model, scores, 0.4, anchor=anchor, anchor_weight=0.0)
-    assert all(torch.equal(half.keep[g], local.keep[g]) for g in local.keep)
+    assert all(torch.equal(half.kept[g], local.kept[g]) for g in local.kept)
     for g in scores.groups:
-        k = len(anchored.keep[g.gid])
+        k = len(anchored.kept[g.gid])
         if k < g.size:  # a pruned layer keeps the federation's best, i.e. this client's worst
             worst = torch.argsort(scores.values[g.gid], stable=True)[:k]
-            assert sorted(worst.tolist()) == anchored.keep[g.gid].tolist(), g.name
+            assert sorted(worst.tolist()) == anchored.kept[g.gid].tolist(), g.name
     with pytest.raises(ValueError, match="anchor"):
         make_plan(model, scores, 0.4, anchor={0: torch.ones(3)}, anchor_weight=0.5)
 

@@ -93,7 +93,7 @@ def slice_tensor(t: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor
 
 def extract(model: nn.Module, plan: Plan) -> Submodel:
     """A new, smaller module keeping the plan's channels; ``model`` is not modified."""
-    imap = index_map_for(model, plan.groups, plan.keep)
+    imap = index_map_for(model, plan.groups, plan.kept)
     return Submodel(build_compact(model, imap), imap, plan)
 
 

@@ -51,7 +51,7 @@ class Plan:
     """Kept channel indices (sorted) of every group, and the training-FLOPs fraction they cost."""
 
     groups: GroupSet
-    keep: dict[int, torch.Tensor]
+    kept: dict[int, torch.Tensor]  # group id -> kept channel indices (sorted)
     target: float
     flops_fraction: float
     allocation: str
@@ -59,7 +59,7 @@ class Plan:
     param_fraction: float | None = None  # kept parameters / dense parameters
 
     def counts(self) -> dict[int, int]:
-        return {gid: len(idx) for gid, idx in self.keep.items()}
+        return {gid: len(idx) for gid, idx in self.kept.items()}
 
 
 class CostModel:

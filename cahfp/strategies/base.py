@@ -240,7 +240,7 @@ class CoordinatorPlanned(Strategy):
             seed=self.score_seed(rec, rnd),
         )
         plan = make_plan(model, scores, rec.keep, self.plan_options(rnd))
-        rec.index_map = index_map_for(model, plan.groups, plan.keep)
+        rec.index_map = index_map_for(model, plan.groups, plan.kept)
         rec.keep_achieved, rec.planned_keep = plan.flops_fraction, rec.keep
         self.mark_planned(rec, rnd)
         return plan

@@ -26,7 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--data-dir")
     p.add_argument(
-        "--calibration-batches",
+        "--statistics-batches",
+        "--calibration-batches",  # its name before 2026-12 (still accepted)
+        dest="statistics_batches",
         type=int,
         default=8,
         help="batches of training data (64 images) to recompute a pruned model's BatchNorm "
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         scorer=args.scorer,
         data_dir=args.data_dir,
-        calibration_batches=args.calibration_batches,
+        statistics_batches=args.statistics_batches,
     )
     print(
         f"wrote {result.path} ({result.bytes / 1e6:.2f} MB), keep {args.keep:g}, "

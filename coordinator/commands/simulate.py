@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="TOML config (see examples/); defaults apply without one")
     p.add_argument(
         "--strategy",
-        help="fedavg, fedavg-fit, heterofl, fedrolex, magnitude, random, taylor, cahfp",
+        help="a registered strategy (docs/strategies.md; an unknown name lists the known ones)",
     )
     p.add_argument("--rounds", type=int)
     p.add_argument("--clients", type=int)
