@@ -20,7 +20,7 @@ log = logging.getLogger("cahfp.coordinator.mqtt")
 
 FLOOR = 1 << 20  # bytes every device may send per round without a task (control messages)
 # an answer and its resends, per byte of the tasks it was sent; generous, so that forgeries in a
-# device's name on a broker without ACL (tests/test_mqtt.py's saboteur) leave it room
+# device's name on a broker without ACL (tests/system/test_mqtt.py's saboteur) leave it room
 FACTOR = 8
 
 

@@ -10,7 +10,7 @@
   directory instead of /opt) and then classifies an image with no torch installed.
 
 What needs a real server (systemd, /etc, a public host name) is exercised end to end by
-tests/test_operator.py, with the units' own command lines.
+tests/deploy/test_operator.py, with the units' own command lines.
 """
 
 from __future__ import annotations

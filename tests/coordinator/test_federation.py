@@ -11,7 +11,7 @@ from cahfp.errors import DatasetUnavailable, InvalidUpdate
 from cahfp.strategies import STRATEGIES
 from cahfp.wire import encode_update
 from coordinator.simulation import federation_data, simulate, training_pool
-from tests.conftest import TEST_SEED
+from tests.conftest import REPO, TEST_SEED
 
 TIME_KEYS = {
     "seconds",
@@ -193,9 +193,8 @@ def test_non_utf8_config_is_one_clear_line(tmp_path):
 
 
 def test_example_configs_are_valid():
-    from pathlib import Path
 
-    examples = sorted((Path(__file__).parents[1] / "examples").glob("*.toml"))
+    examples = sorted((REPO / "examples").glob("*.toml"))
     assert len(examples) >= 6
     for path in examples:
         cfg = load_config(path)

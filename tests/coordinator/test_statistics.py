@@ -14,7 +14,7 @@ from cahfp.training import measure_batchnorm_statistics
 from cahfp.wire import decode_state, encode_state, encode_update
 from coordinator.simulation import federation_data
 from coordinator.transport import Transport
-from tests.test_federation import simulate_both, small_config
+from tests.coordinator.test_federation import simulate_both, small_config
 
 LAYER = "bn"
 

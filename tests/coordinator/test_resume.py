@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from coordinator import simulation
 from coordinator.engine import RoundEngine
-from tests.test_federation import small_config
+from tests.coordinator.test_federation import small_config
 
 SETTINGS = {
     # staggered refreshes: in round 3 some clients train their saved plan's slice, others

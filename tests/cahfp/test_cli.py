@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 COMMANDS = {
     "models": "cahfp.cli.models",
     "data": "cahfp.cli.data",

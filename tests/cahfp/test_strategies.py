@@ -4,7 +4,6 @@ options object; the renamed statistics config keys keep working with a deprecati
 import ast
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +15,9 @@ from cahfp.models import build_model
 from cahfp.pruning import PlanKnobs, PlanOptions, make_plan, score_groups
 from cahfp.strategies import STRATEGIES, CoordinatorPlanned, get_strategy, register
 from coordinator.simulation import simulate
-from tests.test_federation import small_config
+from tests.conftest import REPO
+from tests.coordinator.test_federation import small_config
 
-REPO = Path(__file__).resolve().parents[1]
 ENGINE_FILES = ["engine.py", "registry.py", "acceptance.py", "statistics.py", "payloads.py"]
 
 

@@ -10,6 +10,7 @@ from cahfp.device.budget import BudgetModel, Calibration, Constraints
 from cahfp.device.measure import measure_device, read_cgroup_limits
 from cahfp.device.profiles import load_profile, profile_names
 from cahfp.errors import BudgetInfeasible
+from tests.conftest import REPO
 
 MIB = 1 << 20
 
@@ -203,7 +204,7 @@ def test_the_named_boards_are_shipped_profiles_and_the_data_package_has_no_code(
         ALIASES["pi4"],
         ALIASES["orin"],
     ]
-    data = Path(__file__).resolve().parents[1] / PROFILE_PACKAGE
+    data = REPO / PROFILE_PACKAGE
     code = [p.name for p in data.iterdir() if p.suffix == ".py"]
     assert code == ["__init__.py"] and "import" not in (data / "__init__.py").read_text()
 
@@ -334,7 +335,7 @@ def test_calibration_measures_the_dense_models_training_flops():
 
 
 def _profile_file(tmp_path, name="odd", **figures):
-    text = Path(__file__).resolve().parents[1] / "device_profiles" / "raspberry-pi-4.toml"
+    text = REPO / "device_profiles" / "raspberry-pi-4.toml"
     text = text.read_text().replace('name = "raspberry-pi-4"', f'name = "{name}"')
     lines = text.splitlines()
     for key, value in figures.items():  # the figure, not its source (same key, later)
