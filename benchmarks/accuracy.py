@@ -20,17 +20,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from benchmarks.common import env_line, environment, md_table, mean_std, write_results
+from cahfp.strategies import STRATEGIES
 
-STRATEGY_ORDER = [
-    "fedavg",
-    "fedavg-fit",
-    "heterofl",
-    "fedrolex",
-    "magnitude",
-    "random",
-    "taylor",
-    "cahfp",
-]
+STRATEGY_ORDER = list(STRATEGIES)  # the registry's order
 PRUNING = ["heterofl", "fedrolex", "magnitude", "random", "taylor"]
 
 # name -> config overrides, for the CA-HFP ablations (main setting; scored on held-out training
