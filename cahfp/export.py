@@ -176,7 +176,7 @@ def export_checkpoint(
     model.eval()
     x = torch.zeros(2, info.channels, info.image_size, info.image_size)
     fraction = 1.0
-    calibrated = 0
+    measured = 0
     if keep < 1:
         batches = None
         needs_data = scorer in ("curvature", "taylor") or statistics_batches > 0
@@ -193,7 +193,7 @@ def export_checkpoint(
         model = extract(model, plan).module.eval()
         fraction = plan.flops_fraction
         if data is not None:
-            calibrated = measure_batchnorm_statistics(model, data, statistics_batches)
+            measured = measure_batchnorm_statistics(model, data, statistics_batches)
     dense = build_model(cfg.model.name, len(info.classes), info.channels, cfg.model.width)
     return export_submodel(
         model,
@@ -204,7 +204,7 @@ def export_checkpoint(
         round=meta.get("round", "final"),
         model=f"{cfg.model.name} x{cfg.model.width:g}",
         scorer=scorer,
-        bn_calibration_images=calibrated,
+        bn_statistics_images=measured,
         global_hash=hashlib.sha256(raw).hexdigest(),
         train_flops_ratio=training_flops(model, x[:1]) / training_flops(dense, x[:1]),
     )

@@ -72,8 +72,8 @@ class ClientOutcome:
     refreshed: bool = False
     # its statistics task after aggregation (its bytes are counted in bytes_up/bytes_down):
     # "" = none sent, "ok", or why its answer was not used; and the FLOPs it reported
-    calibration: str = ""
-    calibration_flops: float = 0.0
+    statistics: str = ""
+    statistics_flops: float = 0.0
 
 
 @dataclass
@@ -92,7 +92,7 @@ class RoundRecord:
     cpu_seconds: float = 0.0  # coordinator process CPU time spent in this round
     peak_rss_mb: float = 0.0  # coordinator process peak resident memory so far
     transport: dict = field(default_factory=dict)  # the transport's own counters (Transport.stats)
-    calibration_seconds: float = 0.0  # the statistics phase: tasks sent to answers pooled
+    statistics_seconds: float = 0.0  # the statistics phase: tasks sent to answers pooled
 
 
 class NoCheckpoint(CAHFPError):
@@ -428,8 +428,27 @@ def load_metrics(run_dir: str | Path) -> list[dict]:
                 log.warning("%s: dropped a torn last line (%d bytes)", path, len(line))
                 break
             raise CAHFPError(f"{path} line {i} is not a round record") from None
-        records.append(rec)
+        records.append(_renamed(rec))
     return records
+
+
+# metrics fields renamed since runs were written: old name -> new (the BatchNorm statistics
+# phase was called "calibration" before 2026-12)
+RENAMED = {
+    "calibration": "statistics",
+    "calibration_flops": "statistics_flops",
+    "calibration_seconds": "statistics_seconds",
+}
+
+
+def _renamed(rec: dict) -> dict:
+    """``rec`` (a round, or one of its clients) with the fields of older runs renamed."""
+    for old, new in RENAMED.items():
+        if old in rec and new not in rec:
+            rec[new] = rec.pop(old)
+    if isinstance(rec.get("clients"), list):
+        rec["clients"] = [_renamed(c) if isinstance(c, dict) else c for c in rec["clients"]]
+    return rec
 
 
 def run_summary(run_dir: str | Path, config: Config) -> dict:
@@ -459,7 +478,7 @@ def summarize(records: list[dict], config: Config, dense_flops: float, wall: flo
     trained = [r for r in records if r["round"] > 0]
     ok = [c for r in trained for c in r["clients"] if c["status"] == "ok"]
     rel_flops = [
-        (c["train_flops"] + c["score_flops"] + c.get("calibration_flops", 0.0))
+        (c["train_flops"] + c["score_flops"] + c.get("statistics_flops", 0.0))
         / (dense_flops * c["samples_trained"])
         for c in ok
         if c["samples_trained"]

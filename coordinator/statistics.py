@@ -38,7 +38,7 @@ class StatisticsPhase:
         statistics. Averaged statistics describe each client's own trained weights, not the
         aggregate, which pruned updates move away from all of them. Without a dense
         participant, or without a valid answer before the deadline, the averaged statistics
-        stay. Bytes and FLOPs are added to each client's outcome (its ``calibration`` fields,
+        stay. Bytes and FLOPs are added to each client's outcome (its ``statistics`` fields,
         the metrics' names)."""
         measurers = [
             cid
@@ -67,14 +67,14 @@ class StatisticsPhase:
             self.transport.send(task, payload, rebuild=lambda: payload)
             sent[task.task_id] = task
             outcomes[cid].bytes_down += len(payload)
-            outcomes[cid].calibration = "no answer before the deadline"
+            outcomes[cid].statistics = "no answer before the deadline"
         pool = StatisticsPool(self.state)
         pending = set(sent)
         for item in self.transport.collect(pending, time.monotonic() + wait):
             if isinstance(item, Rejected):
                 self.on_event("rejected", {"client": item.client_id, "reason": item.reason})
                 if item.task_id in sent:
-                    outcomes[sent[item.task_id].client_id].calibration = item.reason
+                    outcomes[sent[item.task_id].client_id].statistics = item.reason
                 continue
             msg, data = item
             problem = self._mismatch(msg, sent.get(msg.task_id))
@@ -82,11 +82,11 @@ class StatisticsPhase:
                 self._refuse(msg, problem)
                 continue
             out = outcomes[msg.client_id]
-            if out.calibration == "ok":
+            if out.statistics == "ok":
                 self.transport.acknowledge(msg, True, "duplicate")
                 continue
             if msg.status != "ok":  # a final answer: the client cannot measure
-                out.calibration = f"{msg.status}: {msg.reason or msg.metrics.reason}"
+                out.statistics = f"{msg.status}: {msg.reason or msg.metrics.reason}"
                 pending.discard(msg.task_id)
                 self.transport.acknowledge(msg, True, "noted: " + msg.status)
                 continue
@@ -96,12 +96,12 @@ class StatisticsPhase:
                 stats, _ = decode_state(data)
                 pool.add(stats, float(msg.metrics.samples))
             except CAHFPError as exc:  # the genuine answer may still follow
-                out.calibration = f"rejected: {exc}"
+                out.statistics = f"rejected: {exc}"
                 self._refuse(msg, str(exc))
                 continue
-            out.calibration = "ok"
+            out.statistics = "ok"
             out.bytes_up += len(data)
-            out.calibration_flops += msg.metrics.train_flops
+            out.statistics_flops += msg.metrics.train_flops
             pending.discard(msg.task_id)
             self.transport.acknowledge(msg, True)
         measured = pool.result()

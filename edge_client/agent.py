@@ -361,7 +361,7 @@ class Agent:
         # Statistics averaged over up to 8 batches of 64 local images under the final weights,
         # not the running average that trailed the weights through training (for a pruned
         # submodel, not those inherited from the dense model either).
-        calibrated = measure_batchnorm_statistics(result.submodel, d, seed=task.round)
+        measured = measure_batchnorm_statistics(result.submodel, d, seed=task.round)
         try:
             export_submodel(
                 result.submodel,
@@ -369,7 +369,7 @@ class Agent:
                 self.export_dir / "model.onnx",
                 keep=result.message.metrics.keep_achieved,
                 round=task.round,
-                bn_calibration_images=calibrated,
+                bn_statistics_images=measured,
                 global_hash=hashlib.sha256(payload).hexdigest(),
                 model=f"{task.model.name} x{task.model.width:g}",
             )

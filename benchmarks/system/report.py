@@ -216,7 +216,7 @@ def report(args, env, seconds, speed, kernels, wire, scoring, scale, ck) -> str:
                         f"{r['cpu_round_s']:.1f}",
                         f"{r['cpu_per_update_ms']:.1f}",
                         f"{r['aggregate_s']:.2f}",
-                        f"{r['calibrated']} of {r['dense']}, {r['calibration_s']:.2f} s",
+                        f"{r['measured_statistics']} of {r['dense']}, {r['statistics_s']:.2f} s",
                         f"{r['peak_rss_mb']:.0f}",
                         f"{r['inbox_memory_mb']:.0f}",
                         f"{r['spooled_mb']:.0f}",
@@ -234,7 +234,7 @@ def report(args, env, seconds, speed, kernels, wire, scoring, scale, ck) -> str:
             "images, the statistics phase and aggregation per round, from the scale runs: "
             + "; ".join(
                 f"{r['clients']} clients: eval {r['eval_s']:.2f} s, statistics phase "
-                f"{r['calibration_s']:.2f} s ({r['calibrated']} clients), aggregation "
+                f"{r['statistics_s']:.2f} s ({r['measured_statistics']} clients), aggregation "
                 f"{r['aggregate_s']:.2f} s"
                 for r in scale
             )

@@ -240,7 +240,7 @@ def test_pruned_checkpoint_export_recalibrates_batchnorm(trained_export, fmnist_
             config, checkpoint, 0.5, tmp_path / f"m{batches}.onnx", statistics_batches=batches
         )
         clf = OnnxClassifier(out.path)
-        assert clf.metadata["cahfp.bn_calibration_images"] == str(64 * batches)
+        assert clf.metadata["cahfp.bn_statistics_images"] == str(64 * batches)
         pred = clf.logits(_normalised(images)).argmax(1)
         accuracy[batches] = float(np.mean(pred == test.targets.numpy()))
     assert dense_acc > 0.6

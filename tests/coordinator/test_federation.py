@@ -18,7 +18,7 @@ TIME_KEYS = {
     "train_seconds",
     "score_seconds",
     "aggregate_seconds",
-    "calibration_seconds",
+    "statistics_seconds",
     "eval_seconds",
     "total_seconds",
     "wall_seconds",
@@ -76,7 +76,7 @@ def test_every_strategy_trains_and_accounts_consistently(fmnist_root, tmp_path, 
             assert c["train_flops"] == pytest.approx(dense_work * c["keep_achieved"], rel=1e-9)
             if keep is None or keep >= 1:  # dense training, then the statistics phase
                 assert c["keep_achieved"] == 1.0 and c["score_flops"] == 0
-                assert c["calibration"] == "ok" and c["calibration_flops"] > 0
+                assert c["statistics"] == "ok" and c["statistics_flops"] > 0
                 assert c["bytes_down"] == 2 * dense_bytes  # the task, the aggregated model
                 # packed: the values and a header of at most a few kB, then the statistics
                 assert values_bytes < c["bytes_up"] < values_bytes + 12288

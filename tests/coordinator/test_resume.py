@@ -213,3 +213,22 @@ def test_no_checkpoint_yet_is_distinguishable_and_force_clears_the_old_run(tmp_p
         check_new_run(tmp_path)
     check_new_run(tmp_path, force=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_metrics_of_runs_written_before_the_statistics_rename_still_read(tmp_path):
+    """The statistics phase's metrics were named "calibration" before 2026-12: such a run's
+    metrics load under the new names (compare, resume and the summary read them)."""
+    import json
+
+    from coordinator.records import load_metrics
+
+    old = {
+        "round": 1,
+        "accuracy": 0.5,
+        "calibration_seconds": 1.5,
+        "clients": [{"client_id": "c", "calibration": "ok", "calibration_flops": 3.0}],
+    }
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(old) + "\n")
+    (rec,) = load_metrics(tmp_path)
+    assert rec["statistics_seconds"] == 1.5 and "calibration_seconds" not in rec
+    assert rec["clients"] == [{"client_id": "c", "statistics": "ok", "statistics_flops": 3.0}]

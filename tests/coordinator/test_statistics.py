@@ -144,12 +144,12 @@ def test_statistics_phase_replaces_only_the_statistics_with_those_of_the_new_mod
         for c, d in zip(with_phase["clients"], without["clients"], strict=True):
             assert c["train_flops"] == d["train_flops"]
             if c["keep_achieved"] == 1.0:  # dense participants measure
-                assert c["calibration"] == "ok" and c["calibration_flops"] > 0
+                assert c["statistics"] == "ok" and c["statistics_flops"] > 0
                 dense_bytes = d["bytes_down"]
                 assert c["bytes_down"] == 2 * dense_bytes
                 assert d["bytes_up"] < c["bytes_up"] < d["bytes_up"] + 8192
             else:
-                assert c["calibration"] == "" and c["calibration_flops"] == 0
+                assert c["statistics"] == "" and c["statistics_flops"] == 0
                 assert (c["bytes_up"], c["bytes_down"]) == (d["bytes_up"], d["bytes_down"])
     assert dense_bytes
     # the statistics are those of the final weights, measured by the dense client (client-000,
@@ -233,8 +233,8 @@ def test_bad_or_missing_statistics_answers_leave_the_averaged_statistics(fmnist_
         assert [t.client_id for t in transport.tasks] == ["a"]  # only the dense participant
         assert transport.tasks[0].purpose == "statistics"
         assert transport.tasks[0].deadline_s == cfg.aggregation.statistics_deadline_s == 120
-        assert outcomes["a"].calibration.startswith(expected), outcomes["a"].calibration
-        assert outcomes["b"].calibration == ""
+        assert outcomes["a"].statistics.startswith(expected), outcomes["a"].statistics
+        assert outcomes["b"].statistics == ""
         for k, v in engine.state.items():
             assert torch.equal(v, before[k]), k
 
