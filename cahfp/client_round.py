@@ -110,7 +110,8 @@ def submodel_from_slice(
     metadata), without ever allocating the dense model. A slice sent without BatchNorm
     statistics takes them from ``kept`` (this client's previous submodel's, planned as
     ``kept_map``) when the slice is of that same submodel, else fresh ones (mean 0, variance 1).
-    Training does not read them; the export for local inference measures them again (``edge_client.agent``)."""
+    Training does not read them; the export for local inference measures them again
+    (``edge_client.agent``)."""
     skeleton = architecture(spec, "meta")
     tensors, imap, meta = decode_update(payload, skeleton.state_dict())
     compact = build_compact(skeleton, imap)
