@@ -19,6 +19,7 @@ from cahfp.costs import forward_flops, training_flops
 from cahfp.data import ImageData
 from cahfp.device.budget import DeviceBudget
 from cahfp.errors import BudgetInfeasible, CAHFPError, InvalidUpdate
+from cahfp.local_rules import make_step
 from cahfp.messages import BudgetSettings, Metrics, ModelSpec, TaskMessage, UpdateMessage
 from cahfp.models import build_model
 from cahfp.pruning import build_compact, extract, make_plan, normalised_scores, score_groups
@@ -342,8 +343,18 @@ def _run(
         module, imap, meta = submodel_from_slice(spec, payload, state.index_map, state.statistics)
         achieved = float(meta.get("keep_achieved", state.keep_achieved))
         state.index_map, state.keep_achieved = imap, achieved
+    step = None
+    if task.training is not None:
+        example = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
+        step = make_step(task.training, module, example, task.seed)
     result = train(
-        module, data, task.recipe, seed=task.seed, should_stop=should_stop, clock=state.clock
+        module,
+        data,
+        task.recipe,
+        seed=task.seed,
+        should_stop=should_stop,
+        clock=state.clock,
+        step=step,
     )
     train_seconds = result.seconds * state.time_scale
     sender = {"round": task.round, "client": task.client_id}
@@ -362,7 +373,7 @@ def _run(
     if state.device is not None:
         scored = task.plan.score_batches * task.recipe.batch_size if refreshed else 0
         state.device.model.observe(
-            achieved,
+            achieved * result.cost,
             result.samples,
             train_seconds,
             max(other, 0.0),
@@ -381,7 +392,7 @@ def _run(
         keep_target=keep,
         keep_achieved=achieved,
         keep_budget=keep_budget,
-        train_flops=dense_flops * achieved * result.samples,
+        train_flops=dense_flops * achieved * result.cost * result.samples,
         score_flops=score_flops,
         train_seconds=train_seconds,
         score_seconds=score_seconds,

@@ -143,11 +143,23 @@ class PruningConfig(PlanKnobs):
         description="weight of the latest round in the federation-wide averages (coverage, "
         "anchor scores)",
     )
+    od_keeps: list[float] | None = Field(
+        None,
+        description="fjord: the keeps whose widths clients draw from (each up to its own; the "
+        "dense width always included); unset: the tiers",
+    )
+    kd_weight: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="fjord-kd: share of the distillation term in a narrower width's loss",
+    )
+    kd_temperature: float = Field(1.0, gt=0, le=100, description="fjord-kd: softmax temperature")
 
-    @field_validator("tiers")
+    @field_validator("tiers", "od_keeps")
     @classmethod
-    def _fractions(cls, v: list[float]) -> list[float]:
-        for t in v:
+    def _fractions(cls, v: list[float] | None) -> list[float] | None:
+        for t in v or ():
             if not 0 < t <= 1:
                 raise ValueError(f"every tier is a keep fraction in (0, 1], got {t}")
         return v

@@ -11,16 +11,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cahfp.local_rules import LocalRule
 from cahfp.pruning.options import PlanOptions
 from cahfp.training import Recipe
 
 MAX_SAMPLES = 10**12  # far above any board's data; keeps the weights finite floats
-PROTOCOL = 6  # 3: tasks say whether pruned payloads carry BatchNorm statistics (statistics)
+PROTOCOL = 7  # 3: tasks say whether pruned payloads carry BatchNorm statistics (statistics)
 #  4: the training recipe gained logit_adjust
 #  5: statistics tasks (purpose), which recompute the global model's BatchNorm statistics
 #  6: tasks and the retained status carry the federation's budget settings (budget); a hello
 #     can say why the device cannot take part (problem); status and model announcements name
 #     their run (run); presence is refreshed (every)
+#  7: tasks can carry a local training rule (training: FjORD's ordered dropout, FIARSE's gate)
 
 
 class _Message(BaseModel):
@@ -81,6 +83,9 @@ class TaskMessage(_Message):
     )
     calibration_batches: int = Field(
         2, ge=1, le=1024, description="statistics tasks: local batches to measure"
+    )
+    training: LocalRule | None = Field(
+        None, description="how the client trains its submodel; None: plain cross-entropy steps"
     )
 
 

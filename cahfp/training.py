@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +46,23 @@ class TrainingCancelled(Exception):
     """``train`` was asked to stop (e.g. the device agent received SIGTERM)."""
 
 
+class Step(Protocol):
+    """One training step's loss, for rules that train differently from plain cross-entropy
+    (``cahfp.local_rules``): returns the loss to backpropagate and the step's compute relative
+    to one forward and backward pass of ``model`` on the batch."""
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor | None
+    ) -> tuple[torch.Tensor, float]: ...
+
+
 @dataclass
 class TrainResult:
     steps: int
     samples: int
     loss: float
     seconds: float
+    cost: float = 1.0  # the steps' compute relative to plain steps of the model (sample-weighted)
 
 
 @dataclass
@@ -67,11 +79,12 @@ def train(
     seed: int = 0,
     should_stop: Callable[[], bool] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    step: Step | None = None,
 ) -> TrainResult:
     """Run local SGD on ``model`` in place. Batches are drawn by a generator seeded with
     ``seed``; the data is reshuffled every epoch and the last partial batch is kept.
     ``should_stop`` is checked before every step (raises ``TrainingCancelled``); the result's
-    seconds are ``clock``'s."""
+    seconds are ``clock``'s. ``step`` replaces the plain (logit-adjusted) cross-entropy step."""
     if len(data) == 0:
         raise ValueError("cannot train on an empty dataset")
     gen = torch.Generator().manual_seed(seed)
@@ -82,7 +95,7 @@ def train(
     shift = label_shift(data, recipe.logit_adjust)
     model.train()
     steps = samples = 0
-    loss_sum = 0.0
+    loss_sum = cost_sum = 0.0
     start = clock()
     while steps < total_steps:
         for x, y in data.batches(recipe.batch_size, shuffle=True, generator=gen):
@@ -91,8 +104,11 @@ def train(
             if should_stop is not None and should_stop():
                 raise TrainingCancelled(f"stopped after {steps} of {total_steps} steps")
             opt.zero_grad(set_to_none=True)
-            out = model(x)
-            loss = F.cross_entropy(out if shift is None else out + shift, y)
+            if step is None:
+                out = model(x)
+                loss, cost = F.cross_entropy(out if shift is None else out + shift, y), 1.0
+            else:
+                loss, cost = step(model, x, y, shift)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss became {loss.item()} at step {steps}; lower the learning rate"
@@ -102,9 +118,13 @@ def train(
             steps += 1
             samples += len(y)
             loss_sum += loss.item() * len(y)
+            cost_sum += cost * len(y)
             if steps >= total_steps:
                 break
-    return TrainResult(steps, samples, loss_sum / max(samples, 1), clock() - start)
+    n = max(samples, 1)
+    return TrainResult(
+        steps, samples, loss_sum / n, clock() - start, cost_sum / n if samples else 1.0
+    )
 
 
 def label_shift(data: ImageData, tau: float) -> torch.Tensor | None:

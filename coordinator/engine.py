@@ -122,6 +122,7 @@ class RoundEngine(ClientRegistry, UpdateAcceptance, StatisticsPhase, PayloadCach
             plan=job.plan,
             deadline_s=self.cfg.federation.deadline_s,
             statistics=statistics,
+            training=self.strategy.local_training(rec, rnd),
         )
         return task, payload
 

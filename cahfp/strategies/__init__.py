@@ -16,6 +16,7 @@ from cahfp.strategies.cahfp import CAHFP
 from cahfp.strategies.fedavg import FedAvg
 from cahfp.strategies.fedavg_fit import FedAvgFit
 from cahfp.strategies.fedrolex import FedRolex
+from cahfp.strategies.fjord import FjORD, FjORDKD
 from cahfp.strategies.heterofl import HeteroFL
 from cahfp.strategies.magnitude import Magnitude
 from cahfp.strategies.random_channels import RandomChannels
@@ -36,6 +37,8 @@ register(FedAvg)
 register(FedAvgFit)
 register(HeteroFL)
 register(FedRolex)
+register(FjORD)
+register(FjORDKD)
 register(Magnitude)
 register(RandomChannels)
 register(Taylor)

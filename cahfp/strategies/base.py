@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cahfp.config import PruningConfig
+from cahfp.local_rules import LocalRule
 from cahfp.pruning import find_groups, index_map_for, make_plan, score_groups
 from cahfp.pruning.extract import IndexMap, kept_channels
 from cahfp.pruning.groups import GroupSet
@@ -114,6 +115,11 @@ class Strategy:
 
     def client_plan(self, rnd: int) -> PlanOptions | None:
         """The options a client plans with in round ``rnd``; None: it does not plan."""
+        return None
+
+    def local_training(self, rec: PlannedClient, rnd: int) -> LocalRule | None:
+        """How ``rec`` trains its submodel in round ``rnd`` (after its plan is made); None:
+        plain cross-entropy steps."""
         return None
 
     # ------------------------------------------------------------------ when masks refresh
