@@ -27,12 +27,16 @@ def test_every_strategy_is_registered_with_a_description():
         "fedavg-fit",
         "heterofl",
         "fedrolex",
+        "fjord",
+        "fjord-kd",
         "magnitude",
         "random",
         "taylor",
         "cahfp",
     ]
     assert all(cls.description and cls.name == name for name, cls in STRATEGIES.items())
+    table = (REPO / "docs" / "strategies.md").read_text()
+    assert all(f"| `{name}` |" in table for name in STRATEGIES)
     with pytest.raises(UnknownName, match="unknown strategy 'nope'; known: fedavg"):
         get_strategy("nope")
     with pytest.raises(ConfigError, match=r"federation\.strategy = 'nope': unknown strategy"):
