@@ -58,8 +58,9 @@ def _grads(model, loss) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_threshold_gate_at_the_first_step_computes_the_plain_submodel():
-    model = build_model("vgg11", 10, 1, 0.25, seed=0)
+@pytest.mark.parametrize("name,width", [("vgg11", 0.25), ("resnet20", 0.5)])
+def test_threshold_gate_at_the_first_step_computes_the_plain_submodel(name, width):
+    model = build_model(name, 10, 1, width, seed=0)
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     groups = find_groups(model, x[:2])
     for layerwise in (False, True):
