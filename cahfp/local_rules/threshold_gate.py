@@ -41,7 +41,8 @@ class Bern(torch.autograd.Function):
 
 
 class ThresholdGate:
-    """The ``cahfp.training.Step`` of a ``threshold-gate`` rule."""
+    """The ``cahfp.training.Step`` of a ``threshold-gate`` rule (deterministic: ``seed`` is
+    not used)."""
 
     def __init__(self, rule, module: nn.Module, example: torch.Tensor, seed: int):
         groups = find_groups(module, example)
