@@ -155,6 +155,16 @@ class PruningConfig(PlanKnobs):
         description="fjord-kd: share of the distillation term in a narrower width's loss",
     )
     kd_temperature: float = Field(1.0, gt=0, le=100, description="fjord-kd: softmax temperature")
+    fiarse_threshold: Literal["global", "layerwise"] = Field(
+        "global",
+        description="fiarse: one importance threshold for all layers, or the same kept fraction "
+        "of every layer (its own threshold each)",
+    )
+    fiarse_ste: bool = Field(
+        True,
+        description="fiarse: train through the threshold function (its surrogate gradient); "
+        "false: plain masked gradients, what the official code computes",
+    )
 
     @field_validator("tiers", "od_keeps")
     @classmethod

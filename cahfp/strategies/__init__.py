@@ -16,6 +16,7 @@ from cahfp.strategies.cahfp import CAHFP
 from cahfp.strategies.fedavg import FedAvg
 from cahfp.strategies.fedavg_fit import FedAvgFit
 from cahfp.strategies.fedrolex import FedRolex
+from cahfp.strategies.fiarse import FIARSE
 from cahfp.strategies.fjord import FjORD, FjORDKD
 from cahfp.strategies.heterofl import HeteroFL
 from cahfp.strategies.magnitude import Magnitude
@@ -39,6 +40,7 @@ register(HeteroFL)
 register(FedRolex)
 register(FjORD)
 register(FjORDKD)
+register(FIARSE)
 register(Magnitude)
 register(RandomChannels)
 register(Taylor)

@@ -29,6 +29,7 @@ def test_every_strategy_is_registered_with_a_description():
         "fedrolex",
         "fjord",
         "fjord-kd",
+        "fiarse",
         "magnitude",
         "random",
         "taylor",
