@@ -108,6 +108,9 @@ def tier_table(groups: dict[str, list[dict]]) -> str | None:
             if tier_values(rs, k, "flops_fraction")
         ]
         planners = sorted({r["tiers"]["planner"] for r in rs})
+        limits = sorted({r["tiers"].get("max_clients") or 0 for r in rs} - {0})
+        if limits:
+            planners.append(f"first {'/'.join(map(str, limits))} clients per tier")
         rows.append([label, ", ".join(planners), len(rs), *cells, " / ".join(flops)])
     if not rows:
         return None
@@ -231,7 +234,9 @@ def goal_fedavg(pieces: dict[str, dict]) -> list[str]:
         f"  - final acc: cahfp {m('cahfp', 'final3_accuracy'):.4f}, fedavg "
         f"{m('fedavg', 'final3_accuracy'):.4f}: {gap:+.2f} points behind (target ≤ 1.5); last 10 "
         f"rounds {gap10:+.2f}",
-        f"  - client FLOPs {flops:.2f} and uplink {up:.2f} of fedavg's (target ≤ 0.60 each)",
+        f"  - client FLOPs {flops:.2f} of fedavg's ({m('cahfp', 'mean_client_flops_vs_dense'):.2f} "
+        f"of dense; fedavg's count its statistics passes) and uplink {up:.2f} of fedavg's "
+        "(target ≤ 0.60 each)",
     ]
 
 
@@ -356,6 +361,8 @@ def write_single(path: Path, out_dir=None) -> Path:
     if piece["setting"] == "ablations":
         name = "accuracy_ablations"
         labels = {slug(label): label for label in ABLATIONS}
+        groups = {labels.get(k, k): v for k, v in by_strategy(piece["runs"]).items()}
+        order = {label: i for i, label in enumerate(ABLATIONS)}
         lines = [
             "# CA-HFP ablations (VGG, alpha 0.5, validation accuracy)",
             "",
@@ -367,7 +374,8 @@ def write_single(path: Path, out_dir=None) -> Path:
             "setting chosen from this table is not tuned on it.",
             "",
             main_table(
-                {labels.get(k, k): v for k, v in by_strategy(piece["runs"]).items()}, "variant"
+                dict(sorted(groups.items(), key=lambda kv: order.get(kv[0], len(order)))),
+                "variant",
             ),
             "",
         ]

@@ -60,8 +60,11 @@ def federation_state(strategy: Strategy, run_dir: Path) -> int | None:
     return entry["round"]
 
 
-def evaluate_tiers(run_dir: str | Path, test_samples: int | None = None) -> dict:
-    """Every tier's submodel accuracy (see the module docstring) for the run in ``run_dir``."""
+def evaluate_tiers(
+    run_dir: str | Path, test_samples: int | None = None, max_clients: int | None = None
+) -> dict:
+    """Every tier's submodel accuracy (see the module docstring) for the run in ``run_dir``;
+    with ``max_clients``, of the first that many clients of each tier only."""
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.toml")
     clients, _, spec = federation_data(cfg)
@@ -81,7 +84,7 @@ def evaluate_tiers(run_dir: str | Path, test_samples: int | None = None) -> dict
     for keep in sorted({k for k in cfg.pruning.tiers if k < 1}):
         rows = []
         for i, data in enumerate(clients):
-            if cfg.keep_of(i) != keep:
+            if cfg.keep_of(i) != keep or (max_clients and len(rows) >= max_clients):
                 continue
             rec = ClientRecord(client_id(i), i, keep)
             sub = client_submodel(
@@ -120,6 +123,7 @@ def evaluate_tiers(run_dir: str | Path, test_samples: int | None = None) -> dict
         "eval_split": cfg.data.eval_split,
         "eval_images": len(test),
         "statistics_batches": STATISTICS_BATCHES,
+        "max_clients": max_clients,
         "tiers": tiers,
     }
 
@@ -137,12 +141,14 @@ def load_tiers(run_dir: str | Path) -> dict | None:
     return data if isinstance(data, dict) and data.get("version") == VERSION else None
 
 
-def ensure_tiers(run_dir: str | Path, test_samples: int | None = None) -> dict:
+def ensure_tiers(
+    run_dir: str | Path, test_samples: int | None = None, max_clients: int | None = None
+) -> dict:
     """The run's tier results, computed and cached in ``tiers.json`` when missing."""
     cached = load_tiers(run_dir)
     if cached is not None:
         return cached
-    result = evaluate_tiers(run_dir, test_samples)
+    result = evaluate_tiers(run_dir, test_samples, max_clients)
     path = Path(run_dir) / TIERS_FILE
     tmp = path.with_name(f".{TIERS_FILE}.tmp")
     tmp.write_text(json.dumps(result, indent=1))
