@@ -345,10 +345,8 @@ def run_piece(args) -> Path:
     piece = {
         "piece": piece_name(args),
         "setting": "ablations" if args.ablations else args.setting,
-        "description": (
-            SETTINGS[MAIN_SETTING].describe()
-            if args.ablations
-            else SETTINGS[args.setting].describe()
+        "description": SETTINGS[MAIN_SETTING if args.ablations else args.setting].describe(
+            args.quick
         ),
         "eval_split": args.eval_split,
         "eval_samples": QUICK["eval_samples"] if args.quick else args.eval_samples,

@@ -21,6 +21,7 @@ def test_a_piece_runs_only_what_is_missing_and_the_report_merges_it(
     assert "3 of 3 runs to do" in capsys.readouterr().out
     piece = json.loads((out / "accuracy_pieces" / "vgg11-0.25-a0.5-quick.json").read_text())
     assert piece["quick"] and piece["eval_split"] == "test"
+    assert piece["description"].endswith("800 training images over 10 clients, 2 rounds")
     by = {r["label"]: r for r in piece["runs"]}
     assert set(by) == {"fedavg", "heterofl", "cahfp"}
     planners = {"fedavg": "export default (curvature)", "heterofl": "coordinator"}
