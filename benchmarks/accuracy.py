@@ -1,29 +1,78 @@
-"""Accuracy of every strategy at the same budgets, on real Fashion-MNIST.
+"""Accuracy of every strategy at the same budgets, on real Fashion-MNIST, run in pieces.
 
-10 clients (device tiers cycling keep 1.0, 0.6, 0.4, 0.2), Dirichlet label skew alpha = 0.5
-and 0.1, a VGG and a ResNet at CPU-sized widths; the main setting (VGG, alpha 0.5) over three
-seeds. Every run is an in-process simulation through the same engine the MQTT federation uses.
-Runs go two at a time in separate processes, one torch thread each (more throughput than one
-process with two threads on small models); wall times are measured that way.
+One setting per invocation (a piece): its missing runs, then the accuracy of the submodels its
+tiers run (``benchmarks.accuracy_tiers``), then the piece's JSON. ``--report`` merges every
+piece found into ``accuracy.md`` / ``accuracy.json`` (``benchmarks.accuracy_report``). Settings:
+10 clients (device tiers cycling keep 1.0, 0.6, 0.4, 0.2), 6000 training images, 30 rounds,
+Dirichlet label skew alpha = 0.5 and 0.1, a VGG and a ResNet at CPU-sized widths; and
+``cross-device``: all 60,000 training images over 100 clients, 10 % of them per round, 100
+rounds. Every run is an in-process simulation through the same engine the MQTT federation uses,
+in ``RUNS/<setting>/<strategy>-s<seed>/`` (done when its ``summary.json`` exists; an
+interrupted one resumes from its checkpoint). Runs go two at a time in separate processes, one
+torch thread each; wall times are measured that way. Do not run two invocations on one setting
+at once.
 
-    python -m benchmarks.accuracy                  # the table (about an hour on 2 cores)
+    python -m benchmarks.accuracy --setting vgg11-0.25-a0.5          # one piece (all strategies)
+    python -m benchmarks.accuracy --setting cross-device --strategies fedavg,cahfp --seeds 0,1
+    python -m benchmarks.accuracy --setting vgg11-0.25-a0.1 --eval-split validation
+    python -m benchmarks.accuracy --report         # merge the pieces into accuracy.md
     python -m benchmarks.accuracy --ablations      # CA-HFP ablations on the main setting
-    python -m benchmarks.accuracy --quick          # smoke run
+    python -m benchmarks.accuracy --quick          # smoke run (2 rounds) and its report
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import env_line, environment, md_table, mean_std, write_results
+from benchmarks.common import RESULTS, environment
 from cahfp.strategies import STRATEGIES
 
+QUICK = {"rounds": 2, "train_samples": 800, "eval_samples": 300, "tier_test_samples": 1000}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A benchmark setting: the model, the label skew and the federation's size."""
+
+    model: str
+    width: float
+    alpha: float
+    clients: int = 10
+    participation: float = 1.0
+    rounds: int = 30
+    train_samples: int | None = 6000  # None: the whole training set
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+    def describe(self, quick: bool = False) -> str:
+        samples = QUICK["train_samples"] if quick else self.train_samples
+        images = f"{samples}" if samples else "all 60,000"
+        part = f", {self.participation:.0%} of them per round" if self.participation < 1 else ""
+        rounds = QUICK["rounds"] if quick else self.rounds
+        return (
+            f"{self.model} x{self.width:g}, Dirichlet alpha {self.alpha:g}, {images} training "
+            f"images over {self.clients} clients{part}, {rounds} rounds"
+        )
+
+
+SETTINGS: dict[str, Setting] = {
+    "vgg11-0.25-a0.5": Setting("vgg11", 0.25, 0.5),
+    "vgg11-0.25-a0.1": Setting("vgg11", 0.25, 0.1),
+    "resnet20-0.5-a0.5": Setting("resnet20", 0.5, 0.5),
+    "resnet20-0.5-a0.1": Setting("resnet20", 0.5, 0.1),
+    "cross-device": Setting(
+        "vgg11", 0.25, 0.5, clients=100, participation=0.1, rounds=100, train_samples=None,
+        seeds=(0, 1),
+    ),
+}  # fmt: skip
+MAIN_SETTING = "vgg11-0.25-a0.5"
+QUICK_STRATEGIES = "fedavg,heterofl,cahfp"
 STRATEGY_ORDER = list(STRATEGIES)  # the registry's order
-PRUNING = ["heterofl", "fedrolex", "magnitude", "random", "taylor"]
 
 # name -> config overrides, for the CA-HFP ablations (main setting; scored on held-out training
 # images, never on the test set, so that settings chosen from them are not tuned on the test set)
@@ -65,50 +114,67 @@ ABLATIONS: dict[str, dict] = {
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--rounds", type=int, default=30)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--setting", choices=list(SETTINGS), help="run one piece")
+    what.add_argument("--report", action="store_true", help="merge the pieces into the table")
+    what.add_argument("--ablations", action="store_true", help="run the CA-HFP ablations")
+    what.add_argument("--quick", action="store_true", help="smoke run of the main setting")
+    p.add_argument("--strategies", help="comma-separated (default: every registered strategy)")
     p.add_argument(
-        "--train-samples",
-        type=int,
-        default=6000,
-        help="training images split over the 10 clients (default %(default)s)",
+        "--seeds", help="comma-separated (default: the setting's, 0-2; 0-1 cross-device)"
+    )
+    p.add_argument(
+        "--eval-split",
+        choices=["test", "validation"],
+        default="test",
+        help="validation: score on held-out training images, runs in <setting>-val (how "
+        "settings are chosen)",
     )
     p.add_argument("--eval-samples", type=int, default=2000)
-    p.add_argument("--vgg", default="vgg11:0.25")
-    p.add_argument("--resnet", default="resnet20:0.5")
-    p.add_argument("--seeds", type=int, default=3, help="seeds of the main setting")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--strategies", default=",".join(STRATEGY_ORDER))
-    p.add_argument("--ablations", action="store_true", help="run the CA-HFP ablations instead")
     p.add_argument(
         "--ablation-seeds",
         default="0,1",
         help="seeds of each ablation variant (default %(default)s); ablations are evaluated on "
         "held-out training images (data.eval_split = validation), not on the test set",
     )
+    p.add_argument("--no-tiers", action="store_true", help="skip the tier submodel accuracy")
+    p.add_argument(
+        "--tier-clients",
+        type=int,
+        help="evaluate the submodels of the first N clients of each tier only (default: all; "
+        "cross-device has 25 per tier, about 9 minutes per run on a busy 2-core machine)",
+    )
+    p.add_argument("--workers", type=int, default=2)
     p.add_argument("--runs-dir", default="runs/benchmark-accuracy")
-    p.add_argument("--data-dir")
-    p.add_argument("--out-dir")
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out-dir", help=f"where pieces (pieces/) and tables go (default {RESULTS})")
     args = p.parse_args(argv)
+    if args.ablations:
+        args.eval_split = "validation"
     if args.quick:
-        args.rounds, args.train_samples, args.eval_samples, args.seeds = 2, 800, 300, 1
-        args.strategies = "fedavg,heterofl,cahfp"
+        args.setting = MAIN_SETTING
+        args.strategies = args.strategies or QUICK_STRATEGIES
+        args.seeds = args.seeds or "0"
     return args
 
 
-def base_overrides(args, model: str, alpha: float, seed: int) -> dict:
-    name, _, width = model.partition(":")
-    return {
-        "federation.name": f"{name}-a{alpha:g}-s{seed}",
-        "federation.rounds": args.rounds,
-        "federation.clients": 10,
+def base_overrides(setting: str, seed: int, args) -> dict:
+    """A run's configuration overrides in ``setting`` (identical to those of the runs already
+    made, so that finished runs count)."""
+    s = SETTINGS[setting]
+    quick = QUICK if args.quick else {}
+    name = setting if s.clients != 10 else f"{s.model}-a{s.alpha:g}"
+    ov = {
+        "federation.name": f"{name}-s{seed}",
+        "federation.rounds": quick.get("rounds", s.rounds),
+        "federation.clients": s.clients,
         "federation.seed": seed,
-        "model.name": name,
-        "model.width": float(width),
+        "model.name": s.model,
+        "model.width": s.width,
         "data.dataset": "fmnist",
-        "data.partition": f"dirichlet:{alpha:g}",
-        "data.train_samples": args.train_samples,
-        "data.eval_samples": args.eval_samples,
+        "data.partition": f"dirichlet:{s.alpha:g}",
+        "data.train_samples": quick.get("train_samples", s.train_samples),
+        "data.eval_samples": quick.get("eval_samples", args.eval_samples),
         "data.data_dir": args.data_dir,
         "train.epochs": 1,
         "train.batch_size": 32,
@@ -117,10 +183,67 @@ def base_overrides(args, model: str, alpha: float, seed: int) -> dict:
         "pruning.tiers": [1.0, 0.6, 0.4, 0.2],
         "pruning.refresh_period": 5,
     }
+    if s.participation < 1:
+        ov["federation.participation"] = s.participation
+    if args.eval_split == "validation":
+        ov["data.eval_split"] = "validation"
+    return {k: v for k, v in ov.items() if v is not None}
+
+
+def piece_name(args) -> str:
+    """The piece's (and its runs' directory's) name: the setting, ``-val`` when scored on
+    validation images, ``-quick`` for a smoke run."""
+    suffix = ("-val" if args.eval_split == "validation" else "") + ("-quick" if args.quick else "")
+    return ("ablations" if args.ablations else args.setting) + suffix
+
+
+def pieces_dir(out_dir) -> Path:
+    return Path(out_dir or RESULTS) / "accuracy_pieces"
+
+
+def jobs_for(args) -> list[dict]:
+    """Every run of this invocation: run directory, configuration overrides, labels."""
+    root = Path(args.runs_dir) / piece_name(args)
+    jobs = []
+    if args.ablations:
+        for seed in [int(x) for x in args.ablation_seeds.split(",")]:
+            for label, extra in ABLATIONS.items():
+                ov = {
+                    **base_overrides(MAIN_SETTING, seed, args),
+                    "federation.strategy": "cahfp",
+                    **extra,
+                }
+                run_dir = root / f"{slug(label)}-s{seed}"
+                jobs.append(
+                    {"label": label, "seed": seed, "run_dir": str(run_dir), "overrides": ov}
+                )
+        return jobs
+    setting = SETTINGS[args.setting]
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else list(setting.seeds)
+    strategies = args.strategies.split(",") if args.strategies else STRATEGY_ORDER
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise SystemExit(f"unknown strategies {unknown}; known: {', '.join(STRATEGIES)}")
+    for seed in seeds:
+        for strategy in strategies:
+            ov = {**base_overrides(args.setting, seed, args), "federation.strategy": strategy}
+            run_dir = root / f"{strategy}-s{seed}"
+            jobs.append({"label": strategy, "seed": seed, "run_dir": str(run_dir), "overrides": ov})
+    return jobs
+
+
+def slug(label: str) -> str:
+    """A label as a directory name."""
+    return "".join(ch if ch.isalnum() else "-" for ch in label).strip("-")
+
+
+def done(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / "summary.json").is_file()
 
 
 def run_one(job: dict) -> dict:
-    """Worker: one simulation, single-threaded."""
+    """Worker: one simulation, single-threaded; an interrupted run continues from its last
+    checkpoint."""
     import torch
 
     torch.set_num_threads(1)
@@ -128,222 +251,130 @@ def run_one(job: dict) -> dict:
     from coordinator.simulation import simulate
 
     cfg = load_config(None, job["overrides"])
-    start = time.perf_counter()
-    summary = simulate(cfg, job["run_dir"], quiet=True, force=True)  # a rerun replaces it
-    summary["wall_seconds"] = time.perf_counter() - start
+    resume = (Path(job["run_dir"]) / "checkpoint" / "state.json").is_file()
+    summary = simulate(cfg, job["run_dir"], quiet=True, resume=resume, force=not resume)
+    record = {"commit": job["commit"], "resumed": resume, "torch_threads": 1}
+    (Path(job["run_dir"]) / "benchmark.json").write_text(json.dumps(record, indent=1))
     return {**job, "summary": summary}
 
 
-def jobs_for(args) -> list[dict]:
-    strategies = args.strategies.split(",")
-    jobs = []
-    if args.ablations:
-        for seed in [int(x) for x in args.ablation_seeds.split(",")]:
-            for label, extra in ABLATIONS.items():
-                ov = {
-                    **base_overrides(args, args.vgg, 0.5, seed),
-                    "federation.strategy": "cahfp",
-                    "data.eval_split": "validation",
-                    **extra,
-                }
-                jobs.append({"setting": "ablation", "seed": seed, "label": label, "overrides": ov})
-    else:
-        settings = [(args.vgg, 0.5, s) for s in range(args.seeds)]
-        settings += [(args.vgg, 0.1, 0), (args.resnet, 0.5, 0), (args.resnet, 0.1, 0)]
-        for model, alpha, seed in settings:
-            for strategy in strategies:
-                ov = {**base_overrides(args, model, alpha, seed), "federation.strategy": strategy}
-                jobs.append(
-                    {
-                        "setting": f"{model} a={alpha:g}",
-                        "seed": seed,
-                        "label": strategy,
-                        "overrides": ov,
-                    }
-                )
-    for i, j in enumerate(jobs):
-        slug = "".join(ch if ch.isalnum() else "-" for ch in j["label"]).strip("-")
-        j["run_dir"] = str(
-            Path(args.runs_dir) / f"{i:02d}-{j['overrides']['federation.name']}-{slug}"
-        )
-    return jobs
+def tiers_one(job: dict) -> dict:
+    """Worker: the tier submodels' accuracy of one finished run, single-threaded."""
+    import torch
+
+    torch.set_num_threads(1)
+    from benchmarks.accuracy_tiers import ensure_tiers
+
+    tiers = ensure_tiers(job["run_dir"], job["tier_test_samples"], job["tier_clients"])
+    return {**job, "tiers": tiers}
 
 
-def row_values(results: list[dict]) -> list[str]:
-    final = [r["summary"]["final3_accuracy"] for r in results]
-    final10 = [r["summary"]["final10_accuracy"] for r in results]
-    best = [r["summary"]["best_accuracy"] for r in results]
-    flops = [r["summary"]["mean_client_flops_vs_dense"] or 1.0 for r in results]
-    up = [r["summary"]["mean_uplink_mb"] for r in results]
-    down = [r["summary"]["mean_downlink_mb"] for r in results]
-    wall = [r["summary"]["wall_seconds"] for r in results]
-
-    def f(vals, fmt):
-        m, s = mean_std(vals)
-        return format(m, fmt) if len(vals) == 1 else f"{format(m, fmt)} ± {format(s, fmt)}"
-
-    return [
-        f(final, ".4f"),
-        f(final10, ".4f"),
-        f(best, ".4f"),
-        f(flops, ".2f"),
-        f(up, ".3f"),
-        f(down, ".3f"),
-        f(wall, ".0f"),
-    ]
+def run_pool(fn, jobs: list[dict], workers: int, show) -> None:
+    if not jobs:
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(fn, j) for j in jobs]
+        for fut in as_completed(futures):
+            show(fut.result())
 
 
-HEADERS = [
-    "strategy",
-    "final acc (mean of last 3 rounds)",
-    "last 10 rounds",
-    "best acc",
-    "client FLOPs vs dense",
-    "uplink MB/client/round",
-    "downlink MB/client/round",
-    "wall s",
-]
-
-
-def report(results: list[dict], args, env: dict, seconds: float) -> str:
-    cmd = (
-        "python -m benchmarks.accuracy"
-        + (" --ablations" if args.ablations else "")
-        + (f" --eval-samples {args.eval_samples}" if args.eval_samples != 2000 else "")
-        + (
-            f" --ablation-seeds {args.ablation_seeds}"
-            if args.ablations and args.ablation_seeds != "0,1"
-            else ""
-        )
-        + (" --quick" if args.quick else "")
+def _show_run(r: dict) -> None:
+    s = r["summary"]
+    print(
+        f"{r['run_dir']}: final3 {s['final3_accuracy']:.4f} last10 {s['final10_accuracy']:.4f} "
+        f"flops {s['mean_client_flops_vs_dense'] or 1:.2f} up {s['mean_uplink_mb']:.3f} MB "
+        f"({s['wall_seconds']:.0f} s)",
+        flush=True,
     )
-    lines = [
-        "# Accuracy of every strategy at the same budgets"
-        if not args.ablations
-        else "# CA-HFP ablations (VGG, alpha 0.5, validation accuracy)",
-        "",
-        f"Measured {env_line(env)}; whole invocation {seconds / 60:.1f} min with "
-        f"{args.workers} runs in parallel (one torch thread each). Reproduce: `{cmd}`.",
-        "",
-        f"Setup: real Fashion-MNIST; {args.train_samples} training images (a seeded subset) "
-        "split over 10 clients by a Dirichlet(alpha) label partition; device tiers cycle keep "
-        "1.0, 0.6, 0.4, 0.2 (fractions of dense training FLOPs) over the clients; every client "
-        f"takes part in every round; {args.rounds} rounds; 1 local epoch of SGD (batch 32, lr "
-        "0.05, momentum 0.9, weight decay 5e-4, logit-adjusted cross-entropy with tau 1 for "
-        "every strategy); mask refresh every 5 rounds; after each aggregation the round's "
-        "dense participants measure the new model's BatchNorm statistics on 2 batches of "
-        "their data (the statistics phase, every strategy); accuracy on "
-        + (
-            f"{args.eval_samples} held-out training images"
-            if args.ablations
-            else f"the first {args.eval_samples} test images"
+
+
+def _show_tiers(r: dict) -> None:
+    t = r["tiers"]["tiers"]
+    cells = ", ".join(f"{k}: {v['global']:.4f}/{v['personalised']:.4f}" for k, v in t.items())
+    print(f"{r['run_dir']}: tiers (global/personalised) {cells}", flush=True)
+
+
+def collect(root: Path) -> list[dict]:
+    """Every finished run under ``root`` (``<label>-s<seed>/``) with its summary, commit and
+    cached tier results."""
+    from benchmarks.accuracy_tiers import load_tiers
+
+    runs = []
+    for d in sorted(root.glob("*-s*")):
+        if not done(d):
+            continue
+        label, _, seed = d.name.rpartition("-s")
+        if not seed.isdigit():
+            continue
+        bench = d / "benchmark.json"
+        commit = json.loads(bench.read_text()).get("commit") if bench.is_file() else None
+        runs.append(
+            {
+                "label": label,
+                "seed": int(seed),
+                "run_dir": str(d),
+                "commit": commit,
+                "summary": json.loads((d / "summary.json").read_text()),
+                "tiers": load_tiers(d),
+            }
         )
-        + f". Models: {args.vgg} and {args.resnet} "
-        "(NAME:WIDTH). `final acc` is the mean of the last three rounds' accuracy (the "
-        "target's measure); `last 10 rounds` averages over more of the round-to-round swings, "
-        "which reach several points under strong skew; FLOPs "
-        "and bytes are per participating client and round (FLOPs include CA-HFP's and "
-        "Taylor's scoring passes and the statistics phase's forward passes; bytes are the "
-        "safetensors payloads, the statistics phase's included).",
-        "",
-    ]
-    if args.ablations:
-        by_label: dict[str, list] = {}
-        for r in results:
-            by_label.setdefault(r["label"], []).append(r)
-        rows = [[label, *row_values(rs)] for label, rs in by_label.items()]
-        lines += [
-            f"Ablations are scored on {args.eval_samples} held-out *training* images that no "
-            "client holds (`data.eval_split = validation`), never on the test set, so that a "
-            f"setting chosen from this table is not tuned on it. Seeds {args.ablation_seeds} "
-            "(mean ± std).",
-            "",
-            md_table(["variant", *HEADERS[1:]], rows),
-            "",
-        ]
-        return "\n".join(lines)
-    by_setting: dict[str, dict[str, list]] = {}
-    for r in results:
-        by_setting.setdefault(r["setting"], {}).setdefault(r["label"], []).append(r)
-    verdict = []
-    for setting, by_strategy in by_setting.items():
-        n = len(next(iter(by_strategy.values())))
-        lines += [f"## {setting}" + (f" ({n} seeds, mean ± std)" if n > 1 else ""), ""]
-        rows = [[s, *row_values(by_strategy[s])] for s in STRATEGY_ORDER if s in by_strategy]
-        lines += [md_table(HEADERS, rows), ""]
-        if "cahfp" in by_strategy and "fedavg" in by_strategy:
-            acc = _means(by_strategy, "final3_accuracy")
-            acc10 = _means(by_strategy, "final10_accuracy")
-            flops = mean_std(
-                [r["summary"]["mean_client_flops_vs_dense"] for r in by_strategy["cahfp"]]
-            )[0]
-            up = mean_std([r["summary"]["mean_uplink_mb"] for r in by_strategy["cahfp"]])[0]
-            up_fa = mean_std([r["summary"]["mean_uplink_mb"] for r in by_strategy["fedavg"]])[0]
-            best, best10 = _best_pruning(acc), _best_pruning(acc10)
-            gap = (acc["fedavg"] - acc["cahfp"]) * 100
-            verdict.append(
-                f"- {setting}: cahfp {acc['cahfp']:.4f}; fedavg {acc['fedavg']:.4f} "
-                f"({gap:+.1f} points behind; target ≤ 1.5)"
-                + (
-                    f"; best other pruning strategy {best} {acc[best]:.4f} ("
-                    + ("cahfp ahead" if acc["cahfp"] > acc[best] else "cahfp behind")
-                    + f" by {abs(acc['cahfp'] - acc[best]) * 100:.1f} points)"
-                    if best
-                    else ""
-                )
-                + f"; client FLOPs {flops:.2f} and uplink {up / up_fa:.2f} of fedavg's "
-                "(target ≤ 0.60); over the last 10 rounds cahfp "
-                f"{acc10['cahfp']:.4f}, fedavg {acc10['fedavg']:.4f} "
-                f"({(acc10['fedavg'] - acc10['cahfp']) * 100:+.1f}), best other "
-                + (f"{best10} {acc10[best10]:.4f}" if best10 else "none")
-            )
-    lines += ["## Target check", "", *verdict, ""]
-    return "\n".join(lines)
+    return runs
 
 
-def _means(by_strategy: dict[str, list[dict]], key: str) -> dict[str, float]:
-    """Each strategy's mean of the summary value ``key`` over its runs (seeds)."""
-    return {s: mean_std([r["summary"][key] for r in v])[0] for s, v in by_strategy.items()}
-
-
-def _best_pruning(acc: dict[str, float]) -> str | None:
-    """The most accurate pruning strategy other than CA-HFP, if any ran."""
-    others = {s: a for s, a in acc.items() if s in PRUNING}
-    return max(others, key=others.get) if others else None
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run_piece(args) -> Path:
+    """Run what is missing of the piece, its tier results, and write the piece's JSON."""
     start = time.perf_counter()
     env = environment()
     env["torch_threads"] = 1
     jobs = jobs_for(args)
-    results = []
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        futures = {pool.submit(run_one, j): j for j in jobs}
-        for fut in as_completed(futures):
-            r = fut.result()
-            s = r["summary"]
-            print(
-                f"{r['setting']:>22} seed {r.get('seed', 0)} {r['label']:<40} final3 "
-                f"{s['final3_accuracy']:.4f} best {s['best_accuracy']:.4f} flops "
-                f"{s['mean_client_flops_vs_dense'] or 1:.2f} up {s['mean_uplink_mb']:.3f} MB "
-                f"({s['wall_seconds']:.0f} s)",
-                flush=True,
-            )
-            results.append(r)
-    index = {j["run_dir"]: i for i, j in enumerate(jobs)}
-    results.sort(key=lambda r: index[r["run_dir"]])
-    seconds = time.perf_counter() - start
-    name = "accuracy_ablations" if args.ablations else "accuracy"
-    name += "_quick" if args.quick else ""
-    path = write_results(
-        name,
-        report(results, args, env, seconds),
-        {"env": env, "args": vars(args), "runs": results},
-        args.out_dir,
-    )
+    todo = [{**j, "commit": env["commit"]} for j in jobs if not done(j["run_dir"])]
+    print(f"{piece_name(args)}: {len(todo)} of {len(jobs)} runs to do", flush=True)
+    run_pool(run_one, todo, args.workers, _show_run)
+    root = Path(args.runs_dir) / piece_name(args)
+    runs = collect(root)
+    if not (args.no_tiers or args.ablations):
+        limit = QUICK["tier_test_samples"] if args.quick else None
+        need = [
+            {"run_dir": r["run_dir"], "tier_test_samples": limit, "tier_clients": args.tier_clients}
+            for r in runs
+            if r["tiers"] is None
+        ]
+        print(f"{piece_name(args)}: tier submodels of {len(need)} runs to evaluate", flush=True)
+        run_pool(tiers_one, need, args.workers, _show_tiers)
+        runs = collect(root)
+    piece = {
+        "piece": piece_name(args),
+        "setting": "ablations" if args.ablations else args.setting,
+        "description": SETTINGS[MAIN_SETTING if args.ablations else args.setting].describe(
+            args.quick
+        ),
+        "eval_split": args.eval_split,
+        "eval_samples": QUICK["eval_samples"] if args.quick else args.eval_samples,
+        "quick": args.quick,
+        "env": env,
+        "seconds": time.perf_counter() - start,
+        "runs": runs,
+    }
+    out = pieces_dir(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{piece_name(args)}.json"
+    path.write_text(json.dumps(piece, indent=1, default=float))
     print(f"wrote {path}")
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from benchmarks import accuracy_report
+
+    if args.report:
+        path = accuracy_report.write_report(args.out_dir)
+        print(f"wrote {path}")
+        return 0
+    piece = run_piece(args)
+    if args.ablations or args.quick:
+        path = accuracy_report.write_single(piece, args.out_dir)
+        print(f"wrote {path}")
     return 0
 
 

@@ -1,6 +1,8 @@
 """`make bench`: every benchmark, one after another (they must not share the 2 cores), each
-writing its tables to benchmarks/results/. Takes about 1.5 hours on 2 cores; run one alone with
-`python -m benchmarks.NAME` (`python -m benchmarks.run_all system transfer` runs a subset)."""
+writing its tables to benchmarks/results/. Takes many hours on 2 cores, nearly all of it the
+accuracy benchmark's pieces (one setting each, resumable: an interrupted `make bench` picks up
+where it stopped); run one alone with `python -m benchmarks.NAME` (`python -m benchmarks.run_all
+system transfer` runs a subset)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,16 @@ import importlib
 import sys
 import time
 
+from benchmarks.accuracy import SETTINGS
+
 # (module, arguments)
 ORDER: list[tuple[str, list[str]]] = [
     ("score_fidelity", []),
     ("inference", []),
     ("system", []),
     ("transfer", []),
-    ("accuracy", []),
+    *[("accuracy", ["--setting", name]) for name in SETTINGS],
+    ("accuracy", ["--report"]),
     ("accuracy", ["--ablations"]),
 ]
 

@@ -22,7 +22,16 @@ from cahfp.errors import BudgetInfeasible, CAHFPError, InvalidUpdate
 from cahfp.local_rules import make_step
 from cahfp.messages import BudgetSettings, Metrics, ModelSpec, TaskMessage, UpdateMessage
 from cahfp.models import build_model
-from cahfp.pruning import build_compact, extract, make_plan, normalised_scores, score_groups
+from cahfp.pruning import (
+    PlanOptions,
+    Scores,
+    Submodel,
+    build_compact,
+    extract,
+    make_plan,
+    normalised_scores,
+    score_groups,
+)
 from cahfp.pruning.extract import IndexMap, same_index_map
 from cahfp.pruning.reconstruct import is_statistic
 from cahfp.pruning.sides import checked_sides
@@ -274,6 +283,65 @@ def _statistics_task(state: ClientState, task: TaskMessage, payload: bytes, star
     return Result(msg, up)
 
 
+@dataclass
+class PlannedSubmodel:
+    """A client's own plan (``plan_on_data``): the compact submodel (its module, index map and
+    plan), the channel scores it was planned from and how many local samples they cost."""
+
+    submodel: Submodel
+    scores: Scores
+    scored_samples: int
+
+
+def plan_on_data(
+    model: nn.Module,
+    data: ImageData,
+    keep: float,
+    options: PlanOptions,
+    recipe: Recipe,
+    *,
+    seed: int,
+    round_idx: int,
+    extras: dict[str, torch.Tensor] | None = None,
+) -> PlannedSubmodel:
+    """What a client that plans itself does with the dense ``model``: score its channel groups
+    on ``options.score_batches`` batches of its own ``data`` (``recipe``'s batch size, shuffled
+    by ``seed``), plan under ``keep`` with ``options`` (with ``amortize_scoring`` the scoring
+    passes, spread over the refresh period, come out of the keep; with ``budget_uplink`` the
+    parameters stay within it too), steered by the federation's ``coverage`` and ``anchor``
+    side tensors among ``extras`` when it sent them, and extract the compact submodel
+    (``model`` is not modified)."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = data.batches(recipe.batch_size, shuffle=True, generator=gen, augment=False)
+    scores = score_groups(
+        model,
+        batches,
+        options.scorer,
+        num_batches=options.score_batches,
+        seed=seed,
+        round_idx=round_idx,
+        first_order=options.first_order,
+    )
+    scored = scores.info.get("samples", 0)
+    target = keep
+    if options.amortize_scoring:  # scoring FLOPs, spread over the refresh period
+        per_round = round_samples(recipe, len(data))
+        target = keep - scored / max(per_round, 1) / options.refresh_period
+        target = max(target, min(keep, 0.05))
+    extras = extras or {}
+    plan = make_plan(
+        model,
+        scores,
+        target,
+        options,
+        coverage=checked_sides(scores.groups, extras, "coverage"),
+        anchor=checked_sides(scores.groups, extras, "anchor"),
+        seed=seed,
+        param_keep=target if options.budget_uplink else None,
+    )
+    return PlannedSubmodel(extract(model, plan), scores, scored)
+
+
 def _run(
     state: ClientState, task: TaskMessage, payload: bytes, start: float, should_stop=None
 ) -> Result:
@@ -298,44 +366,25 @@ def _run(
             )
             keep, reason = choice.keep, choice.reason
         if task.plan is not None and keep is not None and keep < 1:
-            gen = torch.Generator().manual_seed(task.seed)
-            batches = data.batches(
-                task.recipe.batch_size, shuffle=True, generator=gen, augment=False
-            )
             t0 = state.clock()
-            scores = score_groups(
+            planned = plan_on_data(
                 model,
-                batches,
-                task.plan.scorer,
-                num_batches=task.plan.score_batches,
+                data,
+                keep,
+                task.plan,
+                task.recipe,
                 seed=task.seed,
                 round_idx=task.round,
-                first_order=task.plan.first_order,
+                extras=meta["extras"],
             )
-            plan_target = keep
-            if task.plan.amortize_scoring:  # scoring FLOPs, spread over the refresh period
-                scored = scores.info.get("samples", 0)
-                per_round = round_samples(task.recipe, len(data))
-                plan_target = keep - scored / max(per_round, 1) / task.plan.refresh_period
-                plan_target = max(plan_target, min(keep, 0.05))
-            plan = make_plan(
-                model,
-                scores,
-                plan_target,
-                task.plan,
-                coverage=checked_sides(scores.groups, meta["extras"], "coverage"),
-                anchor=checked_sides(scores.groups, meta["extras"], "anchor"),
-                seed=task.seed,
-                param_keep=plan_target if task.plan.budget_uplink else None,
-            )
-            sub = extract(model, plan)
             score_seconds = (state.clock() - t0) * state.time_scale
-            score_flops = dense_flops * scores.info.get("samples", 0)
-            module, imap, achieved = sub.module, sub.index_map, plan.flops_fraction
+            score_flops = dense_flops * planned.scored_samples
+            sub = planned.submodel
+            module, imap, achieved = sub.module, sub.index_map, sub.plan.flops_fraction
             refreshed = True
             if task.plan.anchor_weight > 0:  # the client's view, for the federation's anchor
-                report = normalised_scores(scores)
-                reported = {f"score/{g.name}": report[g.gid] for g in scores.groups}
+                report = normalised_scores(planned.scores)
+                reported = {f"score/{g.name}": report[g.gid] for g in planned.scores.groups}
         else:
             module, imap, achieved = model, {}, 1.0
         state.index_map, state.keep_achieved = imap, achieved

@@ -35,7 +35,8 @@ from cahfp.data.datasets import DatasetInfo, dataset_info
 from cahfp.errors import CAHFPError
 from cahfp.inference import DIGEST_KEY, digest_tail
 from cahfp.models import build_model
-from cahfp.pruning import extract, make_plan, score_groups
+from cahfp.pruning import extract
+from cahfp.submodels import DATA_SCORERS, EXPORT_SCORER, STATISTICS_BATCHES, export_plan
 from cahfp.training import measure_batchnorm_statistics
 from cahfp.wire import decode_state
 
@@ -153,9 +154,9 @@ def export_checkpoint(
     checkpoint,
     keep: float,
     out,
-    scorer: str = "curvature",
+    scorer: str = EXPORT_SCORER,
     data_dir=None,
-    statistics_batches: int = 8,
+    statistics_batches: int = STATISTICS_BATCHES,
 ) -> Exported:
     """Prune a global checkpoint to ``keep`` of its training FLOPs and export it. A pruned model's
     BatchNorm statistics are recomputed from ``statistics_batches`` batches of the config's
@@ -178,18 +179,9 @@ def export_checkpoint(
     fraction = 1.0
     measured = 0
     if keep < 1:
-        batches = None
-        needs_data = scorer in ("curvature", "taylor") or statistics_batches > 0
+        needs_data = scorer in DATA_SCORERS or statistics_batches > 0
         data = load_dataset(cfg.data.dataset, "train", data_dir) if needs_data else None
-        if scorer in ("curvature", "taylor"):
-            gen = torch.Generator().manual_seed(0)
-            batches = data.batches(cfg.train.batch_size, shuffle=True, generator=gen, augment=False)
-        scores = score_groups(
-            model, batches, scorer, example_input=x, num_batches=cfg.pruning.score_batches
-        )
-        plan = make_plan(
-            model, scores, keep, floor=cfg.pruning.floor, multiple=cfg.pruning.multiple
-        )
+        plan = export_plan(model, keep, cfg.pruning, x, data, scorer, cfg.train.batch_size)
         model = extract(model, plan).module.eval()
         fraction = plan.flops_fraction
         if data is not None:

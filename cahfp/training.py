@@ -133,8 +133,13 @@ def label_shift(data: ImageData, tau: float) -> torch.Tensor | None:
     down just for being absent from its data. None when ``tau`` is 0."""
     if tau == 0:
         return None
+    return tau * torch.log(label_frequencies(data).clamp_min(1e-8))
+
+
+def label_frequencies(data: ImageData) -> torch.Tensor:
+    """Each class's share of ``data``'s labels (float32, sums to 1; zeros when empty)."""
     counts = torch.bincount(data.targets.long(), minlength=data.num_classes).float()
-    return tau * torch.log((counts / counts.sum()).clamp_min(1e-8))
+    return counts / counts.sum().clamp_min(1)
 
 
 @torch.no_grad()
@@ -150,6 +155,21 @@ def evaluate(model: nn.Module, data: ImageData, batch_size: int = 256) -> EvalRe
     model.train(was_training)
     n = max(len(data), 1)
     return EvalResult(loss / n, correct / n, len(data))
+
+
+@torch.no_grad()
+def per_class_accuracy(model: nn.Module, data: ImageData, batch_size: int = 256) -> torch.Tensor:
+    """Top-1 accuracy on each class's images of ``data`` in eval mode (float64, NaN for a class
+    without images)."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros(data.num_classes, dtype=torch.float64)
+    for x, y in data.batches(batch_size, augment=False):
+        hit = (model(x).argmax(1) == y).double()
+        correct.index_add_(0, y.long(), hit)
+    model.train(was_training)
+    counts = torch.bincount(data.targets.long(), minlength=data.num_classes).double()
+    return correct / counts  # 0 / 0 = NaN
 
 
 @torch.no_grad()

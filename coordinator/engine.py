@@ -29,7 +29,20 @@ from coordinator.registry import ClientRegistry
 from coordinator.statistics import StatisticsPhase
 from coordinator.transport import Rejected, Transport
 
-__all__ = ["ClientOutcome", "ClientRecord", "RoundEngine", "RoundInterrupted", "RoundRecord"]
+__all__ = [
+    "ClientOutcome",
+    "ClientRecord",
+    "RoundEngine",
+    "RoundInterrupted",
+    "RoundRecord",
+    "task_seed",
+]
+
+
+def task_seed(federation_seed: int, rnd: int, client_index: int) -> int:
+    """The seed of the client ``client_index``'s tasks in round ``rnd`` (its scoring, planning,
+    training and statistics draws)."""
+    return federation_seed * 1_000_003 + rnd * 1009 + client_index
 
 
 class RoundInterrupted(Exception):
@@ -90,7 +103,7 @@ class RoundEngine(ClientRegistry, UpdateAcceptance, StatisticsPhase, PayloadCach
     def _task(self, cid: str, rnd: int, **fields) -> TaskMessage:
         """A task for ``cid`` in round ``rnd``: a fresh id, the model, the recipe and the
         client's seed for the round (training and statistics tasks alike), plus ``fields``."""
-        seed = self.cfg.federation.seed * 1_000_003 + rnd * 1009 + self.clients[cid].index
+        seed = task_seed(self.cfg.federation.seed, rnd, self.clients[cid].index)
         return TaskMessage(
             task_id=uuid.uuid4().hex,
             round=rnd,

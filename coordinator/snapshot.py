@@ -15,6 +15,7 @@ import torch
 from cahfp.client_round import ClientState
 from cahfp.errors import CAHFPError
 from cahfp.pruning.extract import IndexMap
+from cahfp.strategies import Strategy
 from coordinator.engine import RoundEngine
 from coordinator.records import ClientRecord
 
@@ -77,6 +78,16 @@ def capture(
     return {"clients": registry, "simulation": meta}, tensors
 
 
+def load_strategy_state(strategy: Strategy, tensors: dict[str, torch.Tensor]) -> None:
+    """Put the federation-wide state ``capture`` saved (``<side>/<group id>`` tensors, e.g.
+    CA-HFP's coverage and anchor) back into ``strategy``."""
+    saved = {}
+    for side in strategy.STATE:
+        found = {int(n.split("/", 1)[1]): v for n, v in tensors.items() if n.startswith(side)}
+        saved[side] = found or None
+    strategy.load_state(saved)
+
+
 def restore(
     engine: RoundEngine,
     clients: dict[str, ClientState],
@@ -97,11 +108,7 @@ def restore(
                 f"the checkpoint has {len(saved_states)} clients, the configuration "
                 f"{len(clients)} (federation.clients or the data changed?)"
             )
-        saved = {}
-        for side in engine.strategy.STATE:
-            found = {int(n.split("/", 1)[1]): v for n, v in tensors.items() if n.startswith(side)}
-            saved[side] = found or None
-        engine.strategy.load_state(saved)
+        load_strategy_state(engine.strategy, tensors)
         engine.clients = {}
         for cid, r in sorted(saved_clients.items(), key=lambda kv: kv[1]["index"]):
             engine.clients[cid] = ClientRecord(
