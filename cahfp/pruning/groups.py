@@ -9,6 +9,7 @@ model with the same structure (the global model, a client's copy, a checkpoint).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -146,7 +147,8 @@ def output_layers(model: nn.Module, example_input: torch.Tensor) -> list[str]:
     raise UnsupportedModel("could not find the output layer; pass ignored_layers=[name]")
 
 
-_CACHE: dict[tuple, GroupSet] = {}
+_CACHE: OrderedDict[tuple, GroupSet] = OrderedDict()
+CACHE_SIZE = 64  # structures kept (FIARSE's submodels change every round: bounded memory)
 
 
 def structure_key(model: nn.Module, example_input: torch.Tensor) -> tuple:
@@ -167,9 +169,13 @@ def find_groups(
 ) -> GroupSet:
     """All prunable channel groups of ``model`` (cached per structure)."""
     key = (*structure_key(model, example_input), tuple(ignored_layers or ()))
-    if key not in _CACHE:
-        _CACHE[key] = _build(model, example_input, ignored_layers)
-    return _CACHE[key]
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    _CACHE[key] = groups = _build(model, example_input, ignored_layers)
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)  # the least recently used structure
+    return groups
 
 
 def _build(model: nn.Module, x: torch.Tensor, ignored_layers: list[str] | None) -> GroupSet:

@@ -133,3 +133,20 @@ def test_a_global_threshold_starves_the_layers_of_small_magnitude_to_their_floor
     assert "features.25" in at_floor and "features.0" not in at_floor
     plan, _ = threshold_plan(model, groups, 0.2, floor=0.1, layerwise=True)
     assert all(len(plan.kept[g.gid]) > math.ceil(0.1 * g.size) for g in groups)
+
+
+def test_the_group_cache_stays_bounded_when_structures_change_every_round(monkeypatch):
+    """FIARSE's submodels change every round: a long-lived client must not keep them all."""
+    from cahfp.pruning import groups as groups_module
+    from cahfp.pruning.extract import build_compact, index_map_for
+
+    model = build_model("vgg11", 10, 1, 0.25, seed=0)
+    x = torch.zeros(1, 1, 28, 28)
+    dense = groups_module.find_groups(model, x)
+    size = 3
+    monkeypatch.setattr(groups_module, "CACHE_SIZE", size)
+    for n in range(1, size + 4):
+        keep = {g.gid: torch.arange(max(1, min(g.size, n % g.size + 1))) for g in dense}
+        sub = build_compact(model, index_map_for(model, dense, keep))
+        assert groups_module.find_groups(sub, x) is groups_module.find_groups(sub, x)
+    assert len(groups_module._CACHE) <= size
