@@ -109,6 +109,15 @@ ABLATIONS: dict[str, dict] = {
         "aggregation.exact_stats": False,
         "pruning.interactions": True,
     },
+    # the baselines' own choices, made on the same validation images
+    "reference: FIARSE, one global threshold": {
+        "federation.strategy": "fiarse",
+        "pruning.fiarse_threshold": "global",
+    },
+    "reference: FIARSE, layerwise thresholds": {
+        "federation.strategy": "fiarse",
+        "pruning.fiarse_threshold": "layerwise",
+    },
 }
 
 
@@ -136,6 +145,11 @@ def parse_args(argv):
         default="0,1",
         help="seeds of each ablation variant (default %(default)s); ablations are evaluated on "
         "held-out training images (data.eval_split = validation), not on the test set",
+    )
+    p.add_argument(
+        "--only",
+        help="with --ablations: run only the variants whose label contains one of these "
+        "comma-separated words (e.g. FIARSE)",
     )
     p.add_argument("--no-tiers", action="store_true", help="skip the tier submodel accuracy")
     p.add_argument(
@@ -208,6 +222,8 @@ def jobs_for(args) -> list[dict]:
     if args.ablations:
         for seed in [int(x) for x in args.ablation_seeds.split(",")]:
             for label, extra in ABLATIONS.items():
+                if args.only and not any(w in label for w in args.only.split(",")):
+                    continue
                 ov = {
                     **base_overrides(MAIN_SETTING, seed, args),
                     "federation.strategy": "cahfp",

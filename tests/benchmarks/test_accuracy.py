@@ -94,3 +94,22 @@ def test_the_runs_already_made_keep_their_configuration():
     assert cfg.federation.participation == 0.1 and cfg.federation.rounds == 100
     val = parse_args(["--setting", "cross-device", "--eval-split", "validation"])
     assert base_overrides("cross-device", 0, val)["data.eval_split"] == "validation"
+
+
+def test_ablations_can_be_narrowed_to_some_variants_and_every_variant_loads():
+    """``--ablations --only FIARSE`` runs the FIARSE threshold choice alone, on validation
+    images; every variant's overrides make a valid configuration."""
+    from benchmarks.accuracy import ABLATIONS, jobs_for, parse_args
+    from cahfp.config import load_config
+
+    args = parse_args(["--ablations", "--only", "FIARSE", "--ablation-seeds", "0,1"])
+    jobs = jobs_for(args)
+    assert sorted({j["label"] for j in jobs}) == [
+        "reference: FIARSE, layerwise thresholds",
+        "reference: FIARSE, one global threshold",
+    ]
+    assert len(jobs) == 4 and all(j["run_dir"].split("/")[-2] == "ablations-val" for j in jobs)
+    for j in jobs_for(parse_args(["--ablations"])):
+        cfg = load_config(None, j["overrides"])
+        assert cfg.data.eval_split == "validation"
+    assert len(ABLATIONS) == len({j["label"] for j in jobs_for(parse_args(["--ablations"]))})
