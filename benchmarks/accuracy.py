@@ -109,6 +109,22 @@ ABLATIONS: dict[str, dict] = {
         "aggregation.exact_stats": False,
         "pruning.interactions": True,
     },
+    # issue 22's lever: the round's submodels distilled into the global model on the
+    # coordinator's unlabelled images (FedDF-style), against FedAvg on the same images
+    "ensemble distillation, 100 steps on 2000 unlabelled images": {
+        "aggregation.distill_steps": 100,
+        "data.distill_samples": 2000,
+    },
+    "ensemble distillation, 400 steps on 2000 unlabelled images": {
+        "aggregation.distill_steps": 400,
+        "data.distill_samples": 2000,
+    },
+    "reference: FedAvg": {"federation.strategy": "fedavg"},
+    "reference: FedAvg with ensemble distillation, 100 steps": {
+        "federation.strategy": "fedavg",
+        "aggregation.distill_steps": 100,
+        "data.distill_samples": 2000,
+    },
     # the baselines' own choices, made on the same validation images
     "reference: FIARSE, one global threshold": {
         "federation.strategy": "fiarse",

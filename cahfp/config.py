@@ -87,6 +87,13 @@ class DataConfig(_Strict):
         description="evaluate on the test set, or on held-out training images that no client "
         "holds (for choosing settings without looking at the test set)",
     )
+    distill_samples: int = Field(
+        0,
+        ge=0,
+        description="training images the coordinator keeps, unlabelled, for "
+        "aggregation.distill_steps: those after the clients' data.train_samples in the same "
+        "seeded order, so no client holds them and the clients' split does not change",
+    )
     data_dir: str | None = None
     download: bool = False
 
@@ -309,6 +316,17 @@ class AggregationConfig(_Strict):
         description="how long the statistics phase waits for answers (at most the round's "
         "deadline); a client that left after training then stalls the round this long at most",
     )
+    distill_steps: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="after aggregation, distil the round's accepted submodels (their mean "
+        "outputs) into the global model on the coordinator's unlabelled images "
+        "(data.distill_samples) for this many steps (FedDF-style ensemble distillation; 0 = off)",
+    )
+    distill_lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate of distillation")
+    distill_temperature: float = Field(1.0, gt=0, le=100)
+    distill_batch_size: int = Field(64, ge=2, le=4096)
 
 
 class Config(_Strict):
@@ -319,6 +337,17 @@ class Config(_Strict):
     pruning: PruningConfig = Field(default_factory=PruningConfig)
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     clients: ClientsConfig = Field(default_factory=ClientsConfig)
+
+    @model_validator(mode="after")
+    def _distillation_needs_images(self) -> Config:
+        if self.aggregation.distill_steps and not (
+            self.data.distill_samples and self.data.train_samples
+        ):
+            raise ValueError(
+                "aggregation.distill_steps needs data.distill_samples and data.train_samples "
+                "(the unlabelled images are those after the clients' subset)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _uplink_cap_needs_client_plans(self) -> Config:

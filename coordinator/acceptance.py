@@ -18,7 +18,7 @@ from coordinator.transport import Rejected
 class UpdateAcceptance:
     """Mixed into ``RoundEngine``: uses its ``cfg``, ``clients``, ``state``, ``model``,
     ``param_keys``, ``param_count``, ``strategy``, ``transport``, ``self_budget``, ``round``,
-    ``_adopt`` and ``on_event``."""
+    ``distiller``, ``_adopt`` and ``on_event``."""
 
     def _transport_rejection(self, item: Rejected, sent, done) -> ClientOutcome | None:
         self.on_event("rejected", {"client": item.client_id, "reason": item.reason})
@@ -99,6 +99,8 @@ class UpdateAcceptance:
             agg.add_compact(
                 compact, imap, self._weight(compact, m.samples), statistics=meta["statistics"]
             )
+            if self.distiller is not None:
+                self.distiller.add(compact, imap)
         except CAHFPError as exc:
             out.status, out.reason = "rejected", str(exc)
             self._refuse(msg, str(exc))

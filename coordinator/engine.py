@@ -18,6 +18,9 @@ from torch import nn
 from cahfp.aggregation import Aggregator
 from cahfp.config import Config
 from cahfp.costs import training_flops
+from cahfp.data import ImageData
+from cahfp.distillation import EnsembleDistillation
+from cahfp.errors import ConfigError
 from cahfp.messages import ModelSpec, TaskMessage
 from cahfp.models import build_model
 from cahfp.momentum import ServerMomentum
@@ -73,7 +76,10 @@ class RoundEngine(ClientRegistry, UpdateAcceptance, StatisticsPhase, PayloadCach
         evaluate: Callable[[nn.Module], EvalResult],
         client_keeps: dict[str, float],
         on_event: Callable[[str, dict], None] | None = None,
+        distill_images: ImageData | None = None,
     ):
+        """``distill_images``: the coordinator's unlabelled images, needed when
+        ``aggregation.distill_steps`` > 0 (``coordinator.simulation.distillation_data``)."""
         self.cfg = config
         self.spec = spec
         self.transport = transport
@@ -97,6 +103,17 @@ class RoundEngine(ClientRegistry, UpdateAcceptance, StatisticsPhase, PayloadCach
         self.round = 0
         self.self_budget = config.clients.budget == "measured"  # clients choose their keep
         self.budget_settings = config.clients.settings()
+        a = config.aggregation
+        if a.distill_steps and distill_images is None:
+            raise ConfigError("aggregation.distill_steps needs the coordinator's unlabelled images")
+        self.distiller = (
+            EnsembleDistillation(
+                distill_images, a.distill_steps, a.distill_lr, a.distill_temperature,
+                a.distill_batch_size,
+            )
+            if a.distill_steps
+            else None
+        )  # fmt: skip
         self._announced: dict[str, float | None] = {}  # the keep each client last announced
         self.strategy.setup(self.model, self.example)
 
@@ -155,6 +172,8 @@ class RoundEngine(ClientRegistry, UpdateAcceptance, StatisticsPhase, PayloadCach
             sent[task.task_id] = (task, len(payload))
             del payload
         a = self.cfg.aggregation
+        if self.distiller is not None:
+            self.distiller.clear()  # nothing of an abandoned round
         agg = Aggregator(
             self.state, a.uncovered_weight, self.stat_keys, a.exact_stats, a.pooled_variance
         )
@@ -208,6 +227,9 @@ class RoundEngine(ClientRegistry, UpdateAcceptance, StatisticsPhase, PayloadCach
             t0 = time.perf_counter()
             self.state = self.momentum.step(self.state, agg.result())
             self.model.load_state_dict(self.state)
+            if self.distiller is not None:  # the round's submodels, into the global model
+                self.distiller.apply(self.model, task_seed(self.cfg.federation.seed, rnd, 0))
+                self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             agg_seconds += time.perf_counter() - t0
             if self.cfg.aggregation.measure_statistics and self.stat_keys:
                 t0 = time.perf_counter()

@@ -31,7 +31,7 @@ from coordinator.records import (
     record_dict,
     summarize,
 )
-from coordinator.simulation import evaluation_data
+from coordinator.simulation import distillation_data, evaluation_data
 
 log = logging.getLogger("cahfp.coordinator")
 
@@ -91,7 +91,13 @@ class Coordinator:
             image_size=test.image_size,
         )
         self.engine = RoundEngine(
-            cfg, self.spec, self.transport, lambda m: evaluate(m, test), {}, on_event=on_event
+            cfg,
+            self.spec,
+            self.transport,
+            lambda m: evaluate(m, test),
+            {},
+            on_event=on_event,
+            distill_images=distillation_data(cfg),  # the same images the simulation keeps
         )
         self.records: list[RoundRecord] = []
         # names this run in every retained status and model announcement, so that clients tell

@@ -14,7 +14,7 @@ from cahfp.client_round import ClientState
 from cahfp.config import Config
 from cahfp.data import ImageData, client_shares, load_dataset
 from cahfp.data import training_pool as data_training_pool
-from cahfp.errors import CAHFPError
+from cahfp.errors import CAHFPError, ConfigError
 from cahfp.messages import ModelSpec
 from cahfp.training import evaluate
 from coordinator import snapshot
@@ -44,6 +44,28 @@ def training_pool(n_train: int, cfg: Config):
     return data_training_pool(
         n_train, cfg.federation.seed, d.train_samples, d.eval_split, d.eval_samples
     )
+
+
+def distillation_data(cfg: Config, train_set: ImageData | None = None) -> ImageData | None:
+    """The coordinator's unlabelled images for ensemble distillation
+    (``aggregation.distill_steps``): the ``data.distill_samples`` training images after the
+    clients' ``data.train_samples`` in the pool's seeded order (none with distillation off).
+    Their labels are never read."""
+    d = cfg.data
+    if not cfg.aggregation.distill_steps:
+        return None
+    if train_set is None:
+        train_set = load_dataset(d.dataset, "train", d.data_dir, d.download)
+    pool, _ = data_training_pool(
+        len(train_set), cfg.federation.seed, None, d.eval_split, d.eval_samples
+    )
+    end = d.train_samples + d.distill_samples
+    if end > len(pool):
+        raise ConfigError(
+            f"data.train_samples + data.distill_samples = {end} exceed the {len(pool)} training "
+            "images available"
+        )
+    return train_set.subset(pool[d.train_samples : end])
 
 
 def evaluation_data(
@@ -119,7 +141,13 @@ def simulate(
     console = console or Console(stderr=True)
     view = ProgressView(cfg, console, quiet)
     engine = RoundEngine(
-        cfg, spec, transport, lambda m: evaluate(m, test_set), keeps, on_event=view.event
+        cfg,
+        spec,
+        transport,
+        lambda m: evaluate(m, test_set),
+        keeps,
+        on_event=view.event,
+        distill_images=distillation_data(cfg),
     )
     recorder = RunRecorder(out_dir, cfg, engine.dense_flops, resume=resume) if out_dir else None
     done = _resume(engine, states, recorder) if resume else 0
