@@ -73,7 +73,12 @@ def test_every_strategy_trains_and_accounts_consistently(fmnist_root, tmp_path, 
             assert c["status"] == "ok", c
             keep = c["keep_target"]
             dense_work = engine.dense_flops * c["samples_trained"]
-            assert c["train_flops"] == pytest.approx(dense_work * c["keep_achieved"], rel=1e-9)
+            plain = dense_work * c["keep_achieved"]
+            if strategy in ("fjord", "fjord-kd"):  # batches at narrower widths count as run,
+                extra = 2 if strategy == "fjord-kd" else 1  # plus the teacher pass with KD
+                assert 0 < c["train_flops"] <= extra * plain * (1 + 1e-9)
+            else:
+                assert c["train_flops"] == pytest.approx(plain, rel=1e-9)
             if keep is None or keep >= 1:  # dense training, then the statistics phase
                 assert c["keep_achieved"] == 1.0 and c["score_flops"] == 0
                 assert c["statistics"] == "ok" and c["statistics_flops"] > 0
