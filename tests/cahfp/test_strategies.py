@@ -38,6 +38,8 @@ def test_every_strategy_is_registered_with_a_description():
     assert all(cls.description and cls.name == name for name, cls in STRATEGIES.items())
     table = (REPO / "docs" / "strategies.md").read_text()
     assert all(f"| `{name}` |" in table for name in STRATEGIES)
+    readme = (REPO / "README.md").read_text().split("Strategies: ", 1)[1].split(".", 1)[0]
+    assert all(f"`{name}`" in readme for name in STRATEGIES)
     with pytest.raises(UnknownName, match="unknown strategy 'nope'; known: fedavg"):
         get_strategy("nope")
     with pytest.raises(ConfigError, match=r"federation\.strategy = 'nope': unknown strategy"):
