@@ -18,7 +18,7 @@ from torch import nn
 from cahfp.costs import forward_flops, training_flops
 from cahfp.data import ImageData
 from cahfp.device.budget import DeviceBudget
-from cahfp.errors import BudgetInfeasible, CAHFPError, InvalidUpdate
+from cahfp.errors import BudgetInfeasible, CAHFPError, InvalidTask, InvalidUpdate
 from cahfp.local_rules import make_step
 from cahfp.messages import BudgetSettings, Metrics, ModelSpec, TaskMessage, UpdateMessage
 from cahfp.models import build_model
@@ -395,7 +395,12 @@ def _run(
     step = None
     if task.training is not None:
         example = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
-        step = make_step(task.training, module, example, task.seed)
+        try:
+            step = make_step(task.training, module, example, task.seed)
+        except (ValueError, OverflowError, RuntimeError) as exc:
+            raise InvalidTask(
+                f"the task's training rule does not fit its submodel: {exc}"
+            ) from None
     result = train(
         module,
         data,
@@ -422,7 +427,7 @@ def _run(
     if state.device is not None:
         scored = task.plan.score_batches * task.recipe.batch_size if refreshed else 0
         state.device.model.observe(
-            achieved * result.cost,
+            achieved,  # a rule's extra or saved compute is part of what this keep costs here
             result.samples,
             train_seconds,
             max(other, 0.0),

@@ -42,11 +42,12 @@ class EnsembleDistillation:
         self.temperature = temperature
         self.batch_size = batch_size
         self.statistics_batches = statistics_batches
-        self.teachers: list[tuple[dict[str, torch.Tensor], IndexMap]] = []
+        self.teachers: list[tuple[str, dict[str, torch.Tensor], IndexMap]] = []
 
-    def add(self, compact: dict[str, torch.Tensor], imap: IndexMap) -> None:
-        """Keep an accepted update (its compact tensors and index map) as a teacher."""
-        self.teachers.append(({k: v.detach() for k, v in compact.items()}, imap))
+    def add(self, compact: dict[str, torch.Tensor], imap: IndexMap, key: str = "") -> None:
+        """Keep an accepted update (its compact tensors and index map) as a teacher; ``key``
+        (its client) orders the teachers, so that arrival order does not change the sum."""
+        self.teachers.append((key, {k: v.detach() for k, v in compact.items()}, imap))
 
     def clear(self) -> None:
         self.teachers = []
@@ -64,7 +65,7 @@ class EnsembleDistillation:
         """The teachers' mean logits on every unlabelled image (``model``: the global model,
         whose architecture the submodels are cut from)."""
         total = None
-        for compact, imap in self.teachers:
+        for _, compact, imap in sorted(self.teachers, key=lambda t: t[0]):
             teacher = self._teacher(model, compact, imap, seed)
             out = torch.cat([teacher(x) for x, _ in self.images.batches(256, augment=False)])
             total = out if total is None else total + out

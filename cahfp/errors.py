@@ -33,5 +33,10 @@ class BudgetInfeasible(CAHFPError):
     """No plan fits the requested budget (even the smallest allowed submodel is too big)."""
 
 
+class InvalidTask(CAHFPError):
+    """A task this device cannot carry out as it is given (e.g. a training rule that does not
+    describe the submodel it came with)."""
+
+
 class InvalidUpdate(CAHFPError):
     """An update or payload is malformed: wrong keys, shapes, indices, dtypes or values."""

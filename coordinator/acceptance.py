@@ -100,7 +100,7 @@ class UpdateAcceptance:
                 compact, imap, self._weight(compact, m.samples), statistics=meta["statistics"]
             )
             if self.distiller is not None:
-                self.distiller.add(compact, imap)
+                self.distiller.add(compact, imap, msg.client_id)
         except CAHFPError as exc:
             out.status, out.reason = "rejected", str(exc)
             self._refuse(msg, str(exc))

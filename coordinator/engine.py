@@ -24,6 +24,7 @@ from cahfp.errors import ConfigError
 from cahfp.messages import ModelSpec, TaskMessage
 from cahfp.models import build_model
 from cahfp.momentum import ServerMomentum
+from cahfp.seeds import stream
 from cahfp.training import EvalResult
 from coordinator.acceptance import UpdateAcceptance
 from coordinator.payloads import PayloadCache
@@ -228,7 +229,8 @@ class RoundEngine(ClientRegistry, UpdateAcceptance, StatisticsPhase, PayloadCach
             self.state = self.momentum.step(self.state, agg.result())
             self.model.load_state_dict(self.state)
             if self.distiller is not None:  # the round's submodels, into the global model
-                self.distiller.apply(self.model, task_seed(self.cfg.federation.seed, rnd, 0))
+                seed = stream(task_seed(self.cfg.federation.seed, rnd, 0), "distillation")
+                self.distiller.apply(self.model, seed)
                 self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             agg_seconds += time.perf_counter() - t0
             if self.cfg.aggregation.measure_statistics and self.stat_keys:

@@ -12,7 +12,7 @@ steps on the received submodel, carried in the task (``TaskMessage.training``):
 from __future__ import annotations
 
 from itertools import pairwise
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -31,7 +31,7 @@ class LocalRule(BaseModel):
         description="ordered-dropout: the widths drawn from, increasing; the last is the "
         "received submodel's",
     )
-    group_sizes: dict[str, int] = Field(
+    group_sizes: dict[str, Annotated[int, Field(ge=1, le=2**31)]] = Field(
         default_factory=dict,
         description="ordered-dropout: each channel group's size in the dense model, by its "
         "root layer (a width p keeps ceil(p x size) channels of it)",
@@ -52,6 +52,12 @@ class LocalRule(BaseModel):
     thresholds: dict[str, float] = Field(
         default_factory=dict,
         description="threshold-gate: the round's threshold of each channel group, by root layer",
+    )
+    scores: dict[str, list[Annotated[float, Field(ge=0)]]] = Field(
+        default_factory=dict,
+        description="threshold-gate: the coordinator's importance of each kept channel, by "
+        "group and in the slice's order (the gate follows each channel's change from it); "
+        "a group without: the client's own importances at the start",
     )
     ste: bool = Field(True, description="threshold-gate: train through the threshold function")
 

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cahfp.errors import InvalidUpdate
+from cahfp.errors import InvalidTask
 from cahfp.pruning import find_groups
 from cahfp.pruning.plan import CostModel
 from cahfp.pruning.widths import NestedWidths
+from cahfp.seeds import stream
 
 _EPS = 1e-9
 
@@ -28,7 +29,7 @@ class OrderedDropout:
         groups = find_groups(module, example)
         unknown = [g.name for g in groups if g.name not in rule.group_sizes]
         if unknown:
-            raise InvalidUpdate(f"ordered-dropout rule has no dense size for groups {unknown[:3]}")
+            raise InvalidTask(f"ordered-dropout rule has no dense size for groups {unknown[:3]}")
         self.rule = rule
         self.nested = NestedWidths(module, groups)
         cost = CostModel.flops(groups)
@@ -36,13 +37,26 @@ class OrderedDropout:
         self.costs: list[float] = []
         for p in rule.widths:
             counts = {
-                g.gid: min(g.size, max(1, math.ceil(p * rule.group_sizes[g.name] - _EPS)))
-                for g in groups
+                g.gid: max(1, math.ceil(p * rule.group_sizes[g.name] - _EPS)) for g in groups
             }
+            over = [g for g in groups if counts[g.gid] > g.size]
+            if over:
+                raise InvalidTask(
+                    f"ordered-dropout rule's width {p:g} is not within the submodel it came "
+                    f"with (group {over[0].name}: {counts[over[0].gid]} of {over[0].size} "
+                    "channels)"
+                )
             full = all(n == g.size for g, n in zip(groups, counts.values(), strict=True))
             self.counts.append(None if full else counts)
             self.costs.append(1.0 if full else cost.total(counts) / cost.dense)
-        self.gen = torch.Generator().manual_seed(seed + 1)  # independent of the batch order
+            if not full:
+                self.nested.views(counts)  # a width that is not nested fails here, not mid-round
+        if self.counts[-1] is not None:
+            raise InvalidTask(
+                f"ordered-dropout rule's widest width {rule.widths[-1]:g} is not the submodel "
+                "it came with"
+            )
+        self.gen = torch.Generator().manual_seed(stream(seed, "ordered-dropout"))
 
     def __call__(self, model: nn.Module, x, y, shift) -> tuple[torch.Tensor, float]:
         i = int(torch.randint(len(self.counts), (1,), generator=self.gen))

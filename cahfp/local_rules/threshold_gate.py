@@ -18,26 +18,26 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from cahfp.errors import InvalidUpdate
+from cahfp.errors import InvalidTask
 from cahfp.pruning import find_groups
 from cahfp.pruning.threshold import mean_magnitude, producing_tensors
 
 
 class Bern(torch.autograd.Function):
     """``(s >= theta)`` as a float, with FIARSE's surrogate gradient ``2 theta / (s + theta)^2``
-    where the mask is 1."""
+    where the mask is 1 (``theta`` a number or one per channel)."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, theta: float) -> torch.Tensor:
+    def forward(ctx, scores: torch.Tensor, theta) -> torch.Tensor:
+        theta = torch.as_tensor(theta, dtype=scores.dtype)
         mask = (scores >= theta).to(scores.dtype)
-        ctx.save_for_backward(scores, mask)
-        ctx.theta = theta
+        ctx.save_for_backward(scores, mask, theta)
         return mask
 
     @staticmethod
     def backward(ctx, grad):
-        scores, mask = ctx.saved_tensors
-        return grad * mask * 2 * ctx.theta / (scores + ctx.theta) ** 2, None
+        scores, mask, theta = ctx.saved_tensors
+        return grad * mask * 2 * theta / ((scores + theta) ** 2).clamp_min(1e-24), None
 
 
 class ThresholdGate:
@@ -48,18 +48,30 @@ class ThresholdGate:
         groups = find_groups(module, example)
         unknown = [g.name for g in groups if g.name not in rule.thresholds]
         if unknown:
-            raise InvalidUpdate(f"threshold-gate rule has no threshold for groups {unknown[:3]}")
+            raise InvalidTask(f"threshold-gate rule has no threshold for groups {unknown[:3]}")
         self.ste = rule.ste
         params = dict(module.named_parameters())
         producing = producing_tensors(module, groups)
-        # per group: (producing tensors, size, theta, channels gated (not forced))
+        # per group: (producing tensors, size, per-channel threshold, channels gated)
         self.groups = []
         with torch.no_grad():
             for g in groups:
                 theta = float(rule.thresholds[g.name])
-                gated = mean_magnitude(params, producing[g.gid], g.size) >= theta
+                own = mean_magnitude(params, producing[g.gid], g.size)
+                reference = own
+                if g.name in rule.scores:  # the coordinator's importances of these channels
+                    reference = torch.tensor(rule.scores[g.name], dtype=own.dtype)
+                    if reference.shape != own.shape:
+                        raise InvalidTask(
+                            f"threshold-gate rule has {len(reference)} importances for group "
+                            f"{g.name}, the submodel keeps {g.size} channels"
+                        )
+                # a channel leaves when its own importance falls by the factor that would take
+                # the coordinator's below theta: theta x own / reference on the client's scale
+                per_channel = theta * own / reference.clamp_min(1e-12)
+                gated = reference >= theta
                 if gated.any():
-                    self.groups.append((producing[g.gid], g.size, theta, gated))
+                    self.groups.append((producing[g.gid], g.size, per_channel, gated))
         self.dims = {key: dim for tensors, *_ in self.groups for key, dim, _, _ in tensors}
 
     def gates(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from cahfp.errors import BudgetInfeasible
 from cahfp.pruning.extract import IndexMap, build_compact, index_map_for
 from cahfp.pruning.groups import GroupSet
 from cahfp.pruning.plan import CostModel
@@ -40,10 +41,15 @@ def flops_fraction(groups: GroupSet, p: float) -> float:
 
 
 def width_for_keep(groups: GroupSet, keep: float, resolution: int = 256) -> float:
-    """The widest width (a multiple of ``1 / resolution``) whose training FLOPs fit ``keep``;
-    ``1 / resolution`` when none does."""
+    """The widest width (a multiple of ``1 / resolution``) whose training FLOPs fit ``keep``
+    (``BudgetInfeasible`` when none does)."""
     if keep >= 1:
         return 1.0
+    if flops_fraction(groups, 1 / resolution) > keep + _EPS:
+        raise BudgetInfeasible(
+            f"keep {keep:g} is below the FLOPs of the narrowest width "
+            f"({flops_fraction(groups, 1 / resolution):.3f})"
+        )
     lo, hi = 1, resolution  # flops_fraction is monotone in the width
     while lo < hi:
         mid = (lo + hi + 1) // 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from cahfp.local_rules import LocalRule
 from cahfp.pruning import index_map_for
-from cahfp.pruning.threshold import threshold_plan
+from cahfp.pruning.threshold import channel_scores, threshold_plan
 from cahfp.strategies.base import CoordinatorPlanned
 
 
@@ -25,7 +25,8 @@ class FIARSE(CoordinatorPlanned):
         super().__init__(*args, **kwargs)
         # (round, keep) -> (plan, index map, thresholds): one plan per budget and round
         self._plans: dict[tuple[int, float], tuple] = {}
-        self._thresholds: dict[int, dict[str, float]] = {}  # client index -> its thresholds
+        # client index -> its thresholds and its kept channels' importances, by group
+        self._thresholds: dict[int, tuple[dict[str, float], dict[str, list[float]]]] = {}
 
     def plan_due(self, rec, rnd: int) -> bool:
         if rec.index_map is None or rec.planned_round is None:
@@ -36,15 +37,20 @@ class FIARSE(CoordinatorPlanned):
         keep = min(rec.keep, 1.0)
         if (rnd, keep) not in self._plans:
             self._plans = {k: v for k, v in self._plans.items() if k[0] == rnd}
+            scores = channel_scores(model, self.groups)
             plan, thresholds = threshold_plan(
                 model,
                 self.groups,
                 keep,
                 self.pruning.floor,
                 layerwise=self.pruning.fiarse_threshold == "layerwise",
+                scores=scores,
             )
             imap = index_map_for(model, self.groups, plan.kept)
-            self._plans[(rnd, keep)] = (plan, imap, thresholds)
+            kept = {  # the slice keeps each group's channels in index order
+                g.name: scores[g.gid][plan.kept[g.gid].sort().values].tolist() for g in self.groups
+            }
+            self._plans[(rnd, keep)] = (plan, imap, (thresholds, kept))
         plan, rec.index_map, self._thresholds[rec.index] = self._plans[(rnd, keep)]
         rec.keep_achieved, rec.planned_keep = plan.flops_fraction, rec.keep
         self.mark_planned(rec, rnd)
@@ -53,8 +59,7 @@ class FIARSE(CoordinatorPlanned):
     def local_training(self, rec, rnd: int) -> LocalRule | None:
         if min(rec.keep, 1.0) >= 1:
             return None  # the dense model: nothing is gated
+        thresholds, scores = self._thresholds[rec.index]
         return LocalRule(
-            kind="threshold-gate",
-            thresholds=self._thresholds[rec.index],
-            ste=self.pruning.fiarse_ste,
+            kind="threshold-gate", thresholds=thresholds, scores=scores, ste=self.pruning.fiarse_ste
         )

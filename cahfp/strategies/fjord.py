@@ -53,7 +53,9 @@ class FjORD(CoordinatorPlanned):
         return None
 
     def local_training(self, rec, rnd: int) -> LocalRule:
-        p_max = self.width(rec.keep)
+        # the width of the slice sent: the budget its plan was made for (a budget that moved
+        # within plan_due's dead band keeps its plan)
+        p_max = self.width(rec.keep if rec.planned_keep is None else rec.planned_keep)
         return LocalRule(
             kind="ordered-dropout",
             widths=(*[p for p in self.grid() if p < p_max], p_max),

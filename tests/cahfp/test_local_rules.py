@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 from cahfp.data import ImageData
-from cahfp.errors import InvalidUpdate
+from cahfp.errors import InvalidTask
 from cahfp.local_rules import LocalRule, make_step
 from cahfp.models import build_model
 from cahfp.pruning import build_compact, find_groups, index_map_for
@@ -125,5 +125,38 @@ def test_threshold_gate_trains_reproducibly_and_refuses_a_rule_without_every_gro
         states.append(m.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert not torch.equal(states[0]["conv.weight"], model.conv.weight)
-    with pytest.raises(InvalidUpdate, match="no threshold for groups"):
+    with pytest.raises(InvalidTask, match="no threshold for groups"):
         make_step(LocalRule(kind="threshold-gate", thresholds={"other": 0.1}), model, X[:1], 0)
+
+
+def test_threshold_gate_follows_the_coordinators_importances_not_the_slices():
+    """The coordinator measures importance on the dense model, the client on its slice (fewer
+    input channels): with the coordinator's importances in the rule a fresh slice gates
+    exactly the channels whose dense importance passes the threshold, and a channel leaves
+    when its importance falls by the factor that would take the dense one below it."""
+    model = build_model("vgg11", 10, 1, 0.25, seed=0)
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    groups = find_groups(model, x[:2])
+    scores = channel_scores(model, groups)
+    plan, thetas = threshold_plan(model, groups, 0.4, scores=scores)
+    sub = build_compact(model, index_map_for(model, groups, plan.kept)).eval()
+    kept = {g.name: scores[g.gid][plan.kept[g.gid].sort().values].tolist() for g in groups}
+    rule = LocalRule(kind="threshold-gate", thresholds=thetas, scores=kept)
+    step = make_step(rule, sub, x[:1], 0)
+    assert torch.equal(functional_call(sub, step.gated(sub), (x,)), sub(x))
+    by_name = {g.name: g for g in find_groups(sub, x[:1])}
+    gated = {}
+    for producing, _, _, mask in step.groups:
+        name = next(
+            n
+            for n, g in by_name.items()
+            if g.size == len(mask)
+            and any(key.startswith(n.rsplit(".", 1)[0]) for key, *_ in producing)
+        )
+        gated[name] = mask
+    for name, mask in gated.items():
+        dense = torch.tensor(kept[name], dtype=torch.float64)
+        assert torch.equal(mask, dense >= thetas[name])
+    with pytest.raises(InvalidTask, match="importances for group"):
+        bad = {**kept, next(iter(kept)): [1.0]}
+        make_step(LocalRule(kind="threshold-gate", thresholds=thetas, scores=bad), sub, x[:1], 0)

@@ -218,3 +218,47 @@ def test_fjord_tasks_carry_each_clients_widths_and_count_their_cost(
             assert c["train_flops"] < plain  # narrower widths cost less
         else:
             assert c["train_flops"] > plain  # the teacher pass is extra
+
+
+def test_a_rule_that_does_not_describe_the_received_slice_fails_the_task_in_one_line():
+    """A malformed or hostile rule is refused when the task is parsed (sizes out of range) or
+    answered ``failed`` with the reason (widths that are not the slice it came with); the
+    device agent goes on."""
+    from cahfp.client_round import ClientState, run_task
+    from cahfp.messages import ModelSpec
+    from cahfp.wire import encode_update
+
+    model, groups = _dense()
+    sizes = {g.name: g.size for g in groups}
+    huge = {**sizes, next(iter(sizes)): 10**400}
+    with pytest.raises(ValidationError):
+        LocalRule(kind="ordered-dropout", widths=(0.5, 1.0), group_sizes=huge)
+    spec = ModelSpec(name="vgg11", width=0.25, num_classes=10, in_channels=1, image_size=28)
+    doubled = {k: 2 * v for k, v in sizes.items()}  # the dense model is only half of "1.0"
+    task = TaskMessage(
+        task_id="t",
+        round=1,
+        client_id="c",
+        model=spec,
+        recipe=Recipe(epochs=1, batch_size=32),
+        keep=1.0,
+        payload="state",
+        deadline_s=600,
+        training=LocalRule(kind="ordered-dropout", widths=(0.5, 1.0), group_sizes=doubled),
+    )
+    task = TaskMessage.model_validate_json(task.model_dump_json())  # as it travels
+    result = run_task(ClientState("c", _data()), task, encode_update(model.state_dict(), {}))
+    assert result.message.status == "failed"
+    assert "InvalidTask: ordered-dropout rule's width 1 is not within the submodel" in (
+        result.message.reason
+    )
+    assert "\n" not in result.message.reason
+
+
+def test_a_keep_below_the_narrowest_width_is_infeasible():
+    from cahfp.errors import BudgetInfeasible
+    from cahfp.pruning.widths import width_for_keep
+
+    _, groups = _dense()
+    with pytest.raises(BudgetInfeasible, match="below the FLOPs of the narrowest width"):
+        width_for_keep(groups, 1e-6)
