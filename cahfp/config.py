@@ -163,9 +163,9 @@ class PruningConfig(PlanKnobs):
     )
     kd_temperature: float = Field(1.0, gt=0, le=100, description="fjord-kd: softmax temperature")
     fiarse_threshold: Literal["global", "layerwise"] = Field(
-        "global",
-        description="fiarse: one importance threshold for all layers, or the same kept fraction "
-        "of every layer (its own threshold each)",
+        "layerwise",
+        description="fiarse: the same kept fraction of every layer (its own threshold each; "
+        "chosen on validation, docs/method.md), or one importance threshold for all layers",
     )
     fiarse_ste: bool = Field(
         True,
