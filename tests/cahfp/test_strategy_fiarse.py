@@ -43,7 +43,8 @@ def _run(fmnist_root, out, monkeypatch, **extra):
 def test_fiarse_replans_every_round_and_its_tasks_carry_the_threshold_gate(
     fmnist_root, tmp_path, monkeypatch
 ):
-    tasks, maps, records, model = _run(fmnist_root, tmp_path / "a", monkeypatch)
+    one = {"pruning.fiarse_threshold": "global"}  # the official fiarse/ (layerwise: below)
+    tasks, maps, records, model = _run(fmnist_root, tmp_path / "a", monkeypatch, **one)
     pruned = [t for t in tasks if t.keep is not None and t.keep < 1]
     assert len(pruned) == 6 and all(t.payload == "slice" for t in pruned)  # 3 per round
     assert all(t.training is None for t in tasks if t not in pruned)  # the dense client
@@ -64,20 +65,17 @@ def test_fiarse_replans_every_round_and_its_tasks_carry_the_threshold_gate(
     clients = {c for _, c in maps}
     assert any(not same_index_map(maps[(1, c)], maps[(2, c)]) for c in clients)
     # the same configuration and seed: the same run, bit for bit
-    tasks_b, _, records_b, model_b = _run(fmnist_root, tmp_path / "b", monkeypatch)
+    tasks_b, _, records_b, model_b = _run(fmnist_root, tmp_path / "b", monkeypatch, **one)
     assert [t.training for t in tasks_b] == [t.training for t in tasks]
     assert strip_times(records_b) == strip_times(records)
     assert all(torch.equal(model[k], model_b[k]) for k in model)
 
 
-def test_fiarse_layerwise_thresholds_and_plain_gradients_travel_in_the_rule(
+def test_fiarse_layerwise_thresholds_by_default_and_plain_gradients_travel_in_the_rule(
     fmnist_root, tmp_path, monkeypatch
 ):
     tasks, _, records, _ = _run(
-        fmnist_root,
-        tmp_path / "lw",
-        monkeypatch,
-        **{"pruning.fiarse_threshold": "layerwise", "pruning.fiarse_ste": False},
+        fmnist_root, tmp_path / "lw", monkeypatch, **{"pruning.fiarse_ste": False}
     )
     rules = [t.training for t in tasks if t.training is not None]
     assert rules and all(not r.ste and len(set(r.thresholds.values())) > 1 for r in rules)
