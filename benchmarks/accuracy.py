@@ -17,6 +17,7 @@ at once.
     python -m benchmarks.accuracy --setting vgg11-0.25-a0.1 --eval-split validation
     python -m benchmarks.accuracy --report         # merge the pieces into accuracy.md
     python -m benchmarks.accuracy --ablations      # CA-HFP ablations on the main setting
+    python -m benchmarks.accuracy --ablations --ablation-setting vgg11-0.25-a0.1  # or another
     python -m benchmarks.accuracy --quick          # smoke run (2 rounds) and its report
 """
 
@@ -93,6 +94,9 @@ ABLATIONS: dict[str, dict] = {
     },
     "federation-wide anchor 0.5": {"pruning.anchor_weight": 0.5},
     "fill: uncovered weight 0.5": {"aggregation.uncovered_weight": 0.5},
+    # issue 22's lever: part of each thin client's plan rotates through what its plan drops
+    "coverage-aware rotation 0.25": {"pruning.rotation": 0.25},
+    "coverage-aware rotation 0.5": {"pruning.rotation": 0.5},
     "BN statistics from all covering clients": {"aggregation.exact_stats": False},
     "BN variance of the pooled activations": {"aggregation.pooled_variance": True},
     "reference: Taylor (no uplink cap, its default)": {"federation.strategy": "taylor"},
@@ -167,6 +171,12 @@ def parse_args(argv):
         help="with --ablations: run only the variants whose label contains one of these "
         "comma-separated words (e.g. FIARSE)",
     )
+    p.add_argument(
+        "--ablation-setting",
+        choices=[n for n, s in SETTINGS.items() if s.clients == 10],
+        default=MAIN_SETTING,
+        help="with --ablations: the setting they run in (default %(default)s)",
+    )
     p.add_argument("--no-tiers", action="store_true", help="skip the tier submodel accuracy")
     p.add_argument(
         "--tier-clients",
@@ -224,7 +234,10 @@ def piece_name(args) -> str:
     """The piece's (and its runs' directory's) name: the setting, ``-val`` when scored on
     validation images, ``-quick`` for a smoke run."""
     suffix = ("-val" if args.eval_split == "validation" else "") + ("-quick" if args.quick else "")
-    return ("ablations" if args.ablations else args.setting) + suffix
+    if args.ablations:
+        other = args.ablation_setting != MAIN_SETTING
+        return "ablations" + (f"-{args.ablation_setting}" if other else "") + suffix
+    return args.setting + suffix
 
 
 def pieces_dir(out_dir) -> Path:
@@ -241,7 +254,7 @@ def jobs_for(args) -> list[dict]:
                 if args.only and not any(w in label for w in args.only.split(",")):
                     continue
                 ov = {
-                    **base_overrides(MAIN_SETTING, seed, args),
+                    **base_overrides(args.ablation_setting, seed, args),
                     "federation.strategy": "cahfp",
                     **extra,
                 }
@@ -377,9 +390,10 @@ def run_piece(args) -> Path:
     piece = {
         "piece": piece_name(args),
         "setting": "ablations" if args.ablations else args.setting,
-        "description": SETTINGS[MAIN_SETTING if args.ablations else args.setting].describe(
+        "description": SETTINGS[args.ablation_setting if args.ablations else args.setting].describe(
             args.quick
         ),
+        "ablation_setting": args.ablation_setting if args.ablations else None,
         "eval_split": args.eval_split,
         "eval_samples": QUICK["eval_samples"] if args.quick else args.eval_samples,
         "quick": args.quick,

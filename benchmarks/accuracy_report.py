@@ -359,15 +359,18 @@ def write_single(path: Path, out_dir=None) -> Path:
     """The table of one piece alone: a smoke run, or the ablations (``accuracy_ablations``)."""
     piece = json.loads(Path(path).read_text())
     if piece["setting"] == "ablations":
-        name = "accuracy_ablations"
+        where = piece.get("ablation_setting") or MAIN_SETTING
+        other = where != MAIN_SETTING
+        name = "accuracy_ablations" + (f"_{where}" if other else "")
+        flag = f" --ablation-setting {where}" if other else ""
         labels = {slug(label): label for label in ABLATIONS}
         groups = {labels.get(k, k): v for k, v in by_strategy(piece["runs"]).items()}
         order = {label: i for i, label in enumerate(ABLATIONS)}
         lines = [
-            "# CA-HFP ablations (VGG, alpha 0.5, validation accuracy)",
+            f"# CA-HFP ablations ({where}, validation accuracy)",
             "",
             f"Measured {env_line(piece['env'])}; {piece['seconds'] / 60:.1f} min. Reproduce: "
-            "`python -m benchmarks.accuracy --ablations`.",
+            f"`python -m benchmarks.accuracy --ablations{flag}`.",
             "",
             f"Ablations of cahfp in {piece['description']}, scored on {_scored_on(piece)} that "
             "no client holds (`data.eval_split = validation`), never on the test set, so that a "

@@ -338,6 +338,7 @@ def plan_on_data(
         anchor=checked_sides(scores.groups, extras, "anchor"),
         seed=seed,
         param_keep=target if options.budget_uplink else None,
+        rotation_step=round_idx // options.refresh_period,
     )
     return PlannedSubmodel(extract(model, plan), scores, scored)
 

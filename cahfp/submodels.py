@@ -93,6 +93,8 @@ def client_submodel(
         options = strategy.client_plan(rnd)
         if options is None:
             raise CAHFPError(f"strategy {strategy.name!r} plans on clients but gave no options")
+        # rotation is how a client trains; the model a board runs keeps its best channels
+        options = options.but(rotation=0.0)
         extras = strategy.side_tensors(strategy.side_names(options))
         planned = plan_on_data(
             model, data, rec.keep, options, recipe, seed=seed, round_idx=rnd, extras=extras

@@ -36,9 +36,7 @@ class OrderedDropout:
         self.counts: list[dict[int, int] | None] = []
         self.costs: list[float] = []
         for p in rule.widths:
-            counts = {
-                g.gid: max(1, math.ceil(p * rule.group_sizes[g.name] - _EPS)) for g in groups
-            }
+            counts = {g.gid: max(1, math.ceil(p * rule.group_sizes[g.name] - _EPS)) for g in groups}
             over = [g for g in groups if counts[g.gid] > g.size]
             if over:
                 raise InvalidTask(

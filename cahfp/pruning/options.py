@@ -39,6 +39,14 @@ class PlanKnobs(BaseModel):
         description="CA-HFP: Gumbel noise on channel costs, "
         "in typical channel losses (0 = deterministic plans; see docs/method.md section 5)",
     )
+    rotation: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="CA-HFP: share of each layer's kept channels given to a window that rotates, "
+        "refresh by refresh, through the channels the curvature plan drops (coverage-aware "
+        "rotation; 0 = off; docs/method.md)",
+    )
     anchor_weight: float = Field(
         0.0,
         ge=0,

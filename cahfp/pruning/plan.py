@@ -135,6 +135,7 @@ def make_plan(
     anchor: dict[int, torch.Tensor] | None = None,
     seed: int = 0,
     param_keep: float | None = None,
+    rotation_step: int = 0,
     **knobs,
 ) -> Plan:
     """Keep the channels ``scores`` rank highest so that training FLOPs are at most ``keep`` of
@@ -145,7 +146,9 @@ def make_plan(
     terms, channels are chosen jointly (see module docstring); with ``anchor`` (federation-wide
     channel scores in units of the typical channel score, see ``normalised_scores``) a
     channel's value becomes ``(1 - anchor_weight) * local + anchor_weight * anchor * scale``;
-    ``coverage`` is priced by ``coverage_weight``, Gumbel noise by ``temperature`` (``seed``)."""
+    ``coverage`` is priced by ``coverage_weight``, Gumbel noise by ``temperature`` (``seed``);
+    with ``rotation`` > 0 that share of each group's kept channels is a window at position
+    ``rotation_step`` through the channels the plan would drop (``rotate``)."""
     opts = (options or PlanOptions()).but(**knobs)
     allocation, floor, multiple = opts.allocation, opts.floor, opts.multiple
     interactions, gradient = opts.interactions, opts.gradient
@@ -295,13 +298,40 @@ def make_plan(
             )
         )
         fine //= 2
-    kept = {g.gid: _feed_every_producer(g, objective.kept(g), scores.values[g.gid]) for g in groups}
+    kept = {g.gid: objective.kept(g) for g in groups}
+    if opts.rotation > 0:
+        kept = {
+            g.gid: rotate(kept[g.gid], g.size, scores.values[g.gid], opts.rotation, rotation_step)
+            for g in groups
+        }
+    kept = {g.gid: _feed_every_producer(g, kept[g.gid], scores.values[g.gid]) for g in groups}
     assert all(len(kept[g.gid]) == counts[g.gid] for g in groups)
     plan = Plan(
         groups, kept, keep, fm.total(counts) / fm.dense, allocation, "joint" if joint else "ranked"
     )
     plan.param_fraction = CostModel.params(groups).total(counts) / CostModel.params(groups).dense
     return plan
+
+
+def rotate(
+    kept: torch.Tensor, size: int, values: torch.Tensor, share: float, step: int
+) -> torch.Tensor:
+    """Coverage-aware rotation of one group's ``kept`` channels (of ``size``): the best
+    ``1 - share`` of them by ``values`` stay (the core); the other ``r = floor(share * kept)``
+    slots take the window ``[step * r, step * r + r)`` (cyclic) of the remaining channels in
+    index order. The count, and so the plan's cost, is unchanged. While the core holds, the
+    windows of ``ceil((size - kept + r) / r)`` successive steps cover every channel, so a client
+    that steps once per refresh trains all of them within that many refreshes."""
+    r = int(share * len(kept))
+    if r == 0 or len(kept) >= size:
+        return kept
+    order = kept[torch.argsort(values[kept], descending=True, stable=True)]
+    core = order[: len(kept) - r]
+    rest = torch.ones(size, dtype=torch.bool)
+    rest[core] = False
+    candidates = torch.nonzero(rest).flatten()
+    window = (step * r + torch.arange(r)) % len(candidates)
+    return torch.sort(torch.cat([core, candidates[window]])).values.to(kept.dtype)
 
 
 def _feed_every_producer(g: ChannelGroup, kept: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -89,6 +89,7 @@ class Strategy:
             allocation=self.allocation if alloc == "auto" else alloc,
             budget_uplink=self.uplink_capped(),
             coverage_weight=0.0,
+            rotation=0.0,
             temperature=0.0,
             anchor_weight=0.0,
         )

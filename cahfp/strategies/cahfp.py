@@ -1,5 +1,6 @@
 """CA-HFP: curvature (Fisher block) scores on each client's data, joint second-order planning,
 reconstruction; optionally steered by the federation's channel coverage (``coverage_weight``),
+a window of channels rotating through those the plan drops (``rotation``),
 a federation-wide anchor of the clients' normalised scores (``anchor_weight``) and Gumbel noise
 (``temperature``, with its schedule). The coverage and anchor state live here."""
 
@@ -42,6 +43,7 @@ class CAHFP(ClientPlanned):
             .plan_options(rnd)
             .but(
                 coverage_weight=self.pruning.coverage_weight,
+                rotation=self.pruning.rotation,
                 temperature=self.temperature(rnd),
                 anchor_weight=self.pruning.anchor_weight,
             )

@@ -113,3 +113,27 @@ def test_ablations_can_be_narrowed_to_some_variants_and_every_variant_loads():
         cfg = load_config(None, j["overrides"])
         assert cfg.data.eval_split == "validation"
     assert len(ABLATIONS) == len({j["label"] for j in jobs_for(parse_args(["--ablations"]))})
+
+
+def test_ablations_run_in_another_setting_in_their_own_piece():
+    """``--ablation-setting vgg11-0.25-a0.1`` runs the variants under strong skew, in their own
+    runs directory and piece, so a default is not chosen from the main setting alone."""
+    from benchmarks.accuracy import jobs_for, parse_args, piece_name
+    from cahfp.config import load_config
+
+    args = parse_args(
+        ["--ablations", "--ablation-setting", "vgg11-0.25-a0.1", "--only", "rotation"]
+    )
+    assert piece_name(args) == "ablations-vgg11-0.25-a0.1-val"
+    jobs = jobs_for(args)
+    assert {j["label"] for j in jobs} == {
+        "coverage-aware rotation 0.25",
+        "coverage-aware rotation 0.5",
+    }
+    for j in jobs:
+        cfg = load_config(None, j["overrides"])
+        assert cfg.data.partition == "dirichlet:0.1" and cfg.data.eval_split == "validation"
+        assert cfg.pruning.rotation in (0.25, 0.5)
+        assert j["run_dir"].split("/")[-2] == "ablations-vgg11-0.25-a0.1-val"
+    with pytest.raises(SystemExit):
+        parse_args(["--ablations", "--ablation-setting", "cross-device"])
