@@ -16,13 +16,14 @@ from cahfp.pruning.options import PlanOptions
 from cahfp.training import Recipe
 
 MAX_SAMPLES = 10**12  # far above any board's data; keeps the weights finite floats
-PROTOCOL = 7  # 3: tasks say whether pruned payloads carry BatchNorm statistics (statistics)
+PROTOCOL = 8  # 3: tasks say whether pruned payloads carry BatchNorm statistics (statistics)
 #  4: the training recipe gained logit_adjust
 #  5: statistics tasks (purpose), which recompute the global model's BatchNorm statistics
 #  6: tasks and the retained status carry the federation's budget settings (budget); a hello
 #     can say why the device cannot take part (problem); status and model announcements name
 #     their run (run); presence is refreshed (every)
 #  7: tasks can carry a local training rule (training: FjORD's ordered dropout, FIARSE's gate)
+#  8: plan settings gained rotation (CA-HFP's coverage-aware rotation)
 
 
 class _Message(BaseModel):
