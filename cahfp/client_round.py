@@ -58,6 +58,9 @@ class ClientState:
     dense_flops: dict[tuple, float] = field(default_factory=dict)
     device: DeviceBudget | None = None
     statistics: dict[str, torch.Tensor] | None = None  # BatchNorm buffers of the last submodel
+    # where scoring, training and statistics run (``cahfp.device.select.resolve_device``); the
+    # model travels, is planned and is encoded on the CPU
+    compute_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def time_scale(self) -> float:
@@ -262,6 +265,7 @@ def _statistics_task(state: ClientState, task: TaskMessage, payload: bytes, star
     if task.payload != "state":
         raise InvalidUpdate("a statistics task must carry the dense global model")
     model, _ = _dense_model(task.model, payload)
+    model.to(state.compute_device)
     t0 = state.clock()
     images = measure_batchnorm_statistics(
         model, state.data, task.calibration_batches, task.recipe.batch_size, seed=task.seed
@@ -269,7 +273,7 @@ def _statistics_task(state: ClientState, task: TaskMessage, payload: bytes, star
     if images == 0:
         raise BudgetInfeasible("too few local images (or no BatchNorm) to measure statistics")
     seconds = (state.clock() - t0) * state.time_scale
-    stats = {k: v for k, v in model.state_dict().items() if is_statistic(k)}
+    stats = {k: v.cpu() for k, v in model.state_dict().items() if is_statistic(k)}
     up = encode_state(stats, {"round": task.round, "client": task.client_id})
     metrics = Metrics(
         samples=images,
@@ -359,6 +363,7 @@ def _run(
     keep, reason = task.keep, ""
     if task.payload == "state":
         model, meta = _dense_model(spec, payload)
+        model.to(state.compute_device)  # scoring runs there; plans are made on the CPU
         if task.plan is not None and keep is None and state.device is not None:
             score_samples = task.plan.score_batches * task.recipe.batch_size
             elapsed = (state.clock() - start) * state.time_scale
@@ -393,6 +398,7 @@ def _run(
         module, imap, meta = submodel_from_slice(spec, payload, state.index_map, state.statistics)
         achieved = float(meta.get("keep_achieved", state.keep_achieved))
         state.index_map, state.keep_achieved = imap, achieved
+    module.to(state.compute_device)
     step = None
     if task.training is not None:
         example = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
@@ -413,6 +419,7 @@ def _run(
     )
     train_seconds = result.seconds * state.time_scale
     sender = {"round": task.round, "client": task.client_id}
+    module.to("cpu")  # what is sent and kept lives on the CPU
     trained = module.state_dict()
     # a pruned client's statistics stay here when the coordinator takes them from dense updates
     statistics = task.statistics or not imap

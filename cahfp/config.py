@@ -15,6 +15,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cahfp.device.boards import DEFAULT_BOARDS
+from cahfp.device.select import check_device_spec
 from cahfp.errors import CAHFPError, ConfigError, UnknownName  # noqa: F401 (ConfigError re-exported)
 from cahfp.messages import BudgetSettings
 from cahfp.pruning.options import PlanKnobs
@@ -329,11 +330,36 @@ class AggregationConfig(_Strict):
     distill_batch_size: int = Field(64, ge=2, le=4096)
 
 
+class TrainConfig(Recipe):
+    """The ``[train]`` table: the training recipe every client gets (``recipe()``: what a task
+    carries) and the device this process computes on (``device``: never sent, every board
+    chooses its own with ``cahfp client --device``)."""
+
+    device: str = Field(
+        "auto",
+        description="auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N: where "
+        "training, scoring, evaluation and the statistics phase run (transfers and aggregation "
+        "stay on the CPU)",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        try:
+            return check_device_spec(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    def recipe(self) -> Recipe:
+        """The recipe alone, as tasks and the status carry it."""
+        return Recipe(**self.model_dump(exclude={"device"}))
+
+
 class Config(_Strict):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    train: Recipe = Field(default_factory=Recipe)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     pruning: PruningConfig = Field(default_factory=PruningConfig)
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     clients: ClientsConfig = Field(default_factory=ClientsConfig)

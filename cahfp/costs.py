@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from cahfp.device.select import model_device
+
 aten = torch.ops.aten
 
 
@@ -60,7 +62,7 @@ def param_count(module: nn.Module) -> int:
 def _counted(module: nn.Module, example_input: torch.Tensor, backward: bool) -> FlopCounterMode:
     model = copy.deepcopy(module)
     model.train(backward)
-    x = example_input.detach()
+    x = example_input.detach().to(model_device(model))
     if x.shape[0] < 2:  # BatchNorm in train mode needs two samples
         x = x.expand(2, *x.shape[1:]).contiguous()
     counter = flop_counter()
@@ -95,7 +97,7 @@ def training_flops_by_module(module: nn.Module, example_input: torch.Tensor) -> 
     backward work across residual branches.
     """
     model = copy.deepcopy(module).train()
-    x = example_input.detach()
+    x = example_input.detach().to(model_device(model))
     if x.shape[0] < 2:
         x = x.expand(2, *x.shape[1:]).contiguous()
     seen: list[tuple[str, nn.Module, tuple]] = []

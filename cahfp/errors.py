@@ -40,3 +40,7 @@ class InvalidTask(CAHFPError):
 
 class InvalidUpdate(CAHFPError):
     """An update or payload is malformed: wrong keys, shapes, indices, dtypes or values."""
+
+
+class DeviceUnavailable(CAHFPError):
+    """The compute device asked for (``--device``, ``train.device``) is not on this machine."""

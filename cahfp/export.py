@@ -32,6 +32,7 @@ from cahfp.config import load_config
 from cahfp.costs import training_flops
 from cahfp.data import load_dataset
 from cahfp.data.datasets import DatasetInfo, dataset_info
+from cahfp.device.select import resolve_device
 from cahfp.errors import CAHFPError
 from cahfp.inference import DIGEST_KEY, digest_tail
 from cahfp.models import build_model
@@ -157,11 +158,15 @@ def export_checkpoint(
     scorer: str = EXPORT_SCORER,
     data_dir=None,
     statistics_batches: int = STATISTICS_BATCHES,
+    device: str | None = None,
 ) -> Exported:
     """Prune a global checkpoint to ``keep`` of its training FLOPs and export it. A pruned model's
     BatchNorm statistics are recomputed from ``statistics_batches`` batches of the config's
-    training data (0: keep the inherited ones; a data-free scorer then needs no dataset)."""
+    training data (0: keep the inherited ones; a data-free scorer then needs no dataset).
+    Scoring and the statistics run on ``device`` (else the config's ``train.device``); the
+    ONNX export itself on the CPU."""
     cfg = load_config(config_path)
+    dev = resolve_device(device or cfg.train.device)
     data_dir = data_dir or cfg.data.data_dir
     info = dataset_info(cfg.data.dataset, data_dir)
     model = build_model(cfg.model.name, len(info.classes), info.channels, cfg.model.width)
@@ -174,7 +179,7 @@ def export_checkpoint(
             f"{checkpoint} does not fit {cfg.model.name} x{cfg.model.width:g}: "
             f"{str(exc).splitlines()[0]}"
         ) from None
-    model.eval()
+    model.eval().to(dev)
     x = torch.zeros(2, info.channels, info.image_size, info.image_size)
     fraction = 1.0
     measured = 0
@@ -186,6 +191,7 @@ def export_checkpoint(
         fraction = plan.flops_fraction
         if data is not None:
             measured = measure_batchnorm_statistics(model, data, statistics_batches)
+    model.cpu()
     dense = build_model(cfg.model.name, len(info.classes), info.channels, cfg.model.width)
     return export_submodel(
         model,

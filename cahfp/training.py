@@ -1,4 +1,5 @@
-"""Local SGD training and evaluation, deterministic under a seed on CPU."""
+"""Local SGD training and evaluation, deterministic under a seed on CPU. Each runs on the device
+``model`` lives on: batches are drawn on the CPU (the same draws everywhere) and moved there."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from cahfp.data.datasets import ImageData
+from cahfp.device.select import model_device
 
 
 class Recipe(BaseModel):
@@ -92,7 +94,10 @@ def train(
         model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
     total_steps = recipe.num_steps(len(data))
+    dev = model_device(model)
     shift = label_shift(data, recipe.logit_adjust)
+    if shift is not None:
+        shift = shift.to(dev)
     model.train()
     steps = samples = 0
     loss_sum = cost_sum = 0.0
@@ -103,6 +108,7 @@ def train(
                 continue  # BatchNorm cannot normalise a single sample
             if should_stop is not None and should_stop():
                 raise TrainingCancelled(f"stopped after {steps} of {total_steps} steps")
+            x, y = x.to(dev), y.to(dev)
             opt.zero_grad(set_to_none=True)
             if step is None:
                 out = model(x)
@@ -147,8 +153,10 @@ def evaluate(model: nn.Module, data: ImageData, batch_size: int = 256) -> EvalRe
     """Mean cross-entropy and top-1 accuracy in eval mode."""
     was_training = model.training
     model.eval()
+    dev = model_device(model)
     loss = correct = 0.0
     for x, y in data.batches(batch_size, augment=False):
+        x, y = x.to(dev), y.to(dev)
         out = model(x)
         loss += F.cross_entropy(out, y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()
@@ -165,7 +173,7 @@ def per_class_accuracy(model: nn.Module, data: ImageData, batch_size: int = 256)
     model.eval()
     correct = torch.zeros(data.num_classes, dtype=torch.float64)
     for x, y in data.batches(batch_size, augment=False):
-        hit = (model(x).argmax(1) == y).double()
+        hit = (model(x.to(model_device(model))).argmax(1).cpu() == y).double()
         correct.index_add_(0, y.long(), hit)
     model.train(was_training)
     counts = torch.bincount(data.targets.long(), minlength=data.num_classes).double()
@@ -205,7 +213,7 @@ def measure_batchnorm_statistics(
                 break
             if len(x) < 2:
                 continue
-            model(x)
+            model(x.to(model_device(model)))
             seen += len(x)
     except BaseException:
         seen = 0  # an interrupted pass: put back the statistics it had

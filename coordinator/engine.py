@@ -127,7 +127,7 @@ class RoundEngine(ClientRegistry, UpdateAcceptance, StatisticsPhase, PayloadCach
             round=rnd,
             client_id=cid,
             model=self.spec,
-            recipe=self.cfg.train,
+            recipe=self.cfg.train.recipe(),
             seed=seed,
             budget=self.budget_settings,
             **fields,

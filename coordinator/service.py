@@ -111,7 +111,7 @@ class Coordinator:
             run=self.run_id,
             detail=detail,
             model=self.spec.model_dump(),
-            recipe=self.cfg.train.model_dump(),
+            recipe=self.cfg.train.recipe().model_dump(),
             deadline_s=self.cfg.federation.deadline_s,
             budget=self.cfg.clients.settings().model_dump(),
             score_samples=self.cfg.pruning.score_batches * self.cfg.train.batch_size,

@@ -3,6 +3,7 @@ one process, over the in-process transport (same messages and payloads as over M
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from cahfp.client_round import ClientState
 from cahfp.config import Config
 from cahfp.data import ImageData, client_shares, load_dataset
 from cahfp.data import training_pool as data_training_pool
+from cahfp.device.select import resolve_device
 from cahfp.errors import CAHFPError, ConfigError
 from cahfp.messages import ModelSpec
 from cahfp.training import evaluate
@@ -131,10 +133,14 @@ def simulate(
     if out_dir and not resume:
         check_new_run(out_dir, force)
     start = time.perf_counter()
+    device = resolve_device(cfg.train.device)
     clients, test_set, spec = federation_data(cfg)
-    states = {client_id(i): ClientState(client_id(i), data) for i, data in enumerate(clients)}
+    states = {
+        client_id(i): ClientState(client_id(i), data, compute_device=device)
+        for i, data in enumerate(clients)
+    }
     if cfg.clients.budget == "measured":
-        keeps = emulate_devices(cfg, spec, states)
+        keeps = emulate_devices(cfg, spec, states, device)
     else:
         keeps = {client_id(i): cfg.keep_of(i) for i in range(len(clients))}
     transport = InProcessTransport(states)
@@ -144,7 +150,7 @@ def simulate(
         cfg,
         spec,
         transport,
-        lambda m: evaluate(m, test_set),
+        evaluator(test_set, device),
         keeps,
         on_event=view.event,
         distill_images=distillation_data(cfg),
@@ -199,16 +205,30 @@ def _resume(engine: RoundEngine, states: dict[str, ClientState], recorder: RunRe
     return done
 
 
-def emulate_devices(cfg: Config, spec: ModelSpec, states: dict[str, ClientState]):
+def evaluator(test_set, device: torch.device):
+    """How the simulation scores the global model: on ``device`` (a copy there when it is not
+    the CPU; the global model itself stays on the CPU, where aggregation runs)."""
+    if device.type == "cpu":
+        return lambda m: evaluate(m, test_set)
+    return lambda m: evaluate(copy.deepcopy(m).to(device), test_set)
+
+
+def emulate_devices(
+    cfg: Config,
+    spec: ModelSpec,
+    states: dict[str, ClientState],
+    device: torch.device | None = None,
+):
     """Give every simulated client the budget of the board it emulates (its
-    ``clients.profiles`` entry), set up as a real client's is (``device_budget``). Returns each
-    client's initial keep estimate (its 'hello')."""
+    ``clients.profiles`` entry), set up as a real client's is (``device_budget``), calibrated
+    on ``device`` (where the clients train; the CPU by default). Returns each client's initial
+    keep estimate (its 'hello')."""
     from cahfp.client_round import announced_keep
     from cahfp.device.budget import device_budget
     from cahfp.device.calibrate import calibrate
     from cahfp.device.profiles import load_profile
 
-    calibration = calibrate(spec, cfg.train.batch_size)
+    calibration = calibrate(spec, cfg.train.batch_size, device=device)
     scored = cfg.pruning.score_batches * cfg.train.batch_size
     keeps = {}
     for i, (cid, state) in enumerate(sorted(states.items())):

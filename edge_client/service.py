@@ -12,6 +12,7 @@ import torch
 from cahfp.client_round import ClientState
 from cahfp.data import client_shares, load_dataset
 from cahfp.device.budget import device_budget
+from cahfp.device.select import resolve_device
 from cahfp.errors import CAHFPError
 from cahfp.messages import ModelSpec
 from cahfp.mqtt.link import MqttLink, client_certificate, read_credentials
@@ -62,7 +63,7 @@ def budget_setup(state: ClientState, profile: str):
         described["profile"] = board.name
 
     def calibrate_budget(spec: ModelSpec, recipe: Recipe) -> None:
-        measured = calibrate(spec, recipe.batch_size)
+        measured = calibrate(spec, recipe.batch_size, device=state.compute_device)
         state.device = device_budget(measured, info.usable_memory, board)
         cal = state.device.model.calibration
         described["calibration"] = {
@@ -84,8 +85,9 @@ def run_client(args: argparse.Namespace) -> int:
     emulated = args.profile not in ("auto", "none")
     if args.threads or emulated:  # boards emulated side by side: one core each unless told
         torch.set_num_threads(args.threads or 1)
+    device = resolve_device(args.device)  # before the data: fail at once
     data = local_data(args)
-    state = ClientState(args.id, data)
+    state = ClientState(args.id, data, compute_device=device)
     calibrate_budget, profile = budget_setup(state, args.profile)
     user, password = read_credentials(args.credentials)
     from cahfp.mqtt.protocol import Presence

@@ -27,6 +27,16 @@ def add_data_dir(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_device(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """``--device``: where training, scoring, evaluation and the statistics phase run."""
+    p.add_argument(
+        "--device",
+        default=default,
+        help="auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N"
+        + (f" (default {default})" if default else " (default: the config's train.device, auto)"),
+    )
+
+
 def add_broker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", required=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT")
     p.add_argument(

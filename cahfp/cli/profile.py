@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from cahfp.cli.options import add_device
 from cahfp.errors import CAHFPError
 
 
@@ -28,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "as `cahfp client --profile NAME` does",
     )
     p.add_argument("--fresh", action="store_true", help="ignore the cached calibration")
+    add_device(p, "auto")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=run)
 
@@ -39,9 +41,11 @@ def run(args: argparse.Namespace) -> int:
     from cahfp.device.calibrate import calibrate
     from cahfp.device.measure import measure_device
     from cahfp.device.profiles import REFERENCE_FLOPS_PER_SECOND, load_profile
+    from cahfp.device.select import resolve_device
     from cahfp.messages import BudgetSettings, ModelSpec
     from cahfp.training import Recipe
 
+    compute = resolve_device(args.device)
     board = load_profile(args.profile) if args.profile else None
     info = measure_device()
     spec = ModelSpec(
@@ -51,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         in_channels=args.in_channels,
         image_size=args.image_size,
     )
-    measured = calibrate(spec, args.batch_size, use_cache=not args.fresh)
+    measured = calibrate(spec, args.batch_size, use_cache=not args.fresh, device=compute)
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size)
     memory = args.memory_mb << 20 if args.memory_mb else info.usable_memory
     device = device_budget(measured, memory, board)  # what `cahfp client` sets up, too
@@ -80,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         decision = {"keep": None, "reason": str(exc)}
     report = {
         "device": info.to_dict(),
+        "compute_device": str(compute),
         "model": spec.model_dump(),
         "recipe": recipe.model_dump(),
         "calibration": cal.__dict__,
@@ -106,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
         f"         load {shown(info.load_1m, '.2f')}, temperature "
         f"{shown(info.temperature_c, '.0f', ' C')}, battery "
         f"{shown(info.battery_percent, '.0f', '%')}, accelerator {info.accelerator or 'none'}; "
-        f"cgroup {shown(cg.version)}: cpu quota {quota}, memory limit {limit}"
+        f"cgroup {shown(cg.version)}: cpu quota {quota}, memory limit {limit}; trains on "
+        f"{compute}"
     )
     if board is not None:
         print(

@@ -2,7 +2,8 @@
 and pruned to a quarter of its FLOPs, on a synthetic batch of the real input shape, and measure
 the activation memory per sample (the tensors autograd saves for backward) and the dense model's
 training FLOPs per sample (so that the throughput is known). Results are cached
-per model, batch size, thread count, torch version and CPU limits (cgroup quota, affinity)."""
+per model, batch size, thread count, torch version, CPU limits (cgroup quota, affinity) and the
+compute device (a GPU by its name)."""
 
 from __future__ import annotations
 
@@ -31,12 +32,14 @@ def cache_file() -> Path:
     return default_data_dir().parent / "calibration.json"
 
 
-def _key(spec: ModelSpec, batch: int) -> str:
+def _key(spec: ModelSpec, batch: int, device: torch.device) -> str:
     # what the process may use, too: two clients in different cgroups on one host (the testbed)
     # must not share a measurement
     limits = read_cgroup_limits()
+    gpu = [str(device), torch.cuda.get_device_name(device)] if device.type == "cuda" else []
     raw = json.dumps(
         [
+            *gpu,
             spec.model_dump(),
             batch,
             torch.get_num_threads(),
@@ -53,7 +56,8 @@ def _time_steps(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, seconds: float
 ) -> tuple[float, float]:
     """Seconds per sample of SGD steps (after one warm-up step): wall-clock and this process's
-    CPU time (the clock an emulated board keeps, see ``cahfp.device.budget.device_budget``)."""
+    CPU time (the clock an emulated board keeps, see ``cahfp.device.budget.device_budget``).
+    On a GPU the clock waits for the device's queued work before it is read."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     model.train()
 
@@ -62,11 +66,17 @@ def _time_steps(
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
+    def sync():
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+
     step()
+    sync()
     steps, start, cpu = 0, time.perf_counter(), time.process_time()
     while steps < 2 or time.perf_counter() - start < seconds:
         step()
         steps += 1
+        sync()
     n = steps * len(x)
     return (time.perf_counter() - start) / n, (time.process_time() - cpu) / n
 
@@ -90,11 +100,18 @@ def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def calibrate(
-    spec: ModelSpec, batch_size: int, seconds: float = 0.5, use_cache: bool = True
+    spec: ModelSpec,
+    batch_size: int,
+    seconds: float = 0.5,
+    use_cache: bool = True,
+    device: torch.device | None = None,
 ) -> Calibration:
+    """Measure (or read the cached measurement of) ``spec``'s training on ``device`` (the CPU
+    by default), where the client trains."""
     from cahfp.client_round import architecture
 
-    key = _key(spec, batch_size)
+    device = device or torch.device("cpu")
+    key = _key(spec, batch_size, device)
     path = cache_file()
     if use_cache and path.is_file():
         try:
@@ -108,8 +125,10 @@ def calibrate(
         torch.manual_seed(0)
         model = architecture(spec)
         model.load_state_dict(model.state_dict())  # materialise
+        model.to(device)
         x = torch.randn(batch_size, spec.in_channels, spec.image_size, spec.image_size)
         y = torch.randint(0, spec.num_classes, (batch_size,))
+        x, y = x.to(device), y.to(device)
         dense, dense_cpu = _time_steps(model, x, y, seconds)
         scores = score_groups(model, None, "ordered", example_input=x[:2])
         small = extract(model, make_plan(model, scores, SMALL_KEEP, allocation="uniform"))

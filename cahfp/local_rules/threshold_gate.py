@@ -29,7 +29,7 @@ class Bern(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores: torch.Tensor, theta) -> torch.Tensor:
-        theta = torch.as_tensor(theta, dtype=scores.dtype)
+        theta = torch.as_tensor(theta, dtype=scores.dtype, device=scores.device)
         mask = (scores >= theta).to(scores.dtype)
         ctx.save_for_backward(scores, mask, theta)
         return mask
@@ -60,7 +60,9 @@ class ThresholdGate:
                 own = mean_magnitude(params, producing[g.gid], g.size)
                 reference = own
                 if g.name in rule.scores:  # the coordinator's importances of these channels
-                    reference = torch.tensor(rule.scores[g.name], dtype=own.dtype)
+                    reference = torch.tensor(
+                        rule.scores[g.name], dtype=own.dtype, device=own.device
+                    )
                     if reference.shape != own.shape:
                         raise InvalidTask(
                             f"threshold-gate rule has {len(reference)} importances for group "
@@ -87,8 +89,8 @@ class ThresholdGate:
             m = torch.where(gated, m, torch.ones_like(m))
             for key, dim, idxs, root in producing:
                 n = params[key].shape[dim]
-                base = out.get(key, torch.ones(n, dtype=m.dtype))
-                out[key] = base.index_copy(0, idxs, m[root])
+                base = out.get(key, torch.ones(n, dtype=m.dtype, device=m.device))
+                out[key] = base.index_copy(0, idxs.to(m.device), m[root.to(m.device)])
         return out
 
     def gated(self, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from cahfp.device.select import model_device
 from cahfp.pruning.groups import GroupSet
 
 
@@ -85,7 +86,7 @@ def _to_groups(per_module: dict[str, torch.Tensor], groups: GroupSet, batch: int
     for g in groups:
         acc = torch.zeros(batch, g.size, dtype=torch.float64)
         for p in g.producers:
-            acc.index_add_(1, p.root, per_module[p.module][:, p.idxs])
+            acc.index_add_(1, p.root, per_module[p.module][:, p.idxs].to(acc.device))
         out[g.gid] = acc
     return out
 
@@ -101,6 +102,7 @@ def directional_terms(
     block); with ``collect`` also every sample's ``g_x.w``. One forward and one backward pass per
     batch."""
     producers = sorted({p.module for g in groups for p in g.producers})
+    dev = model_device(model)  # batches come from the CPU
     s1 = {g.gid: torch.zeros(g.size, dtype=torch.float64) for g in groups}
     s2 = {g.gid: torch.zeros(g.size, dtype=torch.float64) for g in groups}
     n = 0
@@ -111,6 +113,7 @@ def directional_terms(
             if b >= max_batches:
                 break
             cap.clear()
+            x, y = x.to(dev), y.to(dev)
             loss = F.cross_entropy(model(x), y, reduction="sum")
             saved = [(name, t) for name in producers for t in cap.outputs[name]]
             grads = torch.autograd.grad(loss, [t for _, t in saved], allow_unused=True)
@@ -120,7 +123,9 @@ def directional_terms(
                 if a is not None:
                     per_module[name] = per_module[name] + a if name in per_module else a
             for name in producers:  # a producer not reached by the loss contributes zero
-                per_module.setdefault(name, torch.zeros(len(y), _width(cap.modules[name])))
+                per_module.setdefault(
+                    name, torch.zeros(len(y), _width(cap.modules[name]), dtype=torch.float64)
+                )
             per_group = _to_groups(per_module, groups, len(y))
             for gid, a in per_group.items():
                 s1[gid] += a.sum(0)
@@ -174,6 +179,7 @@ def diagonal_fisher_terms(
     """Like ``directional_terms`` but the curvature term is the diagonal empirical Fisher,
     ``sum_i E_x[g_{x,i}^2] w_i^2``, from per-sample parameter gradients (more expensive)."""
     producers = sorted({p.module for g in groups for p in g.producers})
+    dev = model_device(model)  # batches come from the CPU
     s1 = {g.gid: torch.zeros(g.size, dtype=torch.float64) for g in groups}
     s2 = {g.gid: torch.zeros(g.size, dtype=torch.float64) for g in groups}
     n = 0
@@ -183,6 +189,7 @@ def diagonal_fisher_terms(
             if b >= max_batches:
                 break
             cap.clear()
+            x, y = x.to(dev), y.to(dev)
             loss = F.cross_entropy(model(x), y, reduction="sum")
             saved = [(name, i, t) for name in producers for i, t in enumerate(cap.outputs[name])]
             grads = torch.autograd.grad(loss, [t for *_, t in saved], allow_unused=True)
@@ -230,6 +237,7 @@ def hutchinson_terms(
     the mean batch loss estimated by Hutchinson's method (``E_v[v * Hv]``, Rademacher ``v``,
     ``probes`` Hessian-vector products per batch). Sums are scaled per sample like the others."""
     producers = sorted({p.module for g in groups for p in g.producers})
+    dev = model_device(model)  # batches come from the CPU
     modules = dict(model.named_modules())
     params = {
         (name, pname): p
@@ -245,11 +253,16 @@ def hutchinson_terms(
     for b, (x, y) in enumerate(batches):
         if b >= max_batches:
             break
+        x, y = x.to(dev), y.to(dev)
         loss = F.cross_entropy(model(x), y)
         gs = torch.autograd.grad(loss, [params[k] for k in keys], create_graph=True)
         acc = {k: torch.zeros_like(params[k], dtype=torch.float64) for k in keys}
         for _ in range(probes):
-            vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1 for p in gs]
+            # drawn on the CPU (the same probes on every device), then moved
+            vs = [
+                torch.randint(0, 2, p.shape, generator=gen).to(p.device, p.dtype) * 2 - 1
+                for p in gs
+            ]
             hv = torch.autograd.grad(
                 gs, [params[k] for k in keys], grad_outputs=vs, retain_graph=True
             )
@@ -264,8 +277,9 @@ def hutchinson_terms(
     for (name, pname), p in params.items():
         dim = channel_dims(modules[name])[pname]
         w = p.detach().double()
-        first = _reduce_to_channels((grad_sum[(name, pname)] * w).unsqueeze(0), dim)[0]
+        first = _reduce_to_channels((grad_sum[(name, pname)] * w).unsqueeze(0), dim)[0].cpu()
         curv = _reduce_to_channels((hdiag_sum[(name, pname)] * w * w).unsqueeze(0), dim)[0]
+        curv = curv.cpu()
         for g in groups:
             for prod in g.producers:
                 if prod.module == name:

@@ -87,7 +87,7 @@ def same_index_map(a: IndexMap, b: IndexMap) -> bool:
 
 def slice_tensor(t: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
     for dim, idx in sorted(dims.items()):
-        t = t.index_select(dim, idx)
+        t = t.index_select(dim, idx.to(t.device))
     return t
 
 

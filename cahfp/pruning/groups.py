@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from cahfp.costs import training_flops_by_module
+from cahfp.device.select import model_device
 from cahfp.errors import UnsupportedModel
 
 OUT, IN = "out", "in"
@@ -179,6 +180,7 @@ def find_groups(
 
 
 def _build(model: nn.Module, x: torch.Tensor, ignored_layers: list[str] | None) -> GroupSet:
+    x = x.to(model_device(model))
     was_training = model.training
     model.eval()
     try:

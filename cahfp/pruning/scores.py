@@ -149,6 +149,6 @@ def _magnitude(model: nn.Module, groups: GroupSet) -> dict[int, torch.Tensor]:
             dim = dict(param_dims(module, OUT))["weight"]
             w = module.weight.detach().abs().double().movedim(dim, 0)
             l1 = w.reshape(w.shape[0], -1).sum(1)
-            acc.index_add_(0, mem.root, l1[mem.idxs])
+            acc.index_add_(0, mem.root, l1[mem.idxs].cpu())
         values[g.gid] = acc
     return values

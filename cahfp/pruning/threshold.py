@@ -50,14 +50,18 @@ def producing_tensors(module: nn.Module, groups: GroupSet):
 
 def mean_magnitude(tensors: dict[str, torch.Tensor], producing, size: int) -> torch.Tensor:
     """Mean ``|w|`` of each of a group's ``size`` channels over its ``producing`` tensors
-    (``producing_tensors``' entry; ``tensors`` by name). Differentiable in ``tensors``."""
-    total = torch.zeros(size, dtype=torch.float64)
-    count = torch.zeros(size, dtype=torch.float64)
+    (``producing_tensors``' entry; ``tensors`` by name), on their device. Differentiable in
+    ``tensors``."""
+    dev = next(iter(tensors.values())).device if tensors else torch.device("cpu")
+    total = torch.zeros(size, dtype=torch.float64, device=dev)
+    count = torch.zeros(size, dtype=torch.float64, device=dev)
     for key, dim, idxs, root in producing:
         w = tensors[key].abs().movedim(dim, 0)
         per = w.reshape(w.shape[0], -1)
-        total = total.index_add(0, root, per[idxs].sum(1).double())
-        count = count.index_add(0, root, torch.full((len(idxs),), float(per.shape[1])).double())
+        root = root.to(dev)
+        total = total.index_add(0, root, per[idxs.to(dev)].sum(1).double())
+        width = torch.full((len(idxs),), float(per.shape[1]), dtype=torch.float64, device=dev)
+        count = count.index_add(0, root, width)
     return total / count.clamp(min=1)
 
 
@@ -65,7 +69,7 @@ def channel_scores(model: nn.Module, groups: GroupSet) -> dict[int, torch.Tensor
     """Every channel's importance: mean ``|w|`` over its producing weights and biases."""
     tensors = {k: v.detach() for k, v in model.named_parameters()}
     producing = producing_tensors(model, groups)
-    return {g.gid: mean_magnitude(tensors, producing[g.gid], g.size) for g in groups}
+    return {g.gid: mean_magnitude(tensors, producing[g.gid], g.size).cpu() for g in groups}
 
 
 def threshold_plan(

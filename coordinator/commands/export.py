@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cahfp.cli.options import add_device
 from cahfp.errors import CAHFPError
 
 
@@ -34,14 +35,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="batches of training data (64 images) to recompute a pruned model's BatchNorm "
         "statistics from; 0 keeps the inherited ones and, with a data-free scorer, needs no data",
     )
+    add_device(p)
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from cahfp.device.select import resolve_device
     from cahfp.export import export_checkpoint
 
+    if args.device:
+        resolve_device(args.device)  # before anything is read: fail at once
     run_dir = Path(args.run) if args.run else None
     config = args.config or (run_dir / "config.toml" if run_dir else None)
     checkpoint = args.checkpoint or (run_dir / "model.safetensors" if run_dir else None)
@@ -64,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         scorer=args.scorer,
         data_dir=args.data_dir,
         statistics_batches=args.statistics_batches,
+        device=args.device,
     )
     print(
         f"wrote {result.path} ({result.bytes / 1e6:.2f} MB), keep {args.keep:g}, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cahfp.cli.options import add_data_dir, parse_set
+from cahfp.cli.options import add_data_dir, add_device, parse_set
 from cahfp.errors import CAHFPError
 
 
@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="log lines instead of a live view")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     add_data_dir(p)
+    add_device(p)
     p.set_defaults(handler=run)
 
 
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         "federation.clients": args.clients,
         "data.data_dir": args.data_dir,
         "data.download": True if args.download else None,
+        "train.device": args.device,
         **parse_set(args.set),
     }
     config = args.config

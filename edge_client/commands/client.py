@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from cahfp.cli.options import add_broker, add_data_dir, setup_logging
+from cahfp.cli.options import add_broker, add_data_dir, add_device, setup_logging
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("client", help="run the edge client (device agent) over MQTT")
     add_broker(p)
+    add_device(p, "auto")
     p.add_argument("--id", required=True, help="client id (= MQTT username when secured)")
     p.add_argument(
         "--federation",

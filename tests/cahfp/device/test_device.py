@@ -306,7 +306,13 @@ def test_an_emulated_client_trains_on_one_core_unless_told(tmp_path):
     try:
         for profile, asked, want in (("raspberry-pi-4", None, 1), ("raspberry-pi-4", 2, 2)):
             args = argparse.Namespace(
-                id="pi-01", federation="f", cert=None, key=None, threads=asked, profile=profile
+                id="pi-01",
+                federation="f",
+                cert=None,
+                key=None,
+                threads=asked,
+                profile=profile,
+                device="auto",
             )
             orig = service.local_data
             service.local_data = fake_local_data
