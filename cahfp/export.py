@@ -37,6 +37,7 @@ from cahfp.errors import CAHFPError
 from cahfp.inference import DIGEST_KEY, digest_tail
 from cahfp.models import build_model
 from cahfp.pruning import extract
+from cahfp.quantize import QUANTIZATIONS, calibration_images, onnx_accuracy
 from cahfp.submodels import DATA_SCORERS, EXPORT_SCORER, STATISTICS_BATCHES, export_plan
 from cahfp.training import measure_batchnorm_statistics
 from cahfp.wire import decode_state
@@ -53,7 +54,11 @@ class ExportError(CAHFPError):
 class Exported:
     path: Path
     bytes: int
-    max_abs_diff: float
+    max_abs_diff: float  # float model against torch on random inputs
+    quantization: str | None = None  # "int8": a static QDQ model
+    float_bytes: int | None = None  # the float model's size, for a quantized export
+    agreement: float | None = None  # int8 against float: top-1 agreement on calibration images
+    accuracy: dict | None = None  # float and int8 accuracy on test images (cahfp export)
 
 
 def export_onnx(
@@ -66,9 +71,65 @@ def export_onnx(
     std: tuple[float, ...],
     extra: dict | None = None,
     atol: float = 1e-4,
+    int8_images: np.ndarray | None = None,
 ) -> Exported:
-    """Write ``module`` (eval mode) to ``path`` as ONNX with metadata; verify with onnxruntime."""
+    """Write ``module`` (eval mode) to ``path`` as ONNX with metadata; verify with onnxruntime.
+    With ``int8_images`` (normalised float32 ``[N, C, H, W]``, the exporter's own images) the
+    file is the static INT8 QDQ model calibrated on them (``cahfp.quantize``); the float model
+    is still exported and checked against torch first, and the INT8 model's top-1 agreement
+    with it on those images is returned."""
     module = module.eval()
+    graph = _torch_to_onnx(module, input_shape)
+    meta = {
+        "cahfp.format": FORMAT,
+        "cahfp.classes": json.dumps(list(classes)),
+        "cahfp.input_shape": json.dumps(list(input_shape)),
+        "cahfp.mean": json.dumps(list(mean)),
+        "cahfp.std": json.dumps(list(std)),
+        **{
+            f"cahfp.{k}": v if isinstance(v, str) else json.dumps(v)
+            for k, v in (extra or {}).items()
+        },
+    }
+    float_data = _signed(graph, meta)
+    diff = parity(module, float_data, input_shape)
+    if diff > atol:
+        raise ExportError(
+            f"onnxruntime output differs from torch by {diff:.2e} (> {atol:.0e}); "
+            "the export is not trustworthy"
+        )
+    data, quantization, agreement = float_data, None, None
+    if int8_images is not None:
+        from cahfp.quantize import quantize_int8, top1_agreement
+
+        quantized = quantize_int8(graph, int8_images)
+        quantization = "int8"
+        data = _signed(
+            quantized,
+            {
+                **meta,
+                "cahfp.quantization": "int8 static QDQ, per-channel weights",
+                "cahfp.calibration_images": str(len(int8_images)),
+            },
+        )
+        agreement = top1_agreement(float_data, data, np.asarray(int8_images, dtype=np.float32))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return Exported(
+        path,
+        len(data),
+        diff,
+        quantization,
+        len(float_data) if quantization else None,
+        agreement,
+    )
+
+
+def _torch_to_onnx(module: nn.Module, input_shape: tuple[int, int, int]) -> onnx.ModelProto:
+    """``module`` as an ONNX graph (pinned opset, dynamic batch), without metadata."""
     example = torch.zeros(1, *input_shape)
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -83,18 +144,14 @@ def export_onnx(
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
-    model = onnx.load_from_string(buf.getvalue())
-    meta = {
-        "cahfp.format": FORMAT,
-        "cahfp.classes": json.dumps(list(classes)),
-        "cahfp.input_shape": json.dumps(list(input_shape)),
-        "cahfp.mean": json.dumps(list(mean)),
-        "cahfp.std": json.dumps(list(std)),
-        **{
-            f"cahfp.{k}": v if isinstance(v, str) else json.dumps(v)
-            for k, v in (extra or {}).items()
-        },
-    }
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _signed(graph: onnx.ModelProto, meta: dict[str, str]) -> bytes:
+    """``graph`` with ``meta`` and, last, the digest of everything before it, checked."""
+    model = onnx.ModelProto()
+    model.CopyFrom(graph)
+    del model.metadata_props[:]
     for key, value in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
@@ -106,18 +163,7 @@ def export_onnx(
     data = model.SerializeToString()
     if data != body + digest_tail(digest):  # metadata_props must be the file's last field
         raise ExportError("the weights digest is not the ONNX file's last field; cannot sign it")
-    diff = parity(module, data, input_shape)
-    if diff > atol:
-        raise ExportError(
-            f"onnxruntime output differs from torch by {diff:.2e} (> {atol:.0e}); "
-            "the export is not trustworthy"
-        )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return Exported(path, len(data), diff)
+    return data
 
 
 def parity(module: nn.Module, onnx_bytes: bytes, input_shape, batches=(1, 5), seed=0) -> float:
@@ -136,9 +182,11 @@ def parity(module: nn.Module, onnx_bytes: bytes, input_shape, batches=(1, 5), se
     return worst
 
 
-def export_submodel(module: nn.Module, info: DatasetInfo, path, **provenance) -> Exported:
+def export_submodel(
+    module: nn.Module, info: DatasetInfo, path, int8_images: np.ndarray | None = None, **provenance
+) -> Exported:
     """Export a (compact) model with the dataset's metadata and its provenance (keep fraction,
-    round, global model hash, ...)."""
+    round, global model hash, ...); with ``int8_images``, as INT8 calibrated on them."""
     return export_onnx(
         module,
         (info.channels, info.image_size, info.image_size),
@@ -147,6 +195,7 @@ def export_submodel(module: nn.Module, info: DatasetInfo, path, **provenance) ->
         mean=info.mean,
         std=info.std,
         extra=provenance,
+        int8_images=int8_images,
     )
 
 
@@ -159,12 +208,18 @@ def export_checkpoint(
     data_dir=None,
     statistics_batches: int = STATISTICS_BATCHES,
     device: str | None = None,
+    quantize: str | None = None,
+    test_images: int = 1000,
 ) -> Exported:
     """Prune a global checkpoint to ``keep`` of its training FLOPs and export it. A pruned model's
     BatchNorm statistics are recomputed from ``statistics_batches`` batches of the config's
     training data (0: keep the inherited ones; a data-free scorer then needs no dataset).
     Scoring and the statistics run on ``device`` (else the config's ``train.device``); the
-    ONNX export itself on the CPU."""
+    ONNX export itself on the CPU. ``quantize="int8"``: a static INT8 model whose activation
+    ranges are calibrated on the config's training images; its accuracy and the float model's
+    on the first ``test_images`` test images are then measured (``Exported.accuracy``)."""
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise CAHFPError(f"unknown quantization {quantize!r}; known: {', '.join(QUANTIZATIONS)}")
     cfg = load_config(config_path)
     dev = resolve_device(device or cfg.train.device)
     data_dir = data_dir or cfg.data.data_dir
@@ -183,9 +238,11 @@ def export_checkpoint(
     x = torch.zeros(2, info.channels, info.image_size, info.image_size)
     fraction = 1.0
     measured = 0
-    if keep < 1:
-        needs_data = scorer in DATA_SCORERS or statistics_batches > 0
+    data = None
+    if keep < 1 or quantize:
+        needs_data = quantize or scorer in DATA_SCORERS or statistics_batches > 0
         data = load_dataset(cfg.data.dataset, "train", data_dir) if needs_data else None
+    if keep < 1:
         plan = export_plan(model, keep, cfg.pruning, x, data, scorer, cfg.train.batch_size)
         model = extract(model, plan).module.eval()
         fraction = plan.flops_fraction
@@ -193,10 +250,12 @@ def export_checkpoint(
             measured = measure_batchnorm_statistics(model, data, statistics_batches)
     model.cpu()
     dense = build_model(cfg.model.name, len(info.classes), info.channels, cfg.model.width)
-    return export_submodel(
+    int8 = calibration_images(data) if quantize else None
+    exported = export_submodel(
         model,
         info,
         out,
+        int8_images=int8,
         keep=keep,
         flops_fraction=fraction,
         round=meta.get("round", "final"),
@@ -206,3 +265,12 @@ def export_checkpoint(
         global_hash=hashlib.sha256(raw).hexdigest(),
         train_flops_ratio=training_flops(model, x[:1]) / training_flops(dense, x[:1]),
     )
+    if quantize:
+        test = load_dataset(cfg.data.dataset, "test", data_dir)
+        int8_accuracy = onnx_accuracy(exported.path.read_bytes(), test, test_images)
+        with torch.no_grad():
+            n = min(test_images, len(test))
+            logits = model.eval()(test.normalize(test.images[:n]))
+        float_accuracy = float((logits.argmax(1) == test.targets[:n]).double().mean())
+        exported.accuracy = {"float": float_accuracy, "int8": int8_accuracy, "images": n}
+    return exported

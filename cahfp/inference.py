@@ -76,11 +76,40 @@ class Prediction:
     note: str = ""  # how the input was converted to fit the model, if it was
 
 
+# --provider name -> (onnxruntime execution provider, what to install where it is missing)
+PROVIDERS = {
+    "cpu": ("CPUExecutionProvider", "onnxruntime"),
+    "cuda": ("CUDAExecutionProvider", "onnxruntime-gpu (pip install onnxruntime-gpu) and CUDA"),
+    "tensorrt": (
+        "TensorrtExecutionProvider",
+        "onnxruntime-gpu built with TensorRT (pip install onnxruntime-gpu) and NVIDIA TensorRT",
+    ),
+}
+
+
+def session_providers(provider: str) -> list[str]:
+    """The onnxruntime providers for ``--provider`` (the CPU behind any GPU one, for the
+    operators it does not run); one line naming what to install when it is not there."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise CAHFPError(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}")
+    name, package = PROVIDERS[provider]
+    available = ort.get_available_providers()
+    if name not in available:
+        raise CAHFPError(
+            f"the {provider} provider ({name}) is not in this onnxruntime "
+            f"{ort.__version__} (it has {', '.join(available)}): install {package}"
+        )
+    return [name] if provider == "cpu" else [name, "CPUExecutionProvider"]
+
+
 class OnnxClassifier:
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, provider: str = "cpu"):
         import onnxruntime as ort
 
         self.path = Path(path)
+        providers = session_providers(provider)
         if not self.path.is_file():
             raise ModelFileError(f"{self.path} does not exist")
         opts = ort.SessionOptions()
@@ -88,9 +117,7 @@ class OnnxClassifier:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(
-                str(self.path), opts, providers=["CPUExecutionProvider"]
-            )
+            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelFileError(
                 f"{self.path} is not a valid ONNX model: {str(exc).splitlines()[0][:200]}"

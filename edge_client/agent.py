@@ -86,6 +86,7 @@ class Agent:
         *,
         profile: dict | None = None,
         export_dir: str | Path | None = None,
+        quantize: str | None = None,
         resend_after: float = 30.0,
         max_task_bytes: int = 256 << 20,
         calibrate_budget=None,
@@ -96,6 +97,7 @@ class Agent:
         self.me = state.client_id
         self.profile = profile or {}
         self.export_dir = Path(export_dir) if export_dir else None
+        self.quantize = quantize  # "int8": exports calibrated on this board's own images
         self.resend_after = resend_after
         self.calibrate_budget = calibrate_budget  # callable(ModelSpec, Recipe) -> None
         self.until_finished = until_finished
@@ -354,6 +356,7 @@ class Agent:
 
         from cahfp.data.datasets import DatasetInfo
         from cahfp.export import export_submodel
+        from cahfp.quantize import calibration_images
         from cahfp.training import measure_batchnorm_statistics
 
         d = self.state.data
@@ -363,10 +366,12 @@ class Agent:
         # submodel, not those inherited from the dense model either).
         measured = measure_batchnorm_statistics(result.submodel, d, seed=task.round)
         try:
-            export_submodel(
+            int8 = calibration_images(d, seed=task.round) if self.quantize == "int8" else None
+            exported = export_submodel(
                 result.submodel,
                 info,
                 self.export_dir / "model.onnx",
+                int8_images=int8,
                 keep=result.message.metrics.keep_achieved,
                 round=task.round,
                 bn_statistics_images=measured,
@@ -375,3 +380,14 @@ class Agent:
             )
         except CAHFPError as exc:
             log.error("%s: ONNX export failed: %s", self.me, exc)
+            return
+        if exported.quantization:
+            log.info(
+                "%s: exported INT8 model (%.2f MB, float %.2f MB; top-1 agreement %.3f on %d "
+                "local images)",
+                self.me,
+                exported.bytes / 1e6,
+                exported.float_bytes / 1e6,
+                exported.agreement,
+                len(int8),
+            )

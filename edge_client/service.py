@@ -80,6 +80,8 @@ def budget_setup(state: ClientState, profile: str):
 
 def run_client(args: argparse.Namespace) -> int:
     check_name("client id", args.id)
+    if args.quantize and not args.export_dir:
+        raise CAHFPError("--quantize needs --export-dir (where the quantized model is written)")
     topics = Topics(args.federation)
     cert, key = client_certificate(args.cert, args.key)  # before the data: fail at once
     emulated = args.profile not in ("auto", "none")
@@ -110,6 +112,7 @@ def run_client(args: argparse.Namespace) -> int:
         state,
         profile=profile,
         export_dir=args.export_dir,
+        quantize=args.quantize,
         calibrate_budget=calibrate_budget,
         until_finished=args.until_finished,
         presence_every=args.presence_every or PRESENCE_EVERY,

@@ -24,6 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=32, help="benchmark batch size")
     p.add_argument("--iterations", type=int, default=50)
     p.add_argument("--threads", type=int)
+    p.add_argument(
+        "--provider",
+        choices=["cpu", "cuda", "tensorrt"],
+        default="cpu",
+        help="onnxruntime execution provider (cuda and tensorrt need onnxruntime-gpu)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -35,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
             "nothing to do: give images or .npy batches to classify "
             "(cahfp infer MODEL IMAGE...), or --benchmark"
         )
-    clf = OnnxClassifier(args.model, threads=args.threads)
+    clf = OnnxClassifier(args.model, threads=args.threads, provider=args.provider)
     if not clf.verified:
         print(
             f"note: {args.model} carries no weights digest (exported before digests); "
@@ -43,6 +49,13 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.benchmark:
+        if clf.metadata.get("cahfp.quantization") and not int8_dot_product():
+            print(
+                "note: this ARM CPU has no dot-product instructions (asimddp, e.g. the "
+                "Raspberry Pi 4's Cortex-A72): INT8 can be slower than float32 here; compare "
+                "with the float export",
+                file=sys.stderr,
+            )
         for batch in dict.fromkeys([1, args.batch]):
             b = clf.benchmark(batch, iterations=args.iterations)
             print(
@@ -55,3 +68,21 @@ def run(args: argparse.Namespace) -> int:
         labels = ", ".join(f"{label} {p:.3f}" for label, p in pred.top)
         print(f"{pred.source}: {labels}")
     return 0
+
+
+def int8_dot_product(cpuinfo: str | None = None, machine: str | None = None) -> bool:
+    """False on an ARM CPU without the dot-product extension (``asimddp`` among the features
+    of ``cpuinfo``, default /proc/cpuinfo), where onnxruntime's INT8 kernels lose their
+    advantage; True elsewhere (``machine``, default this one's)."""
+    import platform
+    from pathlib import Path
+
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("aarch64", "arm64", "armv7l", "armv8l"):
+        return True
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True
+    return "asimddp" in cpuinfo.split()

@@ -46,6 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--export-dir", help="write the trained submodel as model.onnx here")
     p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="with --export-dir: export INT8 (static QDQ), activations calibrated on 256 of "
+        "this board's images",
+    )
+    p.add_argument(
         "--until-finished",
         action="store_true",
         help="exit when the coordinator announces that the federation has finished",
