@@ -51,7 +51,7 @@ def budget_setup(state: ClientState, profile: str):
     if profile == "none":
         return None, {}
     from cahfp.device.calibrate import calibrate
-    from cahfp.device.measure import measure_device
+    from cahfp.device.measure import measure_device, training_memory
 
     info = measure_device()
     described = {"device": {k: v for k, v in info.to_dict().items() if k != "cgroup"}}
@@ -64,7 +64,8 @@ def budget_setup(state: ClientState, profile: str):
 
     def calibrate_budget(spec: ModelSpec, recipe: Recipe) -> None:
         measured = calibrate(spec, recipe.batch_size, device=state.compute_device)
-        state.device = device_budget(measured, info.usable_memory, board)
+        memory = training_memory(info, state.compute_device)
+        state.device = device_budget(measured, memory, board)
         cal = state.device.model.calibration
         described["calibration"] = {
             "seconds_per_sample": cal.seconds_per_sample,

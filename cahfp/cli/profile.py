@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cahfp.device.budget import device_budget
     from cahfp.device.calibrate import calibrate
-    from cahfp.device.measure import measure_device
+    from cahfp.device.measure import accelerators, measure_device, training_memory
     from cahfp.device.profiles import REFERENCE_FLOPS_PER_SECOND, load_profile
     from cahfp.device.select import resolve_device
     from cahfp.messages import BudgetSettings, ModelSpec
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     )
     measured = calibrate(spec, args.batch_size, use_cache=not args.fresh, device=compute)
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size)
-    memory = args.memory_mb << 20 if args.memory_mb else info.usable_memory
+    memory = args.memory_mb << 20 if args.memory_mb else training_memory(info, compute)
     device = device_budget(measured, memory, board)  # what `cahfp client` sets up, too
     if args.memory_mb:
         device.memory_bytes = memory
@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "device": info.to_dict(),
         "compute_device": str(compute),
+        "accelerators": accelerators(),
         "model": spec.model_dump(),
         "recipe": recipe.model_dump(),
         "calibration": cal.__dict__,
@@ -114,6 +115,12 @@ def run(args: argparse.Namespace) -> int:
         f"cgroup {shown(cg.version)}: cpu quota {quota}, memory limit {limit}; trains on "
         f"{compute}"
     )
+    for acc in accelerators():
+        kind = "integrated, shares the board's memory" if acc["integrated"] else "discrete"
+        print(
+            f"         {acc['device']} {acc['name']}: {acc['memory_bytes'] / mib:.0f} MiB "
+            f"({kind}), compute capability {acc['capability']}"
+        )
     if board is not None:
         print(
             f"emulated {board.name}: {board.relative_speed:g} x the reference speed (this host's "
@@ -131,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         f"{cal.param_bytes / mib:.1f} MiB"
     )
     print(
-        f"speed    {cal.flops_per_second / 1e9:.0f} GFLOP/s dense training: relative_speed "
+        f"speed    {cal.flops_per_second / 1e9:.0f} GFLOP/s dense training on {compute}: "
+        "relative_speed "
         f"{cal.flops_per_second / REFERENCE_FLOPS_PER_SECOND:.3g} in a device profile"
     )
     print(

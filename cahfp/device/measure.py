@@ -143,6 +143,44 @@ def _min(a, b):
     return b if a is None else min(a, b)
 
 
+def accelerators() -> list[dict]:
+    """Every CUDA device torch sees: index, name, memory in bytes (an integrated GPU's, e.g. a
+    Jetson's, is the board's memory, shared with the CPU) and compute capability."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        out.append(
+            {
+                "device": f"cuda:{i}",
+                "name": p.name,
+                "memory_bytes": int(p.total_memory),
+                "integrated": bool(getattr(p, "is_integrated", False)),
+                "capability": f"{p.major}.{p.minor}",
+            }
+        )
+    return out
+
+
+def training_memory(info: DeviceInfo, device) -> int:
+    """Bytes the training on ``device`` (a ``torch.device``) may use: the usable host memory
+    on the CPU and on an integrated GPU (a Jetson's unified memory, counted once), the free
+    memory of a discrete GPU."""
+    import torch
+
+    if device.type != "cuda":
+        return info.usable_memory
+    if getattr(torch.cuda.get_device_properties(device), "is_integrated", False):
+        return info.usable_memory
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
 def accelerator() -> str | None:
     try:
         import torch

@@ -148,3 +148,34 @@ def test_a_simulation_on_cuda_learns_and_keeps_the_global_model_on_the_cpu(fmnis
     )
     summary = simulate(cfg, None, quiet=True)
     assert summary["final_accuracy"] > 0.3
+
+
+def test_the_training_memory_is_where_the_training_runs(monkeypatch):
+    """The budget's memory: the host's on the CPU and on an integrated GPU (a Jetson's unified
+    memory, counted once), the free memory of a discrete GPU."""
+    from types import SimpleNamespace
+
+    from cahfp.device.measure import measure_device, training_memory
+
+    info = measure_device()
+    assert training_memory(info, torch.device("cpu")) == info.usable_memory
+    props = {
+        "jetson": SimpleNamespace(is_integrated=True),
+        "h100": SimpleNamespace(is_integrated=False),
+    }
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (3 << 30, 80 << 30))
+    for board, want in (("jetson", info.usable_memory), ("h100", 3 << 30)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, b=board: props[b])
+        assert training_memory(info, torch.device("cuda", 0)) == want
+
+
+@CUDA
+def test_profile_lists_the_gpus_and_measures_training_on_one(tmp_path):
+    proc = cahfp("profile", "--device", "cuda", "--json", "--fresh")
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    report = json.loads(proc.stdout)
+    assert report["compute_device"].startswith("cuda")
+    assert report["accelerators"] and report["accelerators"][0]["memory_bytes"] > 0
+    assert report["calibration"]["seconds_per_sample"] > 0

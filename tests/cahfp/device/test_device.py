@@ -313,6 +313,7 @@ def test_an_emulated_client_trains_on_one_core_unless_told(tmp_path):
                 threads=asked,
                 profile=profile,
                 device="auto",
+                quantize=None,
             )
             orig = service.local_data
             service.local_data = fake_local_data
