@@ -16,6 +16,7 @@ from benchmarks.accuracy import SETTINGS
 ORDER: list[tuple[str, list[str]]] = [
     ("score_fidelity", []),
     ("inference", []),
+    ("accelerators", []),
     ("system", []),
     ("transfer", []),
     *[("accuracy", ["--setting", name]) for name in SETTINGS],

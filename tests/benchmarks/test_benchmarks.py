@@ -65,3 +65,24 @@ def test_shaped_link_transfer_is_limited_by_the_link_and_cleans_up(broker):
         assert 0.3 < r["median"][mode] < 5, r
     assert 0.5 < r["ratio"] < 1.5, r
     assert "cahfp-tb" not in sh("ip", "netns", "list", check=False).stdout
+
+
+def test_accelerators_quick_run_measures_int8_against_float(fmnist_root, tmp_path):
+    """``python -m benchmarks.accelerators --quick``: float and INT8 rows at two keeps, the
+    INT8 file a quarter of the float one, and the GPU rows marked not measured without one."""
+    import json
+
+    import torch
+
+    from benchmarks import accelerators
+
+    argv = ["--quick", "--data-dir", str(fmnist_root), "--out-dir", str(tmp_path)]
+    assert accelerators.main(argv) == 0
+    raw = json.loads((tmp_path / "accelerators_quick.json").read_text())
+    assert [r["keep"] for r in raw["int8"]] == [1.0, 0.5]
+    for r in raw["int8"]:
+        assert r["int8_mb"] < 0.35 * r["float_mb"] and r["agreement"] > 0.9
+        assert r["float_b1"] > 0 and r["int8_b32"] > 0
+    md = (tmp_path / "accelerators_quick.md").read_text()
+    assert "## INT8 against float32" in md
+    assert ("Not measured: this machine has no GPU" in md) == (not torch.cuda.is_available())
