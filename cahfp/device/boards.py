@@ -8,6 +8,8 @@ ALIASES = {
     "pi5": "raspberry-pi-5",
     "nano": "jetson-nano",
     "orin": "jetson-orin-nano",
+    "nano-cpu": "jetson-nano-cpu",
+    "orin-cpu": "jetson-orin-nano-cpu",
     "server": "x86-server",
 }
 # The boards a federation's clients emulate unless it names its own (``clients.profiles``), and

@@ -187,6 +187,11 @@ def test_every_profile_parses_and_names_its_sources():
         load_profile("raspberry-pi-5").relative_speed
         > load_profile("raspberry-pi-4").relative_speed
     )
+    for board in ("jetson-nano", "jetson-orin-nano"):  # the GPU profile and the CPU one
+        gpu, cpu = load_profile(board), load_profile(f"{board}-cpu")
+        assert gpu.accelerator.startswith("cuda:") and cpu.accelerator == "none"
+        assert gpu.relative_speed > 5 * cpu.relative_speed
+        assert gpu.memory_bytes == cpu.memory_bytes  # unified memory, counted once
 
 
 def test_the_named_boards_are_shipped_profiles_and_the_data_package_has_no_code():
