@@ -222,6 +222,9 @@ def base_overrides(setting: str, seed: int, args) -> dict:
         "clients.budget": "fixed-tiers",  # a method comparison: the same keeps for everyone
         "pruning.tiers": [1.0, 0.6, 0.4, 0.2],
         "pruning.refresh_period": 5,
+        # one process per run: the benchmark itself runs runs side by side (the result is
+        # bitwise the same with worker processes, tests/coordinator/test_workers.py)
+        "federation.backend": "inprocess",
     }
     if s.participation < 1:
         ov["federation.participation"] = s.participation

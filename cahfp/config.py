@@ -47,6 +47,19 @@ class FederationConfig(_Strict):
     eval_every: int = Field(1, ge=1)
     deadline_s: float = Field(600.0, gt=0)
     min_updates: int = Field(1, ge=1)
+    backend: Literal["auto", "inprocess", "processes"] = Field(
+        "auto",
+        description="simulation: a round's clients one after another in this process "
+        "(inprocess) or in parallel in worker processes (processes); auto = processes when "
+        "more than one core is free",
+    )
+    workers: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="processes backend: worker processes (0 = one per free "
+        "core, at most a round's clients)",
+    )
 
     @field_validator("strategy")
     @classmethod

@@ -31,6 +31,7 @@ from coordinator.records import (
     load_metrics,
     load_server_state,
 )
+from coordinator.transport import Transport
 from coordinator.view import ProgressView
 
 log = logging.getLogger("cahfp.simulate")
@@ -143,7 +144,25 @@ def simulate(
         keeps = emulate_devices(cfg, spec, states, device)
     else:
         keeps = {client_id(i): cfg.keep_of(i) for i in range(len(clients))}
-    transport = InProcessTransport(states)
+    transport = make_transport(cfg, states)
+    try:
+        engine, records, recorder = _run_rounds(
+            cfg, spec, transport, states, test_set, device, keeps, out_dir, resume, quiet, console
+        )
+    finally:
+        transport.close()
+    wall = time.perf_counter() - start
+    if recorder:
+        return recorder.finish(engine.state, wall)
+    from coordinator.records import record_dict, summarize
+
+    return summarize([record_dict(r) for r in records], cfg, engine.dense_flops, wall)
+
+
+def _run_rounds(
+    cfg, spec, transport, states, test_set, device, keeps, out_dir, resume, quiet, console
+):
+    """The engine over ``transport``, resumed or started, run to the last round."""
     console = console or Console(stderr=True)
     view = ProgressView(cfg, console, quiet)
     engine = RoundEngine(
@@ -178,12 +197,36 @@ def simulate(
                 )
     finally:
         view.stop()
-    wall = time.perf_counter() - start
-    if recorder:
-        return recorder.finish(engine.state, wall)
-    from coordinator.records import record_dict, summarize
+    return engine, records, recorder
 
-    return summarize([record_dict(r) for r in records], cfg, engine.dense_flops, wall)
+
+def make_transport(cfg: Config, states: dict[str, ClientState]) -> Transport:
+    """The simulation's transport (``federation.backend``): the clients one after another in
+    this process, or a round's clients in parallel worker processes. ``auto`` takes worker
+    processes when more than one core is free and a round has more than one client, except
+    inside a daemonic process (a multiprocessing pool's worker cannot start processes)."""
+    import multiprocessing as mp
+
+    from cahfp.device.measure import measure_device
+
+    backend = cfg.federation.backend
+    if backend == "inprocess":
+        return InProcessTransport(states)
+    per_round = max(1, round(len(states) * cfg.federation.participation))
+    free = max(1, int(measure_device().usable_cores))
+    workers = cfg.federation.workers or min(free, per_round)
+    daemon = mp.current_process().daemon
+    if backend == "auto" and (workers < 2 or daemon):
+        return InProcessTransport(states)
+    if daemon:
+        raise CAHFPError(
+            "the processes backend cannot start inside a daemonic process (e.g. a "
+            'multiprocessing pool worker); set federation.backend = "inprocess"'
+        )
+    from coordinator.workers import ProcessTransport
+
+    threads = max(1, torch.get_num_threads() // workers)
+    return ProcessTransport(states, workers, threads)
 
 
 def _resume(engine: RoundEngine, states: dict[str, ClientState], recorder: RunRecorder) -> int:

@@ -40,6 +40,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     add_data_dir(p)
     add_device(p)
+    p.add_argument(
+        "--backend",
+        choices=["auto", "inprocess", "processes"],
+        help="a round's clients one after another in this process, or in parallel worker "
+        "processes (default: the config's federation.backend, auto = processes when more than "
+        "one core is free)",
+    )
+    p.add_argument("--workers", type=int, help="worker processes (default: one per free core)")
     p.set_defaults(handler=run)
 
 
@@ -57,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         "data.data_dir": args.data_dir,
         "data.download": True if args.download else None,
         "train.device": args.device,
+        "federation.backend": args.backend,
+        "federation.workers": args.workers,
         **parse_set(args.set),
     }
     config = args.config
