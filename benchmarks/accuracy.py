@@ -222,9 +222,6 @@ def base_overrides(setting: str, seed: int, args) -> dict:
         "clients.budget": "fixed-tiers",  # a method comparison: the same keeps for everyone
         "pruning.tiers": [1.0, 0.6, 0.4, 0.2],
         "pruning.refresh_period": 5,
-        # one process per run: the benchmark itself runs runs side by side (the result is
-        # bitwise the same with worker processes, tests/coordinator/test_workers.py)
-        "federation.backend": "inprocess",
     }
     if s.participation < 1:
         ov["federation.participation"] = s.participation
@@ -298,7 +295,9 @@ def run_one(job: dict) -> dict:
     from cahfp.config import load_config
     from coordinator.simulation import simulate
 
-    cfg = load_config(None, job["overrides"])
+    # one process per run: the benchmark runs runs side by side itself (worker processes give
+    # the same result bitwise, tests/coordinator/test_workers.py)
+    cfg = load_config(None, {**job["overrides"], "federation.backend": "inprocess"})
     resume = (Path(job["run_dir"]) / "checkpoint" / "state.json").is_file()
     summary = simulate(cfg, job["run_dir"], quiet=True, resume=resume, force=not resume)
     record = {"commit": job["commit"], "resumed": resume, "torch_threads": 1}
