@@ -33,6 +33,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ClientResources(_Strict):
+    """Ray resources for one worker, which trains one client at a time (Flower's
+    ``client_resources``): fractional GPUs share a card."""
+
+    num_cpus: float = Field(1.0, gt=0, description="CPUs (also its torch threads, at least 1)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs; 0.25 puts four workers on one card")
+
+
 class FederationConfig(_Strict):
     name: str = Field(
         "federation",
@@ -47,18 +55,23 @@ class FederationConfig(_Strict):
     eval_every: int = Field(1, ge=1)
     deadline_s: float = Field(600.0, gt=0)
     min_updates: int = Field(1, ge=1)
-    backend: Literal["auto", "inprocess", "processes"] = Field(
+    backend: Literal["auto", "inprocess", "processes", "ray"] = Field(
         "auto",
         description="simulation: a round's clients one after another in this process "
-        "(inprocess) or in parallel in worker processes (processes); auto = processes when "
-        "more than one core is free",
+        "(inprocess), in parallel in worker processes (processes) or on Ray actors, on this "
+        "machine or the cluster at RAY_ADDRESS (ray); auto = processes when more than one "
+        "core is free",
     )
     workers: int = Field(
         0,
         ge=0,
         le=1024,
-        description="processes backend: worker processes (0 = one per free "
-        "core, at most a round's clients)",
+        description="processes/ray backends: workers (0 = as many as fit: one per free "
+        "core, or per client_resources on Ray; at most a round's clients)",
+    )
+    client_resources: ClientResources = Field(
+        default_factory=lambda: ClientResources(),
+        description="ray backend: what each worker (one client at a time) reserves",
     )
 
     @field_validator("strategy")

@@ -202,9 +202,10 @@ def _run_rounds(
 
 def make_transport(cfg: Config, states: dict[str, ClientState]) -> Transport:
     """The simulation's transport (``federation.backend``): the clients one after another in
-    this process, or a round's clients in parallel worker processes. ``auto`` takes worker
-    processes when more than one core is free and a round has more than one client, except
-    inside a daemonic process (a multiprocessing pool's worker cannot start processes)."""
+    this process, a round's clients in parallel worker processes, or on Ray actors. ``auto``
+    takes worker processes when more than one core is free and a round has more than one
+    client, except inside a daemonic process (a multiprocessing pool's worker cannot start
+    processes); it never picks Ray."""
     import multiprocessing as mp
 
     from cahfp.device.measure import measure_device
@@ -214,6 +215,16 @@ def make_transport(cfg: Config, states: dict[str, ClientState]) -> Transport:
         return InProcessTransport(states)
     per_round = max(1, round(len(states) * cfg.federation.participation))
     free = max(1, int(measure_device().usable_cores))
+    if backend == "ray":
+        from coordinator.ray_workers import RayTransport
+
+        return RayTransport(
+            states,
+            cfg.federation.client_resources,
+            workers=cfg.federation.workers,
+            per_round=per_round,
+            local_cpus=free,
+        )
     workers = cfg.federation.workers or min(free, per_round)
     daemon = mp.current_process().daemon
     if backend == "auto" and (workers < 2 or daemon):

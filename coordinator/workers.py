@@ -1,17 +1,18 @@
-"""Simulation over several cores: the clients of a round run in parallel in persistent worker
-processes (``federation.backend = "processes"``), each holding the data of its share of the
-clients. The coordinator's copy of every ``ClientState`` stays the one that counts (checkpoints
-read it, resume restores it): each task carries the client's current plan state to its worker
-and each answer brings the new state back. Answers are yielded in the order the tasks were
-sent, so aggregation folds them exactly as the in-process transport does, and the result is
-bitwise the same as a sequential run with the workers' torch thread count."""
+"""Simulation over several cores: the clients of a round run in parallel on workers that each
+hold the data of their share of the clients: local worker processes
+(``federation.backend = "processes"``, here) or Ray actors (``"ray"``,
+``coordinator.ray_workers``). The coordinator's copy of every ``ClientState`` stays the one
+that counts (checkpoints read it, resume restores it): each task carries the client's current
+plan state to its worker and each answer brings the new state back. Answers are yielded in the
+order the tasks were sent, so aggregation folds them exactly as the in-process transport does,
+and the result is bitwise the same as a sequential run with the workers' torch thread count."""
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from multiprocessing.connection import Connection, wait
 
 from cahfp.client_round import ClientState, Result, run_task
@@ -20,6 +21,11 @@ from cahfp.messages import TaskMessage, UpdateMessage
 from coordinator.inprocess import InProcessTransport
 from coordinator.snapshot import BUDGET_FIELDS
 from coordinator.transport import Received
+
+#: What a worker is sent for one task: (task JSON, payload, the client's plan state).
+Item = tuple[str, bytes, dict]
+#: What it answers: (update JSON, payload, the client's new plan state).
+Answer = tuple[str, bytes, dict]
 
 
 def _plan_state(state: ClientState) -> dict:
@@ -44,60 +50,43 @@ def _apply(state: ClientState, plan: dict) -> None:
             setattr(state.device.model, f, v)
 
 
-def _worker(conn: Connection, states: dict[str, ClientState], threads: int) -> None:
-    """A worker's loop: run each (task, payload, plan state) it receives on its client."""
-    import torch
-
-    torch.set_num_threads(threads)
-    while True:
-        try:
-            item = conn.recv()
-        except EOFError:
-            return
-        if item is None:
-            return
-        raw, payload, plan = item
-        task = TaskMessage.model_validate_json(raw)
-        state = states[task.client_id]
-        _apply(state, plan)
-        try:
-            result = run_task(state, task, payload)
-        except BaseException as exc:  # run_task answers bad input itself; this is a crash
-            conn.send(("crashed", f"{type(exc).__name__}: {exc}"))
-            return
-        conn.send((result.message.model_dump_json(), result.payload, _plan_state(state)))
+def serve(states: dict[str, ClientState], item: Item) -> Answer:
+    """Run one task on the worker's copy of its client (any worker backend calls this)."""
+    raw, payload, plan = item
+    task = TaskMessage.model_validate_json(raw)
+    state = states[task.client_id]
+    _apply(state, plan)
+    result = run_task(state, task, payload)
+    return result.message.model_dump_json(), result.payload, _plan_state(state)
 
 
-class ProcessTransport(InProcessTransport):
+class ParallelTransport(InProcessTransport):
     """The in-process transport (its queue, messages and payload bytes), with the round's
-    clients run by ``workers`` processes of ``threads`` torch threads each (client ``i`` in
-    sorted order on worker ``i % workers``)."""
+    clients run by ``workers`` workers (client ``i`` in sorted order on worker
+    ``i % workers``), one task in flight per worker. A backend supplies ``_start`` (hand a
+    worker an item, get a handle), ``_ready`` (the handles that have finished) and ``_answer``
+    (a finished handle's answer, or a one-line ``CAHFPError``)."""
 
     def __init__(
         self,
         states: dict[str, ClientState],
         workers: int,
-        threads: int = 1,
         on_result: Callable[[str, Result], None] | None = None,
     ):
         if workers < 1:
-            raise CAHFPError(f"the processes backend needs at least one worker, got {workers}")
+            raise CAHFPError(f"a parallel backend needs at least one worker, got {workers}")
         super().__init__(states, on_result)
-        order = sorted(states)
-        self.worker_of = {cid: i % workers for i, cid in enumerate(order)}
-        ctx = mp.get_context("spawn")  # no forked torch thread pools
-        self.conns: list[Connection] = []
-        self.procs = []
-        for w in range(workers):
-            mine = {cid: s for cid, s in states.items() if self.worker_of[cid] == w}
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=_worker, args=(child, mine, threads), daemon=True, name=f"cahfp-worker-{w}"
-            )
-            proc.start()
-            child.close()
-            self.conns.append(parent)
-            self.procs.append(proc)
+        self.workers = workers
+        self.worker_of = {cid: i % workers for i, cid in enumerate(sorted(states))}
+
+    def _start(self, w: int, item: Item) -> Hashable:
+        raise NotImplementedError
+
+    def _ready(self, handles: list[Hashable]) -> list[Hashable]:
+        raise NotImplementedError
+
+    def _answer(self, w: int, handle: Hashable) -> Answer:
+        raise NotImplementedError
 
     def collect(self, pending: set[str], deadline: float) -> Iterator[Received]:
         queue, self.queue = self.queue, []
@@ -110,29 +99,25 @@ class ProcessTransport(InProcessTransport):
         # with the worker's answer); answers are yielded in the order the tasks were queued,
         # the same fold as in-process
         todo = {w: [i for i, t in enumerate(tasks) if self.worker_of[t[0].client_id] == w]
-                for w in range(len(self.conns))}  # fmt: skip
-        busy: dict[Connection, tuple[int, int]] = {}
+                for w in range(self.workers)}  # fmt: skip
+        busy: dict[Hashable, tuple[int, int]] = {}
 
         def dispatch(w: int) -> None:
             if todo[w]:
                 i = todo[w].pop(0)
                 task, raw, payload = tasks[i]
                 plan = _plan_state(self.states[task.client_id])
-                try:
-                    self.conns[w].send((raw, payload, plan))
-                except (BrokenPipeError, ConnectionError, OSError):
-                    raise self._died(w) from None
-                busy[self.conns[w]] = (w, i)
+                busy[self._start(w, (raw, payload, plan))] = (w, i)
 
         for w in todo:
             dispatch(w)
-        answers: dict[int, tuple] = {}
+        answers: dict[int, Answer] = {}
         next_out = 0
         try:
             while next_out < len(tasks):
-                for conn in wait(list(busy)):
-                    w, i = busy.pop(conn)
-                    answers[i] = self._receive(w)
+                for handle in self._ready(list(busy)):
+                    w, i = busy.pop(handle)
+                    answers[i] = self._answer(w, handle)
                     dispatch(w)
                 while next_out in answers:
                     task = tasks[next_out][0]
@@ -146,13 +131,70 @@ class ProcessTransport(InProcessTransport):
                         continue  # (emulated) device time ran past the deadline: late
                     yield message, payload
         finally:  # the engine stopped listening: finish what is in flight, run nothing more
-            for w, i in list(busy.values()):
-                if self.conns:
-                    _apply(self.states[tasks[i][0].client_id], self._receive(w)[2])
+            for handle, (w, i) in list(busy.items()):
+                with contextlib.suppress(CAHFPError):  # a dead worker: reported already
+                    _apply(self.states[tasks[i][0].client_id], self._answer(w, handle)[2])
             for i in sorted(answers):
                 _apply(self.states[tasks[i][0].client_id], answers[i][2])
 
-    def _receive(self, w: int):
+
+def _worker(conn: Connection, states: dict[str, ClientState], threads: int) -> None:
+    """A worker process's loop: serve each item it receives."""
+    import torch
+
+    torch.set_num_threads(threads)
+    while True:
+        try:
+            item = conn.recv()
+        except EOFError:
+            return
+        if item is None:
+            return
+        try:
+            answer = serve(states, item)
+        except BaseException as exc:  # run_task answers bad input itself; this is a crash
+            conn.send(("crashed", f"{type(exc).__name__}: {exc}"))
+            return
+        conn.send(answer)
+
+
+class ProcessTransport(ParallelTransport):
+    """Workers as local processes of ``threads`` torch threads each, started once (spawned:
+    no forked torch thread pools) and fed over pipes."""
+
+    def __init__(
+        self,
+        states: dict[str, ClientState],
+        workers: int,
+        threads: int = 1,
+        on_result: Callable[[str, Result], None] | None = None,
+    ):
+        super().__init__(states, workers, on_result)
+        ctx = mp.get_context("spawn")
+        self.conns: list[Connection] = []
+        self.procs = []
+        for w in range(workers):
+            mine = {cid: s for cid, s in states.items() if self.worker_of[cid] == w}
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=_worker, args=(child, mine, threads), daemon=True, name=f"cahfp-worker-{w}"
+            )
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+
+    def _start(self, w: int, item: Item) -> Connection:
+        try:
+            self.conns[w].send(item)
+        except (BrokenPipeError, ConnectionError, OSError):
+            raise self._died(w) from None
+        return self.conns[w]
+
+    def _ready(self, handles: list[Hashable]) -> list[Hashable]:
+        return wait(handles)
+
+    def _answer(self, w: int, handle: Hashable) -> Answer:
         try:
             answer = self.conns[w].recv()
         except (EOFError, ConnectionError, OSError):

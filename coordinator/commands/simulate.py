@@ -42,12 +42,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device(p)
     p.add_argument(
         "--backend",
-        choices=["auto", "inprocess", "processes"],
-        help="a round's clients one after another in this process, or in parallel worker "
-        "processes (default: the config's federation.backend, auto = processes when more than "
-        "one core is free)",
+        choices=["auto", "inprocess", "processes", "ray"],
+        help="a round's clients one after another in this process, in parallel worker "
+        "processes, or on Ray (this machine, or the cluster at RAY_ADDRESS; needs "
+        "cahfp-edge[ray]) (default: the config's federation.backend, auto = processes when "
+        "more than one core is free)",
     )
-    p.add_argument("--workers", type=int, help="worker processes (default: one per free core)")
+    p.add_argument(
+        "--workers", type=int, help="parallel workers (default: as many as fit, one per core)"
+    )
+    p.add_argument(
+        "--client-cpus",
+        type=float,
+        metavar="N",
+        help="ray: CPUs each worker reserves (federation.client_resources.num_cpus, default 1)",
+    )
+    p.add_argument(
+        "--client-gpus",
+        type=float,
+        metavar="N",
+        help="ray: GPUs each worker reserves, e.g. 0.25 (federation.client_resources.num_gpus)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -67,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         "train.device": args.device,
         "federation.backend": args.backend,
         "federation.workers": args.workers,
+        "federation.client_resources.num_cpus": args.client_cpus,
+        "federation.client_resources.num_gpus": args.client_gpus,
         **parse_set(args.set),
     }
     config = args.config
