@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import simulation_backends
 from benchmarks.common import env_line, environment, md_table, write_results
 from cahfp.data import load_dataset
 from cahfp.data.datasets import dataset_info
@@ -31,6 +32,8 @@ from cahfp.models import build_model
 from cahfp.pruning import extract, make_plan, score_groups
 from cahfp.quantize import calibration_images, onnx_accuracy
 from cahfp.training import Recipe, measure_batchnorm_statistics, train
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv):
@@ -42,9 +45,19 @@ def parse_args(argv):
     p.add_argument("--data-dir")
     p.add_argument("--out-dir")
     p.add_argument("--quick", action="store_true")
+    b = p.add_argument_group("simulation backends (benchmarks.simulation_backends)")
+    b.add_argument("--no-backends", dest="backends", action="store_false")
+    b.add_argument("--no-flower", dest="flower", action="store_false")
+    b.add_argument("--no-ray", dest="ray", action="store_false")
+    b.add_argument("--flower-venv", default=str(REPO / ".venv-flower"))
+    b.add_argument("--backend-rounds", type=int, default=10)
+    b.add_argument("--backend-train-samples", type=int, help="(this project's runs only)")
+    b.add_argument("--repeats", type=int, default=1, help="interleaved passes")
     args = p.parse_args(argv)
     if args.quick:
         args.keeps, args.train_samples, args.test_samples, args.iterations = "1.0,0.5", 600, 200, 5
+        args.backend_rounds, args.backend_train_samples = 1, 1000
+        args.flower = args.ray = False
     return args
 
 
@@ -131,7 +144,7 @@ def gpu_section() -> list[str]:
     return [f"GPU present ({torch.cuda.get_device_name(0)}): see the device script's rows."]
 
 
-def report(rows, args, env, seconds) -> str:
+def report(rows, backends, args, env, seconds) -> str:
     cmd = "python -m benchmarks.accelerators" + (" --quick" if args.quick else "")
     table = [
         [
@@ -170,6 +183,10 @@ def report(rows, args, env, seconds) -> str:
             "",
             _speed_note(rows),
             "",
+            "## Simulation backends on this host",
+            "",
+            *(simulation_backends.section(backends) if backends else ["Not run."]),
+            "",
             "## GPU",
             "",
             *gpu_section(),
@@ -184,12 +201,12 @@ def main(argv=None) -> int:
     env = environment()
     env["torch_threads"] = 1
     start = time.perf_counter()
+    backends = simulation_backends.run(args) if args.backends else None
     rows = int8_rows(args)
     seconds = time.perf_counter() - start
     name = "accelerators_quick" if args.quick else "accelerators"
-    path = write_results(
-        name, report(rows, args, env, seconds), {"env": env, "int8": rows}, args.out_dir
-    )
+    raw = {"env": env, "int8": rows, "backends": backends}
+    path = write_results(name, report(rows, backends, args, env, seconds), raw, args.out_dir)
     print(f"wrote {path}")
     return 0
 

@@ -69,7 +69,9 @@ def test_shaped_link_transfer_is_limited_by_the_link_and_cleans_up(broker):
 
 def test_accelerators_quick_run_measures_int8_against_float(fmnist_root, tmp_path):
     """``python -m benchmarks.accelerators --quick``: float and INT8 rows at two keeps, the
-    INT8 file a quarter of the float one, and the GPU rows marked not measured without one."""
+    INT8 file a quarter of the float one, the in-process and worker-process backends timed
+    (whole process trees: the workers' memory counted), and the GPU rows marked not measured
+    without one."""
     import json
 
     import torch
@@ -83,6 +85,12 @@ def test_accelerators_quick_run_measures_int8_against_float(fmnist_root, tmp_pat
     for r in raw["int8"]:
         assert r["int8_mb"] < 0.35 * r["float_mb"] and r["agreement"] > 0.9
         assert r["float_b1"] > 0 and r["int8_b32"] > 0
+    inprocess, workers = raw["backends"]["rows"]
+    assert "in process" in inprocess["name"] and "2 worker processes" in workers["name"]
+    for r in (inprocess, workers):
+        assert r["round_s"] > 0 and r["startup_s"] > 0 and 0 < r["accuracy"] <= 1
+        assert r["peak_rss_mb"] >= r["peak_pss_mb"] > 100
+    assert workers["processes"] >= inprocess["processes"] + 2
     md = (tmp_path / "accelerators_quick.md").read_text()
-    assert "## INT8 against float32" in md
+    assert "## INT8 against float32" in md and "Flower not run" in md
     assert ("Not measured: this machine has no GPU" in md) == (not torch.cuda.is_available())
