@@ -18,6 +18,7 @@ import os
 import time
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -70,7 +71,9 @@ def train(msg: Message, context: Context) -> Message:
     sent = encode_update(_state(msg.content["arrays"], layout), {})
     result = run_task(state, job_task(_cfg(), spec, pid, rnd), sent)
     if pid == 0 and rnd == 1:
-        (Path(os.environ[OUT]) / "first_update.safetensors").write_bytes(result.payload)
+        out = Path(os.environ[OUT])
+        (out / "first_update.safetensors").write_bytes(result.payload)
+        (out / "first_update.json").write_text(json.dumps({"threads": torch.get_num_threads()}))
     update, _, _ = decode_update(result.payload, layout)
     content = RecordDict(
         {

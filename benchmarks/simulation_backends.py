@@ -1,16 +1,16 @@
 """Simulation backends side by side on one job (``benchmarks.flower_job``: VGG-11 x0.25,
-Fashion-MNIST, 10 clients, 10 rounds, FedAvg, statistics phase off): this project in process,
-on worker processes and on Ray, and Flower 1.42's simulation engine (Ray) with its default
-client resources and with one CPU per client. Each contender is a separate process tree, run
-one after another in one interleaved pass (``repeats`` passes), sampled every second for the
-memory of all its processes (the sum of their proportional set sizes, and of their resident
-sizes, which count shared libraries once per process).
+Fashion-MNIST, 10 clients sharing 15,000 images, 10 rounds, FedAvg, statistics phase off):
+this project in process, on worker processes and on Ray, and Flower 1.42's simulation engine
+(Ray) with its default client resources and with one CPU per client. Each contender is a
+separate process tree, run one after another in one interleaved pass (``repeats`` passes),
+sampled every second for the memory of all its processes (the sum of their proportional set
+sizes, and of their resident sizes, which count shared libraries once per process).
 
 Flower runs in its own virtualenv (``--flower-venv``, made on first use: ``flwr[simulation]
-==1.42.0``, this repository's torch pins, and this project, editable). Before timing, the
-benchmark checks the job is the same on both sides: Flower's initial model is this project's
-(same builder and seed), and the update Flower's client 0 sent in round 1 equals, tensor for
-tensor, the one this project's engine gets from client 0 at one torch thread."""
+==1.42.0``, this repository's torch pins, and this project, editable). The benchmark checks
+that the job is the same on both sides: the update Flower's client 0 sent in round 1 equals,
+tensor for tensor, the one this project's engine gets from client 0 (same initial model, data
+and client round) at the torch thread count Flower's client ran with."""
 
 from __future__ import annotations
 
@@ -175,8 +175,9 @@ def rounds_of(out_dir: Path, flower: bool) -> tuple[list[float], float]:
     return [r["seconds"] for r in rows if r["round"] > 0], rows[-1]["accuracy"]
 
 
-def our_first_update(rounds: int) -> dict:
-    """Client 0's round-1 update as this project's engine makes it, at one torch thread."""
+def our_first_update(rounds: int, threads: int) -> dict:
+    """Client 0's round-1 update as this project's engine makes it, at ``threads`` torch
+    threads."""
     import torch
 
     from cahfp.client_round import ClientState, run_task
@@ -192,23 +193,27 @@ def our_first_update(rounds: int) -> dict:
         cfg, spec, InProcessTransport(states), evaluator(test_set, torch.device("cpu")), keeps
     )
     task, payload = engine.make_task(client_id(0), 1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         result = run_task(states[client_id(0)], task, payload)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     from cahfp.wire import decode_update
 
     return decode_update(result.payload, engine.model.state_dict())[0]
 
 
-def same_update(ours: dict, path: Path) -> bool:
+def same_first_update(rounds: int, flower_dir: Path) -> bool:
+    """Whether the update Flower's client 0 sent in round 1 equals this project's, tensor for
+    tensor, at the torch thread count Flower's client ran with."""
     import torch
 
     from cahfp.wire import decode_update
 
-    theirs = decode_update(path.read_bytes(), ours)[0]
+    threads = json.loads((flower_dir / "first_update.json").read_text())["threads"]
+    ours = our_first_update(rounds, threads)
+    theirs = decode_update((flower_dir / "first_update.safetensors").read_bytes(), ours)[0]
     return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
@@ -238,9 +243,8 @@ def run(args) -> dict:
                       f"peak {m['peak_pss_mb']:.0f} MB PSS", file=sys.stderr)  # fmt: skip
         check = None
         if flower_python:
-            ours = our_first_update(args.backend_rounds)
             flower_dirs = [tmp / f"c{i}-r0" for i, c in enumerate(field_) if c.flower]
-            check = all(same_update(ours, d / "first_update.safetensors") for d in flower_dirs)
+            check = all(same_first_update(args.backend_rounds, d) for d in flower_dirs)
     rows = []
     for c in field_:
         row = {"name": c.name, "flower": c.flower, "runs": c.runs}
@@ -276,7 +280,8 @@ def section(result: dict) -> list[str]:
                "peak PSS MB (all processes)", "peak RSS MB (sum)", "processes",
                "final accuracy"]  # fmt: skip
     lines = [
-        f"The job: VGG-11 x0.25 on Fashion-MNIST, 10 clients, {result['rounds']} rounds, FedAvg, "
+        f"The job: VGG-11 x0.25 on Fashion-MNIST, 10 clients sharing "
+        f"{result['train_samples'] or 15000} training images, {result['rounds']} rounds, FedAvg, "
         "statistics phase off, evaluation after every round (`benchmarks/flower_job.py`); "
         f"{result['repeats']} interleaved pass(es), means. A round's seconds include training, "
         "aggregation and the evaluation; start-up is the rest of the process's wall time "
@@ -290,7 +295,8 @@ def section(result: dict) -> list[str]:
         lines.append(
             "Same job on both sides: Flower's client 0 sent in round 1 "
             + ("exactly" if same else "NOT")
-            + " the update this project's engine gets from client 0 (every tensor equal)."
+            + " the update this project's engine gets from client 0 at the same torch thread "
+            "count (every tensor equal; Ray gives a client of 2 CPUs 2 threads)."
         )
         ours = [r for r in rows if not r["flower"]]
         best = min(ours, key=lambda r: r["round_s"])

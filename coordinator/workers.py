@@ -60,10 +60,31 @@ def serve(states: dict[str, ClientState], item: Item) -> Answer:
     return result.message.model_dump_json(), result.payload, _plan_state(state)
 
 
+def spread(states: dict[str, ClientState], workers: int) -> dict[str, int]:
+    """Which worker holds each client: the largest clients first, each to the worker holding
+    the fewest images so far (ties: the lower worker), so that a round's work is even when every
+    client takes part. Deterministic; the result does not depend on it (answers are folded in
+    task order)."""
+    load = [0] * workers
+    out = {}
+    for cid in sorted(states, key=lambda c: (-_size(states[c]), c)):
+        w = min(range(workers), key=lambda k: (load[k], k))
+        out[cid] = w
+        load[w] += _size(states[cid])
+    return out
+
+
+def _size(state: ClientState) -> int:
+    try:
+        return len(state.data)
+    except (AttributeError, TypeError):  # a stand-in without data
+        return 0
+
+
 class ParallelTransport(InProcessTransport):
     """The in-process transport (its queue, messages and payload bytes), with the round's
-    clients run by ``workers`` workers (client ``i`` in sorted order on worker
-    ``i % workers``), one task in flight per worker. A backend supplies ``_start`` (hand a
+    clients run by ``workers`` workers (``spread`` says which holds which), one task in flight
+    per worker. A backend supplies ``_start`` (hand a
     worker an item, get a handle), ``_ready`` (the handles that have finished) and ``_answer``
     (a finished handle's answer, or a one-line ``CAHFPError``)."""
 
@@ -77,7 +98,7 @@ class ParallelTransport(InProcessTransport):
             raise CAHFPError(f"a parallel backend needs at least one worker, got {workers}")
         super().__init__(states, on_result)
         self.workers = workers
-        self.worker_of = {cid: i % workers for i, cid in enumerate(sorted(states))}
+        self.worker_of = spread(states, workers)
 
     def _start(self, w: int, item: Item) -> Hashable:
         raise NotImplementedError

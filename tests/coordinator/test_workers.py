@@ -113,3 +113,14 @@ def test_a_worker_that_dies_is_one_line(fmnist_root):
             list(transport.collect({"t"}, float("inf")))
     finally:
         transport.close()
+
+
+def test_clients_are_spread_so_that_workers_hold_as_many_images():
+    from coordinator.workers import spread
+
+    sizes = [897, 1964, 1460, 1806, 1622, 1820, 1897, 630, 1168, 1736]  # a Dirichlet(0.5) split
+    states = {f"c{i}": SimpleNamespace(data=range(n)) for i, n in enumerate(sizes)}
+    worker_of = spread(states, 2)
+    load = [sum(sizes[i] for i in range(10) if worker_of[f"c{i}"] == w) for w in (0, 1)]
+    assert sorted(load) == [7482, 7518]  # against 7044 / 7956 for client i on worker i mod 2
+    assert spread(states, 2) == worker_of and set(spread(states, 3).values()) == {0, 1, 2}
