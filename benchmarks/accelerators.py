@@ -133,15 +133,18 @@ def _speed_note(rows) -> str:
 
 
 def gpu_section() -> list[str]:
-    """What the GPU rows need; measured by the accelerator machine's device script."""
-    if not torch.cuda.is_available():
-        return [
-            "Not measured: this machine has no GPU (torch sees no CUDA device). The training "
-            "speed-up of pruned submodels on CUDA, the simulation throughput on a GPU and the "
-            "CIFAR-10-sized round are measured only where the device tool lends an accelerator "
-            "machine; none was lent.",
-        ]
-    return [f"GPU present ({torch.cuda.get_device_name(0)}): see the device script's rows."]
+    """The GPU rows: ``results/gpu.md`` as the accelerator machine's script wrote it
+    (``python -m benchmarks.gpu``), else what is not measured and why."""
+    measured = REPO / "benchmarks" / "results" / "gpu.md"
+    if measured.is_file():
+        return [measured.read_text().strip()]
+    return [
+        "Not measured: no GPU was lent (the device tool lends an accelerator machine by chance; "
+        "none was lent to the sessions so far, and this machine has none). The training "
+        "speed-up of pruned submodels on CUDA, the simulation throughput on a GPU and the "
+        "CIFAR-10-sized round are measured by `python -m benchmarks.gpu` on such a machine, "
+        "which writes `benchmarks/results/gpu.md`; this section then shows it.",
+    ]
 
 
 def report(rows, backends, args, env, seconds) -> str:

@@ -74,8 +74,6 @@ def test_accelerators_quick_run_measures_int8_against_float(fmnist_root, tmp_pat
     without one."""
     import json
 
-    import torch
-
     from benchmarks import accelerators
 
     argv = ["--quick", "--data-dir", str(fmnist_root), "--out-dir", str(tmp_path)]
@@ -93,4 +91,29 @@ def test_accelerators_quick_run_measures_int8_against_float(fmnist_root, tmp_pat
     assert workers["processes"] >= inprocess["processes"] + 2
     md = (tmp_path / "accelerators_quick.md").read_text()
     assert "## INT8 against float32" in md and "Flower not run" in md
-    assert ("Not measured: this machine has no GPU" in md) == (not torch.cuda.is_available())
+    gpu_measured = (accelerators.REPO / "benchmarks" / "results" / "gpu.md").is_file()
+    assert ("Not measured: no GPU was lent" in md) == (not gpu_measured)
+
+
+def test_the_gpu_script_runs_its_whole_path_on_a_cpu(fmnist_root, tmp_path):
+    """``python -m benchmarks.gpu --device cpu --quick``: the accelerator machine's script
+    (speed-up of pruned submodels, simulation throughput in process and on Ray, the
+    CIFAR-10-sized round) on the CPU, small, so that it is known to run before a GPU is lent."""
+    import json
+
+    from benchmarks import gpu
+
+    argv = ["--device", "cpu", "--quick", "--data-dir", str(fmnist_root), "--out-dir",
+            str(tmp_path)]  # fmt: skip
+    assert gpu.main(argv) == 0
+    raw = json.loads((tmp_path / "gpu_quick.json").read_text())
+    keeps = [r["keep"] for r in raw["speedup"]]
+    assert keeps == [1.0, 0.5, 0.25]
+    ratios = [r["flops_ratio"] for r in raw["speedup"]]
+    assert ratios[0] == 1 and 0.15 < ratios[1] < 0.6 and ratios[2] < ratios[1]
+    assert [r["backend"] for r in raw["throughput"]] == [
+        "in process on cpu", "Ray, 2 workers on the CPU"
+    ]  # fmt: skip
+    assert all(r["clients_per_s"] > 0 for r in raw["throughput"])
+    assert raw["cifar_round"]["round_s"] > 0
+    assert "One round of the CIFAR-10-sized setting" in (tmp_path / "gpu_quick.md").read_text()
