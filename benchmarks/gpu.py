@@ -7,7 +7,10 @@ measured where the device tool lends one (under 8 minutes on one H100/H200). All
 2. Simulation throughput in clients per second: ``cahfp simulate`` on Fashion-MNIST (10
    clients, 10,000 images, CA-HFP with fixed tiers) in process on the device, and on Ray with
    fractional GPUs (4 workers of a quarter GPU each) when Ray is installed.
-3. One round of the CIFAR-10-sized setting: ResNet-18 x1, 10 clients sharing 50,000 images of
+3. The budget model on the device: a client's calibration there (``calibrate``), its predicted
+   training seconds and memory for one epoch at keep 1.0 / 0.5 / 0.25 (VGG-11 x0.25,
+   Fashion-MNIST), against the measured seconds and, on CUDA, the peak allocated memory.
+4. One round of the CIFAR-10-sized setting: ResNet-18 x1, 10 clients sharing 50,000 images of
    CIFAR-10's shape (random pixels: timing only, no accuracy is read from it), CA-HFP with
    fixed tiers, evaluation on 10,000.
 
@@ -41,11 +44,11 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="small sizes, to check the code path")
     args = p.parse_args(argv)
     args.models = [("vgg11", 1.0), ("resnet18", 1.0)]
-    args.batch, args.steps, args.rounds = 128, 30, 3
+    args.batch, args.steps, args.rounds, args.budget_samples = 128, 30, 3, 4000
     args.cifar_train, args.cifar_test, args.cifar_model = 50_000, 10_000, ("resnet18", 1.0)
     if args.quick:
         args.models = [("vgg11", 0.25)]
-        args.batch, args.steps, args.rounds = 16, 2, 1
+        args.batch, args.steps, args.rounds, args.budget_samples = 16, 2, 1, 200
         args.cifar_train, args.cifar_test, args.cifar_model = 400, 100, ("resnet20", 0.25)
     return args
 
@@ -90,6 +93,39 @@ def speedup_rows(args, device: torch.device) -> list[dict]:
             rows.append({"model": f"{name} x{width:g}", "keep": keep, "flops_ratio": flops / dense,
                          "step_ms": ms, "speedup": base_ms / ms})  # fmt: skip
             print(f"{name} keep {keep}: {ms:.2f} ms/step, FLOPs {flops / dense:.2f}", flush=True)
+    return rows
+
+
+def budget_rows(args, device: torch.device) -> list[dict]:
+    """The budget model's predicted training time and memory on ``device`` against measured."""
+    from cahfp.data import load_dataset
+    from cahfp.device.budget import BudgetModel
+    from cahfp.device.calibrate import calibrate
+    from cahfp.messages import ModelSpec
+    from cahfp.training import Recipe, train
+
+    spec = ModelSpec(name="vgg11", width=0.25, num_classes=10, in_channels=1, image_size=28)
+    data = load_dataset("fmnist", "train", args.data_dir).subset(range(args.budget_samples))
+    budget = BudgetModel(calibrate(spec, 32, use_cache=False, device=device))
+    model = build_model("vgg11", 10, 1, 0.25, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    batches = list(data.batches(32, shuffle=True, generator=gen, augment=False))[:4]
+    scores = score_groups(model, batches, "curvature")
+    rows = []
+    for keep in (1.0, 0.5, 0.25):
+        sub = model if keep == 1 else extract(model, make_plan(model, scores, keep)).module
+        sub = copy.deepcopy(sub).to(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        start = time.perf_counter()
+        train(sub, data, Recipe(epochs=1, batch_size=32, lr=0.02), seed=0)
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        rows.append({"keep": keep, "predicted_s": budget.train_seconds(keep, len(data)),
+                     "measured_s": time.perf_counter() - start,
+                     "predicted_mb": budget.memory(keep, 32) / 2**20,
+                     "measured_mb": peak / 2**20 if peak is not None else None})  # fmt: skip
     return rows
 
 
@@ -159,14 +195,20 @@ def cifar_round(args, device: torch.device, tmp: Path) -> dict:
     return {"model": f"{name} x{width:g}", "train_images": args.cifar_train, **out}
 
 
-def report(speed, throughput, cifar, env, seconds, args) -> str:
+def report(speed, budget, throughput, cifar, env, seconds, args) -> str:
     cmd = "python -m benchmarks.gpu" + (" --device cpu --quick" if args.quick else "")
     speed_table = [[r["model"], f"{r['keep']:g}", f"{r['flops_ratio']:.2f}",
                     f"{r['step_ms']:.2f}", f"{r['speedup']:.2f}x",
                     f"{1 / r['flops_ratio']:.2f}x"] for r in speed]  # fmt: skip
+    budget_table = [[f"{r['keep']:g}", f"{r['predicted_s']:.2f}", f"{r['measured_s']:.2f}",
+                     f"{r['measured_s'] / r['predicted_s']:.2f}", f"{r['predicted_mb']:.0f}",
+                     "-" if r["measured_mb"] is None else f"{r['measured_mb']:.0f}"]
+                    for r in budget]  # fmt: skip
     sim_table = [[r["backend"], f"{r['round_s']:.2f}", f"{r['clients_per_s']:.2f}"]
                  if "skipped" not in r else [r["backend"], "-", r["skipped"]]
                  for r in throughput]  # fmt: skip
+    budget_headers = ["keep", "predicted s", "measured s", "measured / predicted",
+                      "predicted MB", "measured MB"]  # fmt: skip
     speed_headers = ["model", "keep", "FLOPs vs dense", "ms per step", "speed-up",
                      "FLOP-ratio speed-up"]  # fmt: skip
     lines = [
@@ -175,6 +217,11 @@ def report(speed, throughput, cifar, env, seconds, args) -> str:
         f"Training step of batch {args.batch} at 32x32x3 (SGD, momentum):",
         "",
         md_table(speed_headers, speed_table),
+        "",
+        f"The budget model on this device (VGG-11 x0.25, one epoch of {args.budget_samples} "
+        "Fashion-MNIST images, batch 32; memory: peak allocated on CUDA):",
+        "",
+        md_table(budget_headers, budget_table),
         "",
         "Simulation throughput (Fashion-MNIST, 10 clients, CA-HFP, fixed tiers):",
         "",
@@ -195,13 +242,15 @@ def main(argv=None) -> int:
     env["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
     start = time.perf_counter()
     speed = speedup_rows(args, device)
+    budget = budget_rows(args, device)
     with tempfile.TemporaryDirectory() as tmp:
         throughput = throughput_rows(args, device, Path(tmp))
         cifar = cifar_round(args, device, Path(tmp))
     seconds = time.perf_counter() - start
-    raw = {"env": env, "speedup": speed, "throughput": throughput, "cifar_round": cifar}
+    raw = {"env": env, "speedup": speed, "budget": budget, "throughput": throughput,
+           "cifar_round": cifar}  # fmt: skip
     name = "gpu_quick" if args.quick else "gpu"
-    path = write_results(name, report(speed, throughput, cifar, env, seconds, args), raw,
+    path = write_results(name, report(speed, budget, throughput, cifar, env, seconds, args), raw,
                          args.out_dir)  # fmt: skip
     print(f"wrote {path}")
     return 0

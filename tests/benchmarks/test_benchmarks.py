@@ -97,8 +97,8 @@ def test_accelerators_quick_run_measures_int8_against_float(fmnist_root, tmp_pat
 
 def test_the_gpu_script_runs_its_whole_path_on_a_cpu(fmnist_root, tmp_path):
     """``python -m benchmarks.gpu --device cpu --quick``: the accelerator machine's script
-    (speed-up of pruned submodels, simulation throughput in process and on Ray, the
-    CIFAR-10-sized round) on the CPU, small, so that it is known to run before a GPU is lent."""
+    (speed-up of pruned submodels, the budget model against measured training, simulation
+    throughput in process and on Ray, the CIFAR-10-sized round) on the CPU, small, so that it is known to run before a GPU is lent."""
     import json
 
     from benchmarks import gpu
@@ -111,6 +111,8 @@ def test_the_gpu_script_runs_its_whole_path_on_a_cpu(fmnist_root, tmp_path):
     assert keeps == [1.0, 0.5, 0.25]
     ratios = [r["flops_ratio"] for r in raw["speedup"]]
     assert ratios[0] == 1 and 0.15 < ratios[1] < 0.6 and ratios[2] < ratios[1]
+    assert [r["keep"] for r in raw["budget"]] == [1.0, 0.5, 0.25]
+    assert all(r["predicted_s"] > 0 and r["measured_s"] > 0 for r in raw["budget"])
     assert [r["backend"] for r in raw["throughput"]] == [
         "in process on cpu", "Ray, 2 workers on the CPU"
     ]  # fmt: skip
