@@ -225,13 +225,9 @@ class RunRecorder:
         records = load_metrics(self.dir)
         summary = summarize(records, self.config, self.dense_flops, wall_seconds)
         atomic_write(self.dir / "summary.json", json.dumps(summary, indent=1))
-        from coordinator.plots import plot_run
+        from coordinator.plots import plot_run, run_title
 
-        plot_run(
-            self.dir,
-            records,
-            title=f"{self.config.federation.name} ({self.config.federation.strategy})",
-        )
+        plot_run(self.dir, records, run_title(self.config), self.config.federation.strategy)
         return summary
 
 
@@ -483,7 +479,8 @@ def summarize(records: list[dict], config: Config, dense_flops: float, wall: flo
         for c in ok
         if c["samples_trained"]
     ]
-    tail = evaluated[-3:]
+    scored = [r for r in evaluated if r["round"] > 0]  # trained rounds: round 0 is the start
+    tail = scored[-3:]
     return {
         "name": config.federation.name,
         "strategy": config.federation.strategy,
@@ -495,7 +492,7 @@ def summarize(records: list[dict], config: Config, dense_flops: float, wall: flo
         "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
         "final3_accuracy": statistics.fmean(r["accuracy"] for r in tail) if tail else None,
         "final10_accuracy": (
-            statistics.fmean(r["accuracy"] for r in evaluated[-10:]) if evaluated else None
+            statistics.fmean(r["accuracy"] for r in scored[-10:]) if scored else None
         ),
         "best_accuracy": max(r["accuracy"] for r in evaluated) if evaluated else None,
         "final_loss": evaluated[-1]["loss"] if evaluated else None,

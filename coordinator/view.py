@@ -1,4 +1,7 @@
-"""Live progress of a federation on a terminal (rounds, clients, accuracy), or log lines."""
+"""Live progress of a federation on a terminal (rounds, clients, accuracy), or log lines.
+
+On a terminal the live view shows; anywhere else (a pipe, a file, journald) a line per round;
+``--quiet`` silences both (warnings still show)."""
 
 from __future__ import annotations
 
@@ -13,11 +16,21 @@ from coordinator.engine import RoundRecord
 log = logging.getLogger("cahfp.federation")
 
 
-class ProgressView:
-    """Live progress on a terminal (rounds, clients, accuracy), or plain log lines."""
+def progress_logging(quiet: bool, console: Console | None = None) -> None:
+    """Set up log lines on stderr for a federation's progress: INFO where the live view does not
+    show (stderr is not a terminal), WARNING on a terminal or with ``quiet``."""
+    console = console or Console(stderr=True)
+    level = logging.WARNING if quiet or console.is_terminal else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s")
 
-    def __init__(self, cfg: Config, console: Console, quiet: bool):
+
+class ProgressView:
+    """Live progress on a terminal (rounds, clients, accuracy), or a log line per round.
+    ``live`` None: the live view where ``console`` is a terminal; ``quiet``: neither."""
+
+    def __init__(self, cfg: Config, console: Console, quiet: bool, live: bool | None = None):
         self.cfg, self.console, self.quiet = cfg, console, quiet
+        self.live = (console.is_terminal if live is None else live) and not quiet
         self.progress: Progress | None = None
 
     def start(self, initial: RoundRecord, resumed: int = 0) -> None:
@@ -29,8 +42,9 @@ class ProgressView:
             f" on {self.cfg.data.dataset}, {self.cfg.federation.clients} clients, "
             f"{where} {initial.accuracy:.4f}"
         )
-        if self.quiet:
-            log.info(msg)
+        if not self.live:
+            if not self.quiet:
+                log.info(msg)
             return
         self.console.print(msg)
         self.progress = Progress(
@@ -71,7 +85,7 @@ class ProgressView:
         if kind == "rejected":
             log.warning("rejected update from %s: %s", data["client"], data["reason"])
         if self.progress is None:
-            if kind == "round_end" and self.quiet:
+            if kind == "round_end" and not self.quiet:
                 r = data["record"]
                 acc = "-" if r.accuracy is None else f"{r.accuracy:.4f}"
                 log.info(

@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from cahfp.cli.options import output_console
 from cahfp.config import load_config
 from cahfp.device.boards import DEFAULT_BOARDS
 from cahfp.pruning import build_compact
@@ -129,7 +130,7 @@ def stop_all(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    console = Console(stderr=True)
+    console = output_console(stderr=True)
     console.width = max(console.width, 110)
     cfg = demo_config(args)
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")

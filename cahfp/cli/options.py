@@ -80,3 +80,14 @@ def setup_logging(args: argparse.Namespace) -> None:
 
     level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def output_console(stderr: bool = False):
+    """A rich console for tables and messages: a terminal's own width, and elsewhere (a pipe, a
+    file, a log) as wide as the content, so that nothing is cut to 80 columns."""
+    from rich.console import Console
+
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, width=1000)
+    return console

@@ -18,9 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from rich.console import Console
     from rich.table import Table
 
+    from cahfp.cli.options import output_console
     from cahfp.config import load_config
     from coordinator.plots import plot_compare
     from coordinator.records import load_metrics, run_summary
@@ -39,12 +39,16 @@ def run(args: argparse.Namespace) -> int:
     ]
     for c in cols:
         table.add_column(c, justify="left" if c in ("run", "strategy") else "right")
-    runs = {}
+    runs, setups = {}, []
     for run in args.runs:
         path = Path(run)
-        runs[path.name] = load_metrics(path)
         cfg = load_config(path / "config.toml")  # the run's config must still be valid
+        strategy = cfg.federation.strategy
+        label = path.name if strategy in path.name else f"{path.name} ({strategy})"
+        runs[label] = load_metrics(path)
         s, name = run_summary(path, cfg), path.name
+        setup = f"{cfg.model.name} x{cfg.model.width:g} on {cfg.data.dataset}"
+        setups += [setup] if setup not in setups else []
         if not s["finished"]:
             name += " (unfinished)"
             print(
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             f(s["mean_downlink_mb"], ".3f"),
             f(s["wall_seconds"], ".0f"),
         )
-    Console().print(table)
-    out = plot_compare(runs, Path(args.out))
+    output_console().print(table)
+    out = plot_compare(runs, Path(args.out), "; ".join(setups))
     print(f"plot written to {out}")
     return 0

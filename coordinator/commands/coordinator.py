@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
             **parse_set(args.set),
         },
     )
-    view = ProgressView(cfg, Console(stderr=True), quiet=True)
+    # a service: a log line per round, also on a terminal (--quiet: warnings only)
+    view = ProgressView(cfg, Console(stderr=True), getattr(args, "quiet", False), live=False)
     coord = Coordinator(
         cfg,
         args.broker,

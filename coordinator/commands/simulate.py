@@ -67,10 +67,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
 
     from cahfp.config import load_config
     from coordinator.simulation import simulate
+    from coordinator.view import progress_logging
 
     overrides = {
         "federation.strategy": args.strategy,
@@ -98,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.quiet:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    progress_logging(args.quiet)
     summary = simulate(cfg, args.out, quiet=args.quiet, resume=args.resume, force=args.force)
     print(
         f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f})"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from cahfp.cli.options import add_data_dir, setup_logging
+from cahfp.cli.options import add_data_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,8 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from coordinator.view import progress_logging
     from deploy.demo import run_demo
 
-    if args.quiet:
-        setup_logging(args)
+    progress_logging(args.quiet)
     return run_demo(args)

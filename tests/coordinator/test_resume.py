@@ -98,10 +98,11 @@ def test_unfinished_run_compares_exports_and_resumes_to_the_same_model(runs, tmp
     # a crash while writing metrics left a torn last line: dropped with a warning
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"round": 3, "accuracy": 0.7')
-    proc = cli("simulate", "--resume", "--out", run, "--quiet")
+    proc = cli("simulate", "--resume", "--out", run)  # stderr is a pipe: a line per round
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dropped a torn last line" in proc.stderr and "Traceback" not in proc.stderr
     assert "resuming" in proc.stderr and "after round 2" in proc.stderr
+    assert re.search(r"round 3: accuracy 0\.\d{4}, 4 updates", proc.stderr), proc.stderr
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == [0, 1, 2, 3]
     # the same final model as the uninterrupted run, bit for bit (same process settings; the
@@ -129,6 +130,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_round(runs, tmp_path):
     (run / "model.safetensors").unlink()
     proc = cli("simulate", "--resume", "--out", run, "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "round 3: accuracy" not in proc.stderr  # --quiet: warnings only
     assert (
         "checkpoint of round 3 refused (global-3.safetensors does not match its digest in "
         "state.json (damaged on disk)); falling back to round 2"
