@@ -94,6 +94,25 @@ class MqttTransport(Transport):
             if r.is_online(now) and r.hello is not None and not r.hello.problem
         )
 
+    def boards(self) -> dict[str, dict]:
+        """Each known client as monitoring shows it (read from another thread: a copy)."""
+        now = time.monotonic()
+        out = {}
+        for cid, r in list(self.registry.items()):
+            h = r.hello
+            out[cid] = {
+                "online": r.is_online(now),
+                "profile": dict(h.profile) if h else {},
+                "keep_estimate": h.keep_estimate if h else None,
+                "samples": h.samples if h else None,
+                "problem": h.problem if h else "",
+            }
+        return out
+
+    def spooled_bytes(self) -> int:
+        """Update bytes the inbox holds on disk now."""
+        return self.link.inbox.on_disk
+
     def keep_estimate(self, client_id: str) -> float | None:
         r = self.registry.get(client_id)
         return r.hello.keep_estimate if r and r.hello else None

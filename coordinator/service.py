@@ -21,6 +21,7 @@ from cahfp.mqtt.protocol import RUN_ID, ModelAnnouncement, Status, Topics
 from cahfp.training import evaluate
 from cahfp.wire import encode_state
 from coordinator.engine import RoundEngine, RoundInterrupted, RoundRecord
+from coordinator.monitor import Monitor
 from coordinator.mqtt_transport import MqttTransport
 from coordinator.records import (
     NoCheckpoint,
@@ -90,13 +91,20 @@ class Coordinator:
             in_channels=test.in_channels,
             image_size=test.image_size,
         )
+        self.monitor = Monitor(cfg, self.transport.boards, self.transport.spooled_bytes)
+
+        def events(kind: str, data: dict) -> None:
+            self.monitor.event(kind, data)
+            if on_event:
+                on_event(kind, data)
+
         self.engine = RoundEngine(
             cfg,
             self.spec,
             self.transport,
             lambda m: evaluate(m, test),
             {},
-            on_event=on_event,
+            on_event=events,
             distill_images=distillation_data(cfg),  # the same images the simulation keeps
         )
         self.records: list[RoundRecord] = []

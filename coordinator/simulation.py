@@ -125,10 +125,13 @@ def simulate(
     *,
     resume: bool = False,
     force: bool = False,
+    dashboard: str | None = None,
+    dashboard_token: str | None = None,
 ) -> dict:
     """Run a whole federation; with ``out_dir`` write metrics, checkpoints, model and plots.
     An ``out_dir`` that already holds a run is refused unless ``force`` (start over) or
-    ``resume`` (continue from its last usable checkpoint, exactly as if never interrupted)."""
+    ``resume`` (continue from its last usable checkpoint, exactly as if never interrupted).
+    ``dashboard``: serve the live dashboard and /metrics on that ``HOST:PORT``."""
     if resume and out_dir is None:
         raise CAHFPError("--resume needs the run directory (--out) of the interrupted run")
     if out_dir and not resume:
@@ -145,12 +148,23 @@ def simulate(
     else:
         keeps = {client_id(i): cfg.keep_of(i) for i in range(len(clients))}
     transport = make_transport(cfg, states)
+    monitor = server = None
+    if dashboard:
+        from coordinator.dashboard import serve
+        from coordinator.monitor import Monitor
+
+        monitor = Monitor(cfg)
+        server = serve(monitor, dashboard, dashboard_token)
+        log.warning("dashboard: %s (metrics: /metrics)", server.url)
     try:
         engine, records, recorder = _run_rounds(
-            cfg, spec, transport, states, test_set, device, keeps, out_dir, resume, quiet, console
-        )
+            cfg, spec, transport, states, test_set, device, keeps, out_dir, resume, quiet,
+            console, monitor,
+        )  # fmt: skip
     finally:
         transport.close()
+        if server:
+            server.stop()
     wall = time.perf_counter() - start
     if recorder:
         return recorder.finish(engine.state, wall)
@@ -160,18 +174,25 @@ def simulate(
 
 
 def _run_rounds(
-    cfg, spec, transport, states, test_set, device, keeps, out_dir, resume, quiet, console
-):
+    cfg, spec, transport, states, test_set, device, keeps, out_dir, resume, quiet, console,
+    monitor=None,
+):  # fmt: skip
     """The engine over ``transport``, resumed or started, run to the last round."""
     console = console or Console(stderr=True)
     view = ProgressView(cfg, console, quiet)
+
+    def events(kind: str, data: dict) -> None:
+        if monitor is not None:
+            monitor.event(kind, data)
+        view.event(kind, data)
+
     engine = RoundEngine(
         cfg,
         spec,
         transport,
         evaluator(test_set, device),
         keeps,
-        on_event=view.event,
+        on_event=events,
         distill_images=distillation_data(cfg),
     )
     recorder = RunRecorder(out_dir, cfg, engine.dense_flops, resume=resume) if out_dir else None
@@ -186,6 +207,8 @@ def _run_rounds(
         if recorder:
             recorder.round(initial, engine.state)
         view.start(initial)
+        if monitor is not None:
+            monitor.event("initial", {"record": initial})
     try:
         for rnd in range(done + 1, cfg.federation.rounds + 1):
             rec = engine.run_round(rnd)

@@ -154,10 +154,18 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         view = ProgressView(cfg, console, args.quiet)
         coord = Coordinator(cfg, broker.url, out, protocol=broker.protocol, on_event=view.event)
+        dashboard = None
+        if getattr(args, "dashboard", None):
+            from coordinator.dashboard import serve
+
+            dashboard = serve(coord.monitor, args.dashboard, args.dashboard_token)
+            console.print(f"dashboard: {dashboard.url} (metrics: /metrics)")
         try:
             summary = coord.run(registration_timeout=args.registration_timeout)
         finally:
             view.stop()
+            if dashboard:
+                dashboard.stop()
         if len(coord.engine.clients) == 0:
             errors = [
                 p.stderr.read().decode(errors="replace")[-800:]

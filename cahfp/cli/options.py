@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from cahfp.errors import CAHFPError
 
@@ -91,3 +92,20 @@ def output_console(stderr: bool = False):
     if not console.is_terminal:
         console = Console(stderr=stderr, width=1000)
     return console
+
+
+def add_dashboard(p: argparse.ArgumentParser) -> None:
+    """``--dashboard HOST:PORT`` and ``--dashboard-token`` (the coordinator's web page and
+    Prometheus ``/metrics``)."""
+    p.add_argument(
+        "--dashboard",
+        metavar="HOST:PORT",
+        help="serve a live read-only dashboard and Prometheus /metrics there (e.g. "
+        "127.0.0.1:8080; off loopback a token is needed)",
+    )
+    p.add_argument(
+        "--dashboard-token",
+        default=os.environ.get("CAHFP_DASHBOARD_TOKEN"),
+        help="the token a browser off loopback gives (default: $CAHFP_DASHBOARD_TOKEN, else a "
+        "random one, printed with the URL)",
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cahfp.cli.options import add_broker, add_data_dir, parse_set, setup_logging
+from cahfp.cli.options import add_broker, add_dashboard, add_data_dir, parse_set, setup_logging
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "else the system temp directory)",
     )
     add_data_dir(p)
+    add_dashboard(p)
     p.set_defaults(handler=run)
 
 
@@ -79,7 +80,17 @@ def run(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):  # stop within a second, keep completed rounds
         signal.signal(sig, lambda *_: coord.stop.set())
-    summary = coord.run(registration_timeout=args.registration_timeout)
+    dashboard = None
+    if args.dashboard:
+        from coordinator.dashboard import serve
+
+        dashboard = serve(coord.monitor, args.dashboard, args.dashboard_token)
+        print(f"dashboard: {dashboard.url} (metrics: /metrics)", flush=True)
+    try:
+        summary = coord.run(registration_timeout=args.registration_timeout)
+    finally:
+        if dashboard:
+            dashboard.stop()
     acc = summary["final_accuracy"]
     print(
         ("stopped: " if coord.stop.is_set() else "")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cahfp.cli.options import add_data_dir, add_device, parse_set
+from cahfp.cli.options import add_dashboard, add_data_dir, add_device, parse_set
 from cahfp.errors import CAHFPError
 
 
@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     add_data_dir(p)
     add_device(p)
+    add_dashboard(p)
     p.add_argument(
         "--backend",
         choices=["auto", "inprocess", "processes", "ray"],
@@ -99,7 +100,15 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     progress_logging(args.quiet)
-    summary = simulate(cfg, args.out, quiet=args.quiet, resume=args.resume, force=args.force)
+    summary = simulate(
+        cfg,
+        args.out,
+        quiet=args.quiet,
+        resume=args.resume,
+        force=args.force,
+        dashboard=args.dashboard,
+        dashboard_token=args.dashboard_token,
+    )
     print(
         f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f})"
         f", mean client FLOPs {summary['mean_client_flops_vs_dense'] or 1:.2f} of dense, "

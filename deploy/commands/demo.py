@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from cahfp.cli.options import add_data_dir
+from cahfp.cli.options import add_dashboard, add_data_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory (default runs/demo-TIMESTAMP)")
     p.add_argument("--registration-timeout", type=float, default=180.0)
     p.add_argument("--quiet", action="store_true")
+    add_dashboard(p)
     p.set_defaults(handler=run)
 
 

@@ -50,6 +50,28 @@ def demo(*args, **kwargs):
     )
 
 
+def watch_dashboard(proc) -> tuple[str, dict]:
+    """Read the demo's output up to its dashboard line, then poll ``/api/state`` until round 1
+    has ended with every board seen; the output read and that state."""
+    import json
+    import urllib.request
+
+    text = line = ""
+    while "dashboard:" not in line:
+        line = proc.stdout.readline()
+        assert line, text
+        text += line
+    url = re.search(r"dashboard: (http://\S+)/", text).group(1)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(url + "/api/state", timeout=10) as r:
+            state = json.loads(r.read())
+        if state["round"] >= 1 and not state["in_round"] and len(state["boards"]) == 3:
+            return text, state
+        time.sleep(0.5)
+    raise AssertionError(f"round 1 did not end on the dashboard: {state}")
+
+
 def broker_url(text: str) -> str:
     m = re.search(r"at (mqtt://127\.0\.0\.1:\d+)", text)
     assert m, text
@@ -65,8 +87,17 @@ def test_demo_runs_a_federation_and_cleans_up(fmnist_root, tmp_path, kind):
 
         if not shutil.which("mosquitto"):
             missing("mosquitto is not installed")
-    proc = demo("--broker", kind, "--out", str(tmp_path / "run"), "--data-dir", str(fmnist_root))
+    dashboard = ["--dashboard", "127.0.0.1:0"] if kind == "mosquitto" else []
+    proc = demo("--broker", kind, "--out", str(tmp_path / "run"), "--data-dir", str(fmnist_root),
+                *dashboard)  # fmt: skip
+    head = ""
+    if dashboard:  # the dashboard shows the boards (presence over the real broker) live
+        head, state = watch_dashboard(proc)
+        assert all(b["online"] for b in state["boards"]), state["boards"]
+        assert [b["id"] for b in state["boards"]] == ["demo-0", "demo-1", "demo-2"]
+        assert all(b["profile"] for b in state["boards"])
     out, _ = proc.communicate(timeout=600)
+    out = head + out
     assert proc.returncode == 0, out
     assert "final accuracy" in out and "on-device" in out
     for cid in ("demo-0", "demo-1", "demo-2"):
