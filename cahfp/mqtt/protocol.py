@@ -53,6 +53,13 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CLIENT_ID_PREFIX = "cahfp:"
 
 
+# Broker accounts that are never boards: the coordinator, and the read-only observer that
+# `cahfp status` uses. A board may not take these names, and the coordinator ignores anything
+# published under them on board topics (the broker's per-user patterns let every account write
+# its own presence, hello and update topics).
+RESERVED_NAMES = ("coordinator", "observer")
+
+
 class ProtocolError(CAHFPError):
     """A message, chunk or transfer violates the protocol."""
 
@@ -64,6 +71,9 @@ def check_name(kind: str, value: str) -> str:
             f"{kind} {value!r} must be 1-64 characters of letters, digits, "
             "'_', '-', '.', starting with a letter or digit"
         )
+    if kind in ("client id", "device name") and value in RESERVED_NAMES:
+        raise ProtocolError(f"{kind} {value!r} is reserved (names kept for broker accounts: "
+                            f"{', '.join(RESERVED_NAMES)})")  # fmt: skip
     return value
 
 

@@ -31,10 +31,10 @@ from pathlib import Path
 from cryptography import x509
 
 from cahfp.errors import CAHFPError
-from cahfp.mqtt.protocol import CLIENT_ID_PREFIX, DEFAULT_CHUNK, check_name
+from cahfp.mqtt.protocol import CLIENT_ID_PREFIX, DEFAULT_CHUNK, RESERVED_NAMES, check_name
 from deploy import pki
 
-COORDINATOR = "coordinator"
+COORDINATOR, OBSERVER = RESERVED_NAMES  # the coordinator's account; `cahfp status`'s (read-only)
 INSTALLED = "/etc/cahfp"  # where the provisioning script puts a bundle's files on a board
 _CERT_ENV = f"CAHFP_CERT={INSTALLED}/client.crt\nCAHFP_KEY={INSTALLED}/client.key\n"
 
@@ -59,6 +59,15 @@ topic write {p}/task/+/data
 topic write {p}/ack/+
 topic readwrite {p}/model
 topic readwrite {p}/status
+
+# The observer (`cahfp status`, dashboards) reads the federation's retained state. The patterns
+# below let it write only topics of its own name, which the coordinator ignores (a reserved
+# name is never a board).
+user {OBSERVER}
+topic read {p}/status
+topic read {p}/model
+topic read {p}/presence/+
+topic read {p}/hello/+
 
 # Every device (%u = its username = its client id) writes only its own presence, hello and
 # update topics and reads only its own task and ack topics plus the shared model and status.
@@ -217,8 +226,8 @@ def init(
     check_name("federation id", federation)
     for name in devices:
         check_name("device name", name)
-        if name == COORDINATOR:
-            raise DeployError(f"{COORDINATOR!r} is reserved for the coordinator")
+        if name in RESERVED_NAMES:
+            raise DeployError(f"{name!r} is reserved for the {name}'s broker account")
     d = Path(out).resolve()
     (d / "certs").mkdir(parents=True, exist_ok=True)
     (d / "data").mkdir(exist_ok=True)
@@ -238,13 +247,13 @@ def init(
     if not (d / "certs" / "ca.crt").is_file():
         pki.make_ca(d / "certs", f"cahfp-{federation}")
     pki.issue(d / "certs", "server", hosts[0], hosts=hosts)  # (re)issued for the given hosts
-    wanted = [] if (d / "clients" / COORDINATOR).is_dir() else [COORDINATOR]
+    wanted = [n for n in RESERVED_NAMES if not (d / "clients" / n).is_dir()]
     wanted += [n for n in dict.fromkeys(devices) if n not in meta["devices"]]
     new = {n: secrets.token_urlsafe(18) for n in wanted}
     if new:
         with open(d / "passwords", "a") as f:
             f.write(_hash_lines(new))
-    meta["devices"] = sorted(set(meta["devices"]) | (set(new) - {COORDINATOR}))
+    meta["devices"] = sorted(set(meta["devices"]) | (set(new) - set(RESERVED_NAMES)))
     _write_meta(d, meta)
     if client_certs:
         pki.write_crl(d / "certs")  # (re)signed: keeps the entries, renews its dates
@@ -268,7 +277,7 @@ def add_device(dir_: str | os.PathLike, name: str, client_cert: bool | None = No
     d = Path(dir_).resolve()
     meta = _read_meta(d)
     check_name("device name", name)
-    if name in meta["devices"] or name == COORDINATOR:
+    if name in meta["devices"] or name in RESERVED_NAMES:
         raise DeployError(f"device {name!r} already exists in {d}")
     pw = secrets.token_urlsafe(18)
     with open(d / "passwords", "a") as f:

@@ -19,6 +19,7 @@ COMMANDS = {
     "coordinator": "coordinator.commands.coordinator",
     "simulate": "coordinator.commands.simulate",
     "compare": "coordinator.commands.compare",
+    "status": "coordinator.commands.status",
     "export": "coordinator.commands.export",
     "client": "edge_client.commands.client",
     "deploy": "deploy.commands.deploy",

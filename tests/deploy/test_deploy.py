@@ -4,11 +4,13 @@ systemd units, the provisioning script, and the emulated testbed."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -251,6 +253,49 @@ def test_federation_over_tls_with_generated_config(secured, fmnist_root, tmp_pat
     assert [r["round"] for r in m] == [0, 1, 2, 3]
     assert all(r["aggregated"] == 3 for r in m[1:])
     assert m[-1]["accuracy"] > m[0]["accuracy"]
+    # an operator reads it back with the read-only observer account `deploy init` made
+    observer = str(d / "clients" / "observer" / "credentials")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cahfp.cli", "status", "--broker", url, "--ca", ca,
+         "--credentials", observer, "--federation", FED],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert re.match(rf"federation {FED} \(run [0-9a-f]{{8}}\): finished, round 3", lines[0])
+    assert lines[1].startswith(f"last model: round 3, accuracy {m[-1]['accuracy']:.4f}, 2.3")
+    assert lines[2] == "boards: 3 known, 0 online (as their last presence says)"
+    assert [x.split(":")[0].strip() for x in lines[3:6]] == ["dev-a", "dev-b", "dev-c"]
+    assert all(x.split(": ")[1].startswith("offline") for x in lines[3:6]), lines
+
+
+def test_the_observer_account_only_reads(secured):
+    """It sees the federation's retained state but cannot reach a board, and what it
+    publishes under its own name is never taken for a board's."""
+    t = Topics(FED)
+    obs, a, coord = link(secured, "observer"), link(secured, "dev-a"), link(secured, "coordinator")
+    a.subscribe(t.task("dev-a"))
+    obs.subscribe(t.status)
+    coord.subscribe(t.presence())
+    for lnk in (obs, a, coord):
+        lnk.start(10)
+    time.sleep(0.5)
+    coord.publish(t.status, b'{"probe": 1}').wait_for_publish(5)
+    assert b'{"probe": 1}' in [m.payload for m in received(obs)]  # it reads the status
+    obs.publish(t.task("dev-a"), b"forged task").wait_for_publish(5)
+    obs.publish(t.status, b"forged status").wait_for_publish(5)
+    assert received(a, 0.5) == []  # never delivered: the ACL refuses its writes
+    assert all(m.payload != b"forged status" for m in received(obs, 0.5))
+    obs.publish(t.presence("observer"), b'{"v": 8}').wait_for_publish(5)
+    assert t.presence("observer") in [m.topic for m in received(coord)]  # its own topic...
+    from coordinator.mqtt_transport import MqttTransport
+
+    transport = MqttTransport.__new__(MqttTransport)  # ...which the coordinator ignores
+    transport.topics, transport.registry = t, {}
+    assert transport._handle(t.presence("observer"), b'{"v": 8}') == []
+    assert transport.registry == {}
+    for lnk in (obs, a, coord):
+        lnk.stop()
 
 
 def test_add_and_revoke_device(secured):
