@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,demo,ray]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,demo,ray,tensorboard,mlflow]"
 	touch $(STAMP)
 
 demo: $(STAMP)

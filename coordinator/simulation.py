@@ -127,11 +127,13 @@ def simulate(
     force: bool = False,
     dashboard: str | None = None,
     dashboard_token: str | None = None,
+    tracking: str | None = None,
 ) -> dict:
     """Run a whole federation; with ``out_dir`` write metrics, checkpoints, model and plots.
     An ``out_dir`` that already holds a run is refused unless ``force`` (start over) or
     ``resume`` (continue from its last usable checkpoint, exactly as if never interrupted).
-    ``dashboard``: serve the live dashboard and /metrics on that ``HOST:PORT``."""
+    ``dashboard``: serve the live dashboard and /metrics on that ``HOST:PORT``; ``tracking``:
+    mirror the per-round metrics to TensorBoard or MLflow (``coordinator.tracking``)."""
     if resume and out_dir is None:
         raise CAHFPError("--resume needs the run directory (--out) of the interrupted run")
     if out_dir and not resume:
@@ -147,24 +149,32 @@ def simulate(
         keeps = emulate_devices(cfg, spec, states, device)
     else:
         keeps = {client_id(i): cfg.keep_of(i) for i in range(len(clients))}
-    transport = make_transport(cfg, states)
-    monitor = server = None
-    if dashboard:
-        from coordinator.dashboard import serve
-        from coordinator.monitor import Monitor
+    listeners, server, tracker = [], None, None
+    if tracking:
+        from coordinator.tracking import Tracker
 
-        monitor = Monitor(cfg)
-        server = serve(monitor, dashboard, dashboard_token)
-        log.warning("dashboard: %s (metrics: /metrics)", server.url)
+        tracker = Tracker(tracking, cfg, Path(out_dir).name if out_dir else cfg.federation.name)
+        listeners.append(tracker.event)
+    transport = make_transport(cfg, states)
     try:
+        if dashboard:
+            from coordinator.dashboard import serve
+            from coordinator.monitor import Monitor
+
+            monitor = Monitor(cfg)
+            listeners.append(monitor.event)
+            server = serve(monitor, dashboard, dashboard_token)
+            log.warning("dashboard: %s (metrics: /metrics)", server.url)
         engine, records, recorder = _run_rounds(
             cfg, spec, transport, states, test_set, device, keeps, out_dir, resume, quiet,
-            console, monitor,
+            console, listeners,
         )  # fmt: skip
     finally:
         transport.close()
         if server:
             server.stop()
+        if tracker:
+            tracker.close()
     wall = time.perf_counter() - start
     if recorder:
         return recorder.finish(engine.state, wall)
@@ -175,15 +185,16 @@ def simulate(
 
 def _run_rounds(
     cfg, spec, transport, states, test_set, device, keeps, out_dir, resume, quiet, console,
-    monitor=None,
+    listeners=(),
 ):  # fmt: skip
-    """The engine over ``transport``, resumed or started, run to the last round."""
+    """The engine over ``transport``, resumed or started, run to the last round; ``listeners``
+    hear the engine's events (the initial record too) before the progress view."""
     console = console or Console(stderr=True)
     view = ProgressView(cfg, console, quiet)
 
     def events(kind: str, data: dict) -> None:
-        if monitor is not None:
-            monitor.event(kind, data)
+        for listen in listeners:
+            listen(kind, data)
         view.event(kind, data)
 
     engine = RoundEngine(
@@ -207,8 +218,8 @@ def _run_rounds(
         if recorder:
             recorder.round(initial, engine.state)
         view.start(initial)
-        if monitor is not None:
-            monitor.event("initial", {"record": initial})
+        for listen in listeners:
+            listen("initial", {"record": initial})
     try:
         for rnd in range(done + 1, cfg.federation.rounds + 1):
             rec = engine.run_round(rnd)

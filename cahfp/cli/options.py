@@ -109,3 +109,13 @@ def add_dashboard(p: argparse.ArgumentParser) -> None:
         help="the token a browser off loopback gives (default: $CAHFP_DASHBOARD_TOKEN, else a "
         "random one, printed with the URL)",
     )
+
+
+def add_tracking(p: argparse.ArgumentParser) -> None:
+    """``--tracking tensorboard:DIR|mlflow:URI``."""
+    p.add_argument(
+        "--tracking",
+        metavar="KIND:TARGET",
+        help="also log each round's metrics to tensorboard:DIR or mlflow:URI (the "
+        "[tensorboard] / [mlflow] extras; metrics.jsonl stays the record)",
+    )

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from cahfp.cli.options import add_broker, add_dashboard, add_data_dir, parse_set, setup_logging
+from cahfp.cli.options import (
+    add_broker,
+    add_dashboard,
+    add_data_dir,
+    add_tracking,
+    parse_set,
+    setup_logging,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_data_dir(p)
     add_dashboard(p)
+    add_tracking(p)
     p.set_defaults(handler=run)
 
 
@@ -61,6 +69,21 @@ def run(args: argparse.Namespace) -> int:
     )
     # a service: a log line per round, also on a terminal (--quiet: warnings only)
     view = ProgressView(cfg, Console(stderr=True), getattr(args, "quiet", False), live=False)
+    tracker = None
+    if args.tracking:
+        from pathlib import Path
+
+        from coordinator.tracking import Tracker
+
+        tracker = Tracker(
+            args.tracking, cfg, Path(args.out).name if args.out else cfg.federation.name
+        )
+
+    def events(kind: str, data: dict) -> None:
+        if tracker:
+            tracker.event(kind, data)
+        view.event(kind, data)
+
     coord = Coordinator(
         cfg,
         args.broker,
@@ -72,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         cert_file=args.cert,
         key_file=args.key,
         protocol=args.mqtt_version,
-        on_event=view.event,
+        on_event=events,
         inbox_memory=int(args.inbox_memory_mb * (1 << 20)),
         spool_dir=args.spool_dir,
     )
@@ -91,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if dashboard:
             dashboard.stop()
+        if tracker:
+            tracker.close()
     acc = summary["final_accuracy"]
     print(
         ("stopped: " if coord.stop.is_set() else "")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cahfp.cli.options import add_dashboard, add_data_dir, add_device, parse_set
+from cahfp.cli.options import add_dashboard, add_data_dir, add_device, add_tracking, parse_set
 from cahfp.errors import CAHFPError
 
 
@@ -41,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_dir(p)
     add_device(p)
     add_dashboard(p)
+    add_tracking(p)
     p.add_argument(
         "--backend",
         choices=["auto", "inprocess", "processes", "ray"],
@@ -108,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         dashboard=args.dashboard,
         dashboard_token=args.dashboard_token,
+        tracking=args.tracking,
     )
     print(
         f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f})"
