@@ -174,7 +174,7 @@ def run_demo(args: argparse.Namespace) -> int:
             ]
             console.print("no client registered; client errors:\n" + "\n".join(errors))
             return 1
-        print_table(console, cfg, coord, args)
+        print_table(console, cfg, coord, args, out)
         console.print(
             f"final accuracy {summary['final_accuracy']:.4f} after "
             f"{summary['rounds']} rounds; run directory {out}"
@@ -188,44 +188,57 @@ def run_demo(args: argparse.Namespace) -> int:
         broker.stop()
 
 
-def print_table(console: Console, cfg, coord: Coordinator, args) -> None:
-    """Per client: profile, keep, the accuracy of its own submodel of the final global model
-    with BatchNorm statistics recomputed on its own data (what it would run on-device), bytes
-    and time."""
+def print_table(console: Console, cfg, coord: Coordinator, args, out: Path) -> None:
+    """Per board: profile, keep, the accuracy of its own submodel of the final global model with
+    BatchNorm statistics recomputed on its own data (what it runs on-device), that submodel
+    exported as ONNX (``OUT/onnx/<board>.onnx``: size, and its latency here, batch 1, one
+    thread), bytes and device time per round."""
+    from cahfp.data.datasets import dataset_info
+    from cahfp.export import export_submodel
+    from cahfp.inference import OnnxClassifier
+
     parts, test, _ = federation_data(cfg)
+    info = dataset_info(cfg.data.dataset, cfg.data.data_dir)
+    (out / "onnx").mkdir(parents=True, exist_ok=True)
     records = [r for r in coord.records if r.round > 0]
-    table = Table(title="clients")
-    for col in (
-        "client",
-        "profile",
-        "keep (last)",
-        "on-device accuracy",
-        "rounds ok",
-        "MB up",
-        "MB down",
-        "device s/round",
-    ):
-        table.add_column(col, justify="left" if col in ("client", "profile") else "right")
+    table = Table(title="boards")
+    cols = ("board", "profile", "keep (last)", "on-device accuracy", "ONNX MB",
+            "ms/image here", "rounds ok", "MB up", "MB down", "device s/round")  # fmt: skip
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("board", "profile") else "right")
     for cid, rec in sorted(coord.engine.clients.items()):
         outs = [c for r in records for c in r.clients if c.client_id == cid]
         ok = [c for c in outs if c.status == "ok"]
         i = int(cid.rsplit("-", 1)[-1]) if cid.rsplit("-", 1)[-1].isdigit() else rec.index
-        acc = "-"
+        acc = size = latency = "-"
+        sub = None
         if rec.index_map is not None:
             sub = build_compact(coord.engine.model, rec.index_map)
             if rec.index_map:  # channels removed: the inherited statistics are stale
                 measure_batchnorm_statistics(sub, parts[i % len(parts)])
-            acc = f"{evaluate(sub, test).accuracy:.4f}"
         elif ok:
-            acc = f"{evaluate(coord.engine.model, test).accuracy:.4f}"
+            sub = coord.engine.model
+        if sub is not None:
+            acc = f"{evaluate(sub, test).accuracy:.4f}"
+            keep = ok[-1].keep_achieved if ok else 1.0
+            onnx = export_submodel(sub.eval(), info, out / "onnx" / f"{cid}.onnx", keep=keep)
+            size = f"{onnx.bytes / 1e6:.2f}"
+            clf = OnnxClassifier(onnx.path, threads=1)
+            latency = f"{clf.benchmark(1, iterations=50)['p50_ms']:.2f}"
         table.add_row(
             cid,
             cfg.profile_of(i),
             f"{ok[-1].keep_achieved:.2f}" if ok else "-",
             acc,
+            size,
+            latency,
             f"{len(ok)}/{len(outs)}",
             f"{sum(c.bytes_up for c in outs) / 1e6:.1f}",
             f"{sum(c.bytes_down for c in outs) / 1e6:.1f}",
             f"{sum(c.train_seconds + c.score_seconds for c in ok) / max(len(ok), 1):.1f}",
         )
     console.print(table)
+    console.print(
+        f"each board's model: {out / 'onnx'} (run one: cahfp infer {out / 'onnx'}/demo-0.onnx "
+        "IMAGE); latency measured on this machine, not on the boards"
+    )
