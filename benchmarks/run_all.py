@@ -17,6 +17,7 @@ ORDER: list[tuple[str, list[str]]] = [
     ("score_fidelity", []),
     ("inference", []),
     ("accelerators", []),
+    ("dashboard", []),
     ("system", []),
     ("transfer", []),
     *[("accuracy", ["--setting", name]) for name in SETTINGS],
