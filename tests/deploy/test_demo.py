@@ -110,14 +110,14 @@ def test_demo_runs_a_federation_and_cleans_up(fmnist_root, tmp_path, kind):
 
 
 def test_ctrl_c_leaves_no_process_behind(fmnist_root, tmp_path):
-    proc = demo("--out", str(tmp_path / "run"), "--data-dir", str(fmnist_root))
+    # enough rounds that it cannot finish first (a quiet host runs a round in a second)
+    proc = demo("--out", str(tmp_path / "run"), "--data-dir", str(fmnist_root), "--rounds", "500")
     text = ""
     deadline = time.monotonic() + 120
-    while "started 3 clients" not in text and time.monotonic() < deadline:
+    while "round 1:" not in text and time.monotonic() < deadline:
         text += proc.stdout.readline()
-    assert "started 3 clients" in text, text
-    time.sleep(3)
-    proc.send_signal(signal.SIGINT)
+    assert "started 3 clients" in text and "round 1:" in text, text
+    proc.send_signal(signal.SIGINT)  # mid-run: clients training, the broker up
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, text + out
     time.sleep(1)
