@@ -18,6 +18,8 @@ from importlib import resources
 from cahfp.errors import CAHFPError
 from coordinator.monitor import Monitor
 
+PUSH_INTERVAL = 0.5  # seconds: events closer together reach a page as one update
+
 
 def parse_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (or ``PORT``, on loopback) as a host and a port; one line when malformed."""
@@ -49,7 +51,7 @@ def make_app(monitor: Monitor, token: str | None):
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.middleware.base import BaseHTTPMiddleware
-    from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.responses import HTMLResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     page = resources.files("coordinator").joinpath("dashboard.html").read_text()
@@ -57,8 +59,19 @@ def make_app(monitor: Monitor, token: str | None):
     async def index(request):
         return HTMLResponse(page)
 
+    memo: dict = {}
+
+    def cached() -> tuple[int, str]:
+        """The state as JSON, made at most once per change and per second (however many pages
+        and scrapers ask): the rounds' thread is not held up by serialising it."""
+        now = time.monotonic()
+        if memo.get("version") != monitor.version or now - memo.get("at", 0.0) > 1.0:
+            snap = monitor.snapshot()
+            memo.update(version=snap["version"], at=now, text=json.dumps(snap))
+        return memo["version"], memo["text"]
+
     async def state(request):
-        return JSONResponse(monitor.snapshot())
+        return Response(cached()[1], media_type="application/json")
 
     async def metrics(request):
         monitor.snapshot()  # refreshes the boards-online gauge
@@ -69,9 +82,10 @@ def make_app(monitor: Monitor, token: str | None):
 
         async def stream():
             while True:
-                snap = monitor.snapshot()
-                yield f"data: {json.dumps(snap)}\n\n"
-                await anyio.to_thread.run_sync(monitor.wait, snap["version"], 15.0)
+                version, text = cached()
+                yield f"data: {text}\n\n"
+                await anyio.to_thread.run_sync(monitor.wait, version, 15.0)
+                await anyio.sleep(PUSH_INTERVAL)  # a burst of events goes out as one
                 if await request.is_disconnected():
                     return
 
