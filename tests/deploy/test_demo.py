@@ -25,8 +25,16 @@ def leftovers(url: str) -> list[str]:
     return found
 
 
+def _interruptible() -> None:
+    """In the child: Ctrl-C's default action, even when the test runs where SIGINT is ignored
+    (a background job of a non-interactive shell passes SIG_IGN down, and Python then installs
+    no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def demo(*args, **kwargs):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "140"}
+    kwargs.setdefault("preexec_fn", _interruptible)
     return subprocess.Popen(
         [
             sys.executable,

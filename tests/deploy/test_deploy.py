@@ -241,6 +241,8 @@ def test_federation_over_tls_with_generated_config(secured, fmnist_root, tmp_pat
         str(tmp_path / "run"),
         "--registration-timeout",
         "60",
+        "--tracking",
+        f"tensorboard:{tmp_path / 'tb'}",
         log=tmp_path / "coordinator.log",
     )
     try:
@@ -253,6 +255,13 @@ def test_federation_over_tls_with_generated_config(secured, fmnist_root, tmp_pat
     assert [r["round"] for r in m] == [0, 1, 2, 3]
     assert all(r["aggregated"] == 3 for r in m[1:])
     assert m[-1]["accuracy"] > m[0]["accuracy"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(tmp_path / "tb"))  # --tracking mirrored every round
+    tb.Reload()
+    assert [(s.step, round(s.value, 6)) for s in tb.Scalars("accuracy")] == [
+        (r["round"], round(r["accuracy"], 6)) for r in m
+    ]
     # an operator reads it back with the read-only observer account `deploy init` made
     observer = str(d / "clients" / "observer" / "credentials")
     proc = subprocess.run(
